@@ -1,0 +1,1 @@
+"""Ray Serve application: HTTP API, batching, auth, metrics (issue [serve]; not built yet)."""
