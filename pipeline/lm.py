@@ -1,0 +1,206 @@
+"""The frozen language model and P-tuning-v2 prefix injection through transformers' Cache API.
+
+A :class:`Prefix` holds P key/value tokens for every layer, sized for the LM's *KV* heads, so grouped-query models
+(Llama, Qwen2, SmolLM2: ``num_key_value_heads < num_attention_heads``) and multi-head models (GPT-2) both work.
+Injection: a fresh ``DynamicCache`` pre-filled with the prefix (the cache grows in place on every forward, so it is
+never reused), the attention mask extended by P ones, and real tokens at explicit positions P, P+1, ... Cached keys
+are post-RoPE, so prefix keys carry no rotation. The LM's parameters never receive gradients; the prefix does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from .weights import resolve_lm
+
+
+@dataclass
+class Prefix:
+    """Per-layer prefix key/values. ``keys``, ``values``: (B, L, H_kv, P, D_h)."""
+
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+    def repeat_interleave(self, n: int) -> "Prefix":
+        """(B, ...) → (B·n, ...): each row repeated n times (beams, choices, questions of one memory)."""
+        return Prefix(self.keys.repeat_interleave(n, 0), self.values.repeat_interleave(n, 0))
+
+    def index(self, idx: Tensor) -> "Prefix":
+        return Prefix(self.keys[idx], self.values[idx])
+
+
+class FrozenLM(nn.Module):
+    """A causal LM with frozen parameters that accepts a :class:`Prefix` on every call."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer=None, name: str = "custom"):
+        super().__init__()
+        model.eval()
+        model.requires_grad_(False)
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        cfg = model.config
+        self.num_layers: int = cfg.num_hidden_layers
+        self.num_heads: int = cfg.num_attention_heads
+        self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.hidden_size: int = cfg.hidden_size
+        self.head_dim: int = getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._stop_ids: set[int] | None = None
+
+    @classmethod
+    def load(cls, name: str, dtype: torch.dtype = torch.float32) -> "FrozenLM":
+        path = resolve_lm(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return cls(model, AutoTokenizer.from_pretrained(path), name=name)
+
+    def train(self, mode: bool = True) -> "FrozenLM":  # the LM never leaves eval mode (no dropout)
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- injection -------------------------------------------------------------------------------------------
+    def check_prefix(self, prefix: Prefix, batch: int) -> None:
+        want = (batch, self.num_layers, self.num_kv_heads, prefix.length, self.head_dim)
+        for name, t in (("keys", prefix.keys), ("values", prefix.values)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"prefix {name}: expected (B, L, H_kv, P, D_h) = {want}, got {tuple(t.shape)}")
+
+    def _cache(self, prefix: Prefix | None, batch: int) -> DynamicCache:
+        if prefix is None:
+            return DynamicCache(config=self.model.config)
+        self.check_prefix(prefix, batch)
+        dtype = self.model.dtype
+        layers = [(prefix.keys[:, i].to(dtype), prefix.values[:, i].to(dtype)) for i in range(self.num_layers)]
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _body(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
+        """Run the transformer body (no LM head). Returns hidden states (B, S, d_LM)."""
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    # ---- scoring (training loss, multiple choice) ---------------------------------------------------------------
+    def continuation_logprobs(
+        self, prompts: list[list[int]], continuations: list[list[int]], prefix: Prefix | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sum of log p(continuation | prompt, prefix) per row, and the continuation's token count.
+
+        Rows are right-padded; the LM head runs only at the continuation's positions (cheap for a 49k vocabulary).
+        Returns (B,) log-prob sums (differentiable w.r.t. the prefix) and (B,) token counts.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if any(len(c) == 0 for c in continuations) or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts and continuations must be non-empty")
+        dev, B = self.device, len(prompts)
+        seqs = [p + c for p, c in zip(prompts, continuations)]
+        S = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, device=dev)
+            mask[i, : len(s)] = 1
+        P = prefix.length if prefix is not None else 0
+        full_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], 1)  # (B, P+S)
+        pos = (P + torch.arange(S, device=dev)).expand(B, S)
+        hidden = self._body(ids, full_mask, pos, self._cache(prefix, B))  # (B, S, d_LM)
+        rows, cols, targets = [], [], []
+        for i, (p, c) in enumerate(zip(prompts, continuations)):
+            n = len(c)
+            rows += [i] * n
+            cols += range(len(p) - 1, len(p) - 1 + n)  # position t predicts token t+1
+            targets += c
+        rows_t = torch.tensor(rows, device=dev)
+        logits = self.model.get_output_embeddings()(hidden[rows_t, torch.tensor(cols, device=dev)])  # (N, V)
+        lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0]
+        sums = torch.zeros(B, device=dev, dtype=lp.dtype).index_add(0, rows_t, lp)
+        counts = torch.tensor([len(c) for c in continuations], device=dev)
+        return sums, counts
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def stop_ids(self) -> set[int]:
+        """Token ids that end an answer: EOS and every token whose text contains a newline."""
+        if self._stop_ids is None:
+            tok = self.tokenizer
+            ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+            ids |= {i for i in (tok.eos_token_id, *(tok.all_special_ids or [])) if i is not None}
+            self._stop_ids = ids
+        return self._stop_ids
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], prefix: Prefix | None = None, max_new_tokens: int = 16, num_beams: int = 1
+    ) -> list[list[int]]:
+        """Decode each prompt (greedy when num_beams == 1, else beam search) until a stop token.
+
+        Returns the new token ids per prompt, without the stop token. Prompts are left-padded into one batch.
+        """
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        dev, B, K = self.device, len(prompts), num_beams
+        stop = self.stop_ids()
+        S = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, S - len(p):] = torch.tensor(p, device=dev)
+            mask[i, S - len(p):] = 1
+        ids, mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B·K, S)
+        prefix = prefix.repeat_interleave(K) if prefix is not None and K > 1 else prefix
+        P = prefix.length if prefix is not None else 0
+        cache = self._cache(prefix, B * K)
+        full_mask = torch.cat([torch.ones((B * K, P), dtype=torch.long, device=dev), mask], 1)
+        pos = P + (mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens at P, P+1, ...
+        hidden = self._body(ids, full_mask, pos, cache)[:, -1]  # (B·K, d_LM)
+        next_pos = pos[:, -1:] + 1
+        scores = torch.zeros(B, K, device=dev)
+        scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
+        tokens = torch.zeros((B * K, 0), dtype=torch.long, device=dev)
+        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+        stop_t = torch.tensor(sorted(stop), device=dev)
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), -1)  # (B·K, V)
+            V = logp.shape[1]
+            # finished rows only extend with a zero-cost pad so their score stays fixed
+            logp = torch.where(done[:, None], torch.full_like(logp, float("-inf")), logp)
+            logp[done, pad] = 0.0
+            cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+            top, idx = cand.topk(K, dim=1)  # (B, K)
+            beam = idx // V + torch.arange(B, device=dev)[:, None] * K  # source row per new beam
+            beam, tok = beam.view(-1), (idx % V).view(-1)
+            scores = top
+            tokens = torch.cat([tokens[beam], tok[:, None]], 1)
+            was_done = done[beam]
+            done = was_done | torch.isin(tok, stop_t)
+            if K > 1:
+                cache.reorder_cache(beam)
+            full_mask = torch.cat([full_mask[beam], torch.ones((B * K, 1), dtype=torch.long, device=dev)], 1)
+            next_pos = next_pos[beam]
+            if bool(done.all()):
+                break
+            hidden = self._body(tok[:, None], full_mask, next_pos, cache)[:, -1]
+            next_pos = next_pos + 1
+        best = scores.argmax(1) + torch.arange(B, device=dev) * K  # (B,)
+        out = []
+        for row in tokens[best].tolist():
+            ans = []
+            for t in row:
+                if t in stop:
+                    break
+                ans.append(t)
+            out.append(ans)
+        return out

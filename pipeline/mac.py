@@ -1,0 +1,177 @@
+"""The MAC model: frozen LM + encoder backbone + amortizer, question encoder, aggregator, expander.
+
+Only the four heads (and any unfrozen encoder layers) are trainable and stored in a checkpoint. The checkpoint
+version is the content hash of those weights; every modulation is stamped with it and refused by any other version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .aggregator import Aggregator
+from .amortizer import QueryHead
+from .config import ModelConfig
+from .encoder import TextEncoder
+from .expander import Expander
+from .lm import FrozenLM, Prefix
+from .modulation import Modulation, ensure_compatible
+from .prompts import answer_continuation, document_text
+from .schemas import Document
+
+WEIGHTS, CONFIG, METRICS = "weights.safetensors", "config.json", "metrics.json"
+_CALIBRATION = (
+    "The city council met on Tuesday to approve a new budget for public transport, after months of debate. "
+    "Officials said the plan would add three bus lines and extend service hours across the northern districts."
+)
+
+
+@dataclass
+class EncodedChunk:
+    """One document window after amortization: its modulation and its retrieval vector (unit norm, d_enc)."""
+
+    modulation: Modulation
+    vector: np.ndarray
+
+
+class MACModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, lm: FrozenLM | None = None, encoder: TextEncoder | None = None, calibrate: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = lm if lm is not None else FrozenLM.load(cfg.lm)
+        self.encoder = encoder if encoder is not None else TextEncoder(
+            cfg.encoder, cfg.max_doc_tokens, cfg.chunk_overlap, cfg.unfreeze_encoder_layers
+        )
+        D, E, T = self.lm.hidden_size, self.encoder.width, cfg.num_tokens
+        head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
+        self.amortizer = QueryHead(E, D, T, cfg.amortizer_blocks, **head)
+        self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
+        self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
+        self.expander = Expander(D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
+        self.version = "untrained"
+        if calibrate and self.lm.tokenizer is not None:
+            self._calibrate_expander()
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.cfg.lm}|{self.cfg.encoder}"
+
+    @torch.no_grad()
+    def _calibrate_expander(self) -> None:
+        """Initialise the prefix scale from the LM's own per-layer key/value statistics on a fixed text."""
+        ids = self.lm.tokenizer(_CALIBRATION)["input_ids"]
+        t = torch.tensor([ids], device=self.lm.device)
+        cache = self.lm._cache(None, 1)
+        self.lm._body(t, torch.ones_like(t), torch.arange(len(ids), device=t.device)[None], cache)
+        stats = []
+        for layer in cache.layers:
+            k = layer.keys[0].transpose(0, 1).reshape(len(ids), -1)  # (S, H_kv·D_h)
+            v = layer.values[0].transpose(0, 1).reshape(len(ids), -1)
+            stats.append((k.mean(0), k.std(0), v.mean(0), v.std(0)))
+        self.expander.calibrate(*(torch.stack(s).float() for s in zip(*stats)))
+
+    # ---- trainable state ------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self.state_dict().items() if n in names}
+
+    def save(self, directory: str | Path, train_config: dict | None = None, metrics: dict | None = None) -> str:
+        """Write fp16 trainable weights + config (+ metrics); return the version (hash of the weights file)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {n: t.detach().to(torch.float16).contiguous().cpu() for n, t in self.trainable_state().items()}
+        save_file(state, str(d / WEIGHTS))
+        version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
+        meta = {"version": version, "model": self.cfg.model_dump(), "train": train_config or {}}
+        (d / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+        if metrics is not None:
+            (d / METRICS).write_text(json.dumps(metrics, indent=2))
+        self.version = version
+        return version
+
+    @classmethod
+    def load(cls, directory: str | Path, lm: FrozenLM | None = None, encoder: TextEncoder | None = None) -> "MACModel":
+        d = Path(directory)
+        if not (d / WEIGHTS).exists():
+            raise FileNotFoundError(f"no checkpoint at {d} (expected {WEIGHTS} and {CONFIG})")
+        meta = json.loads((d / CONFIG).read_text())
+        model = cls(ModelConfig.model_validate(meta["model"]), lm=lm, encoder=encoder, calibrate=False)
+        state = load_file(str(d / WEIGHTS))
+        expected = set(model.trainable_state())
+        if set(state) != expected:
+            raise ValueError(f"checkpoint {d} does not fit this model: missing {sorted(expected - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - expected)[:5]}")
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        model.version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
+        return model
+
+    # ---- encoding -------------------------------------------------------------------------------------------------
+    def _states(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.encoder.batch(pieces)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.unfreeze_encoder_layers > 0):
+            return self.encoder(ids, mask), mask
+
+    def amortize(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps."""
+        states, mask = self._states(pieces)  # (N, S, d_enc)
+        return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+
+    def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
+        """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc)."""
+        states, mask = self._states([self.encoder.chunk(q)[0] for q in questions])
+        return self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+
+    @torch.no_grad()
+    def encode_documents(self, docs: list[Document], batch_size: int = 32) -> list[EncodedChunk]:
+        """Every window of every document → a stamped float16 modulation and its retrieval vector."""
+        jobs = []  # (doc, chunk index, n_chunks, tokens)
+        for doc in docs:
+            windows = self.encoder.chunk(document_text(doc))
+            jobs += [(doc, i, len(windows), w) for i, w in enumerate(windows)]
+        out = []
+        for s in range(0, len(jobs), batch_size):
+            part = jobs[s: s + batch_size]
+            mods, vecs = self.amortize([j[3] for j in part])
+            for (doc, i, n, _), m, v in zip(part, mods.float().numpy(), vecs.float().numpy()):
+                out.append(EncodedChunk(Modulation(doc.id, i, n, m.astype(np.float16), self.model_id, self.version), v))
+        return out
+
+    # ---- aggregation and answering ------------------------------------------------------------------------------
+    def prefix(self, q_tokens: Tensor, mods: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> tuple[Prefix, Tensor]:
+        """q_tokens (B, T, D), mods (B, K, T, D) → per-layer prefix and per-document attention mass (B, K)."""
+        phi, mass = self.aggregator(q_tokens, mods, mask, scores)  # φ*: (B, T, D)
+        return self.expander(phi), mass
+
+    def stack_memories(self, memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-question lists of (modulation, retriever score) → mods (B, K, T, D), mask (B, K), scores (B, K)."""
+        ensure_compatible([m for mem in memories for m, _ in mem], self.version, self.model_id)
+        B, K = len(memories), max(1, max(map(len, memories)))
+        T, D = self.cfg.num_tokens, self.lm.hidden_size
+        mods = torch.zeros(B, K, T, D)
+        mask = torch.zeros(B, K, dtype=torch.bool)
+        scores = torch.zeros(B, K)
+        for i, mem in enumerate(memories):
+            for j, (m, s) in enumerate(mem):
+                mods[i, j], mask[i, j], scores[i, j] = m.tensor(), True, s
+        return mods, mask, scores
+
+    @torch.no_grad()
+    def memory_prefix(self, questions: list[str], memories: list[list[tuple[Modulation, float]]]) -> tuple[Prefix, Tensor]:
+        q_tokens, _ = self.encode_questions(questions)
+        mods, mask, scores = self.stack_memories(memories)
+        return self.prefix(q_tokens, mods, mask, scores)
+
+    def answer_logprobs(self, prompts: list[str], answers: list[str], prefix: Prefix | None) -> Tensor:
+        """Mean per-token log p(answer | prompt, prefix): (B,). The training loss is its negative."""
+        tok = self.lm.tokenizer
+        p_ids = [tok(p)["input_ids"] for p in prompts]
+        a_ids = [tok(answer_continuation(a), add_special_tokens=False)["input_ids"] for a in answers]
+        sums, counts = self.lm.continuation_logprobs(p_ids, a_ids, prefix)
+        return sums / counts
