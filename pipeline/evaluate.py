@@ -1,0 +1,188 @@
+"""``macstream eval``: stream every document of a portable dataset into a memory, then answer every question.
+
+Modes (all with the same frozen LM, greedy decoding, stop at newline):
+- ``base``: the LM alone (one-shot prompt);
+- ``rag``: the top-k retrieved document texts in the prompt (one-shot prompt);
+- ``mac``: the aggregated modulations of the top-k retrieved chunks as the prefix (bare prompt, as trained);
+- ``mac+rag``: both.
+Scores: strict EM, the MAC paper's lenient EM, token F1; multiple-choice accuracy where questions have choices (the
+choice with the highest mean per-token log-likelihood under the mode); for ``mac``: selection accuracy (the gold
+document gets the most aggregator attention) next to the retriever's own top-1 accuracy and recall@k. Retention:
+F1 on the questions of the first eighth of the stream as the memory grows 1×, 2×, 4×, 8×.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .mac import MACModel
+from .memory import Hit, MemoryBank
+from .metrics import aggregate, score_answer
+from .prompts import PROMPTS, answer_continuation, prompt_for
+from .schemas import Document, Question
+
+MODES = ("base", "rag", "mac", "mac+rag")
+
+
+@dataclass
+class EvalSettings:
+    modes: tuple[str, ...] = MODES
+    top_k: int = 4
+    max_new_tokens: int = 16
+    batch_size: int = 16
+    retention: bool = True
+    multiple_choice: bool = True
+    limit: int | None = None  # evaluate only the first N questions (answerable ones first)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -> MemoryBank:
+    """Encode documents in stream (published_at) order into a fresh bank. One amortizer forward per chunk."""
+    bank = MemoryBank()
+    for s in tqdm(range(0, len(docs), 64), desc="encode", disable=not progress):
+        part = docs[s: s + 64]
+        chunks = model.encode_documents(part)
+        by_doc = defaultdict(list)
+        for c in chunks:
+            by_doc[c.modulation.doc_id].append(c)
+        for d in part:
+            bank.upsert(d, by_doc[d.id])
+    return bank
+
+
+def _unique_docs(hits: list[Hit]) -> list[Document]:
+    seen, out = set(), []
+    for h in hits:
+        if h.document.id not in seen:
+            seen.add(h.document.id)
+            out.append(h.document)
+    return out
+
+
+@torch.no_grad()
+def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: list[list[Hit]], settings: EvalSettings) -> list[dict]:
+    """Answer one batch in one mode; return per-question rows (prediction, scores, costs)."""
+    tok, lm = model.lm.tokenizer, model.lm
+    use_mac, use_text = mode in ("mac", "mac+rag"), mode in ("rag", "mac+rag")
+    prompts = [prompt_for(mode, q.question, _unique_docs(h) if use_text else ()) for q, h in zip(questions, hits)]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    prefix, mass = None, None
+    t0 = time.perf_counter()
+    if use_mac:
+        memories = [[(x.chunk.modulation, x.score) for x in h] for h in hits]
+        prefix, mass = model.memory_prefix([q.question for q in questions], memories)
+    t_agg = time.perf_counter() - t0
+    outs = lm.generate(ids, prefix, settings.max_new_tokens)
+    t_total = time.perf_counter() - t0
+    rows = []
+    for i, (q, o) in enumerate(zip(questions, outs)):
+        pred = tok.decode(o).strip()
+        row = {"id": q.id, "prediction": pred, **score_answer(pred, q.answers), "prompt_tokens": len(ids[i]),
+               "seconds": t_total / len(questions), "aggregate_seconds": t_agg / len(questions)}
+        gold = set(q.doc_ids or ())
+        if gold and hits[i]:
+            row["retriever_top1"] = float(hits[i][0].document.id in gold)
+            row["recall_at_k"] = float(any(h.document.id in gold for h in hits[i]))
+            if mass is not None:
+                row["selection"] = float(hits[i][int(mass[i, : len(hits[i])].argmax())].document.id in gold)
+                row["weights"] = {h.document.id: round(float(w), 4) for h, w in zip(hits[i], mass[i])}
+        rows.append(row)
+    if settings.multiple_choice and questions[0].choices:
+        for row, acc in zip(rows, choice_accuracy(model, questions, prompts, prefix)):
+            row["mc_accuracy"] = acc
+    return rows
+
+
+@torch.no_grad()
+def choice_accuracy(model: MACModel, questions: list[Question], prompts: list[str], prefix) -> list[float]:
+    """1.0 where the gold answer's choice has the highest mean per-token log-likelihood, else 0.0."""
+    tok = model.lm.tokenizer
+    p_ids, c_ids, owner = [], [], []
+    for i, (q, p) in enumerate(zip(questions, prompts)):
+        for c in q.choices or ():
+            p_ids.append(tok(p)["input_ids"])
+            c_ids.append(tok(answer_continuation(c), add_special_tokens=False)["input_ids"])
+            owner.append(i)
+    pre = prefix.index(torch.tensor(owner)) if prefix is not None else None
+    sums, counts = model.lm.continuation_logprobs(p_ids, c_ids, pre)
+    mean = (sums / counts).tolist()
+    out = []
+    for i, q in enumerate(questions):
+        scores = [m for m, o in zip(mean, owner) if o == i]
+        out.append(float(q.choices[int(np.argmax(scores))] == q.answers[0]) if scores else 0.0)
+    return out
+
+
+def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], modes, settings: EvalSettings, desc: str) -> dict[str, list[dict]]:
+    q_vecs = model.encoder.embed([q.question for q in questions]).numpy() if questions else np.zeros((0, 1))
+    hits = bank.search(q_vecs, settings.top_k) if len(bank) else [[] for _ in questions]
+    out: dict[str, list[dict]] = {m: [] for m in modes}
+    steps = [(m, s) for m in modes for s in range(0, len(questions), settings.batch_size)]
+    for mode, s in tqdm(steps, desc=desc, disable=not settings.progress):
+        qs, hs = questions[s: s + settings.batch_size], hits[s: s + settings.batch_size]
+        if mode in ("mac", "mac+rag", "rag") and not all(hs):
+            raise ValueError(f"mode {mode!r} needs a non-empty memory")
+        out[mode] += answer_batch(model, mode, qs, hs, settings)
+    return out
+
+
+def evaluate(model: MACModel, docs: list[Document], questions: list[Question], settings: EvalSettings) -> dict:
+    """Full evaluation; returns a JSON-able report (per-mode metrics, retention, costs, per-question rows)."""
+    for m in settings.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; expected some of {list(MODES)}")
+    if not settings.top_k >= 1:
+        raise ValueError("top_k must be >= 1")
+    model.eval()
+    docs = sorted(docs, key=lambda d: (d.published_at is None, d.published_at or 0, d.id))  # stream order
+    qs = sorted(questions, key=lambda q: not q.doc_ids)  # answerable first
+    if settings.limit:
+        qs = qs[: settings.limit]
+    t0 = time.perf_counter()
+    bank = build_memory(model, docs, settings.progress)
+    encode_s = time.perf_counter() - t0
+    rows = run_questions(model, bank, qs, settings.modes, settings, "answer")
+    report = {
+        "documents": len(docs), "chunks": bank.num_chunks, "questions": len(qs), "top_k": settings.top_k,
+        "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
+        "prompts": {m: PROMPTS[m] for m in settings.modes},
+        "metrics": {m: aggregate({k: v for k, v in r.items() if k != "weights"} for r in rs) for m, rs in rows.items() if rs},
+        "cost": {
+            "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
+            "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_len * model.lm.num_kv_heads * model.lm.head_dim * 2,
+            "encode_seconds_per_document": encode_s / max(1, len(docs)),
+        },
+        "rows": rows,
+    }
+    for m, rs in rows.items():  # mean prompt tokens are a cost, not a percentage
+        if rs:
+            report["metrics"][m]["prompt_tokens"] = float(np.mean([r["prompt_tokens"] for r in rs]))
+            report["metrics"][m]["seconds"] = float(np.mean([r["seconds"] for r in rs]))
+            report["metrics"][m]["aggregate_seconds"] = float(np.mean([r["aggregate_seconds"] for r in rs]))
+    if settings.retention:
+        report["retention"] = retention(model, docs, qs, settings)
+    return report
+
+
+def retention(model: MACModel, docs: list[Document], questions: list[Question], settings: EvalSettings) -> dict:
+    """F1 of the first eighth's questions with memory = first n·g documents, g = 1, 2, 4, 8 (stream order)."""
+    n0 = max(1, len(docs) // 8)
+    first = {d.id for d in docs[:n0]}
+    qs = [q for q in questions if q.doc_ids and set(q.doc_ids) <= first]
+    modes = [m for m in settings.modes if m != "base"]
+    if not qs or not modes:
+        return {}
+    out = {"questions": len(qs), "growth": {}}
+    for g in (1, 2, 4, 8):
+        bank = build_memory(model, docs[: n0 * g], progress=False)
+        rows = run_questions(model, bank, qs, modes, settings, f"retention {g}x")
+        out["growth"][f"{g}x"] = {"documents": len(bank), **{m: aggregate(
+            {k: v for k, v in r.items() if isinstance(v, float)} for r in rs)["f1"] for m, rs in rows.items()}}
+    return out
