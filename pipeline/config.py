@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,6 +36,11 @@ class ModelConfig(StrictModel):
 
     lm: str = Field(DEFAULT_LM, description="Frozen causal LM: HF name, local path, or the wheel alias.")
     encoder: str = Field(DEFAULT_ENCODER, description="Encoder backbone for documents and questions: name, path or alias.")
+    doc_states: Literal["lm", "encoder"] = Field(
+        "lm", description="What the amortizer reads: the frozen LM's own hidden states of the document ('lm': the "
+        "prefix can carry the LM's exact tokens, e.g. novel names) or the encoder's token states ('encoder')."
+    )
+    lm_state_layer: int = Field(12, ge=1, le=200, description="With doc_states='lm': the LM layer whose output the amortizer reads.")
     num_tokens: int = Field(12, ge=1, le=128, description="T: tokens per modulation (paper: 12 for small LMs, 24 for large).")
     prefix_len: int = Field(2, ge=1, le=64, description="P: prefix key/value tokens injected into every LM layer.")
     amortizer_blocks: int = Field(2, ge=1, le=8, description="Cross-attention blocks of the document amortizer's query head.")
@@ -71,15 +76,15 @@ class TrainConfig(StrictModel):
 
     stages: list[StageConfig] = Field(
         default_factory=lambda: [
-            StageConfig(steps=300, memory_size=1, select_weight=0.0),
-            StageConfig(steps=700, memory_size=8, select_weight=1.0),
+            StageConfig(steps=500, memory_size=1, select_weight=0.0),
+            StageConfig(steps=600, memory_size=8, select_weight=1.0),
         ],
         description="Curriculum: facts first (gold document only), then selection among distractors (DESIGN.md §8).",
     )
     batch_docs: int = Field(8, ge=1, le=256, description="Documents per step; they are the memory (gold + distractors).")
     questions_per_doc: int = Field(2, ge=1, le=8, description="At most this many questions of each document per step.")
     backprop_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Backpropagation dropout: share of a batch's documents amortized with gradients; the rest are encoded under no_grad but stay in the memory (paper: 0.25; 0.5 here, where the amortizer is cheap next to the LM).")
-    lr: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
+    lr: float = Field(5e-4, gt=0.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     warmup_frac: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps of linear warm-up, then cosine decay.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm.")

@@ -14,6 +14,14 @@ from transformers import AutoModel, AutoTokenizer
 from .weights import resolve_encoder
 
 
+def split_windows(ids: list[int], span: int, overlap: int) -> list[list[int]]:
+    """Windows of at most ``span`` tokens covering every token; consecutive windows share ``overlap`` tokens."""
+    if len(ids) <= span:
+        return [ids]
+    step = span - overlap
+    return [ids[s: s + span] for s in range(0, max(1, len(ids) - overlap), step)]
+
+
 class TextEncoder(nn.Module):
     """Frozen pretrained encoder; its top ``unfreeze`` layers may be trained with the MAC heads."""
 
@@ -36,11 +44,7 @@ class TextEncoder(nn.Module):
     def chunk(self, text: str) -> list[list[int]]:
         """Token windows (without special tokens) covering the whole text; consecutive windows overlap."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        span = self.max_tokens - 2  # room for [CLS] and [SEP]
-        if len(ids) <= span:
-            return [ids]
-        step = span - self.overlap
-        return [ids[s: s + span] for s in range(0, max(1, len(ids) - self.overlap), step)]
+        return split_windows(ids, self.max_tokens - 2, self.overlap)  # room for [CLS] and [SEP]
 
     def batch(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Wrap token windows with special tokens and right-pad them. Returns ids, mask: (N, S)."""

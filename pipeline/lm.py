@@ -18,6 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from .weights import resolve_lm
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook to skip the layers above the one whose states we need."""
+
+
 @dataclass
 class Prefix:
     """Per-layer prefix key/values. ``keys``, ``values``: (B, L, H_kv, P, D_h)."""
@@ -90,6 +94,33 @@ class FrozenLM(nn.Module):
             use_cache=True,
         )
         return out.last_hidden_state
+
+    def decoder_layers(self) -> nn.ModuleList:
+        body = self.model.base_model
+        for name in ("layers", "h"):  # Llama/Qwen/Mistral, GPT-2
+            if isinstance(getattr(body, name, None), nn.ModuleList):
+                return getattr(body, name)
+        raise ValueError(f"cannot find the decoder layers of {type(self.model).__name__}")
+
+    def hidden_states_at(self, input_ids: Tensor, attention_mask: Tensor, layer: int) -> Tensor:
+        """Residual stream after decoder layer ``layer`` (1-based): (B, S, d_LM). Layers above it are not run."""
+        layers = self.decoder_layers()
+        if not 1 <= layer <= len(layers):
+            raise ValueError(f"layer must be in 1..{len(layers)}, got {layer}")
+        captured: list[Tensor] = []
+
+        def stop(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = layers[layer - 1].register_forward_hook(stop)
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     # ---- scoring (training loss, multiple choice) ---------------------------------------------------------------
     def continuation_logprobs(

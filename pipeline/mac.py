@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .aggregator import Aggregator
 from .amortizer import QueryHead
 from .config import ModelConfig
-from .encoder import TextEncoder
+from .encoder import TextEncoder, split_windows
 from .expander import Expander
 from .lm import FrozenLM, Prefix
 from .modulation import Modulation, ensure_compatible
@@ -50,8 +50,11 @@ class MACModel(nn.Module):
             cfg.encoder, cfg.max_doc_tokens, cfg.chunk_overlap, cfg.unfreeze_encoder_layers
         )
         D, E, T = self.lm.hidden_size, self.encoder.width, cfg.num_tokens
+        if cfg.doc_states == "lm" and cfg.lm_state_layer > self.lm.num_layers:
+            raise ValueError(f"lm_state_layer={cfg.lm_state_layer} but {cfg.lm} has {self.lm.num_layers} layers")
         head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
-        self.amortizer = QueryHead(E, D, T, cfg.amortizer_blocks, **head)
+        A = D if cfg.doc_states == "lm" else E  # width of the token states the amortizer reads
+        self.amortizer = QueryHead(A, D, T, cfg.amortizer_blocks, **head)
         self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
         self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
         self.expander = Expander(D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
@@ -108,6 +111,10 @@ class MACModel(nn.Module):
         if set(state) != expected:
             raise ValueError(f"checkpoint {d} does not fit this model: missing {sorted(expected - set(state))[:5]}, "
                              f"unexpected {sorted(set(state) - expected)[:5]}")
+        shapes = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
+        bad = [f"{k}: {tuple(v.shape)} vs {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
+        if bad:
+            raise ValueError(f"checkpoint {d} does not fit this model: shape mismatch {bad[:5]}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         model.version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
         return model
@@ -118,10 +125,28 @@ class MACModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.unfreeze_encoder_layers > 0):
             return self.encoder(ids, mask), mask
 
-    def amortize(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
+    def windows(self, text: str) -> list[list[int]]:
+        """Token windows of a document in the tokenizer of whatever the amortizer reads; every token is covered."""
+        if self.cfg.doc_states == "encoder":
+            return self.encoder.chunk(text)
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return split_windows(ids, self.cfg.max_doc_tokens, self.cfg.chunk_overlap)
+
+    def amortize(self, windows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps."""
-        states, mask = self._states(pieces)  # (N, S, d_enc)
-        return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+        if self.cfg.doc_states == "encoder":
+            states, mask = self._states(windows)  # (N, S, d_enc)
+            return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+        dev, S = self.lm.device, max(map(len, windows))
+        ids = torch.full((len(windows), S), self.lm.tokenizer.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(windows), S), dtype=torch.long, device=dev)
+        for i, w in enumerate(windows):
+            ids[i, : len(w)] = torch.tensor(w, device=dev)
+            mask[i, : len(w)] = 1
+        with torch.no_grad():
+            states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, d_LM)
+            vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
+        return self.amortizer(states, mask), vecs
 
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
         """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc)."""
@@ -133,7 +158,7 @@ class MACModel(nn.Module):
         """Every window of every document → a stamped float16 modulation and its retrieval vector."""
         jobs = []  # (doc, chunk index, n_chunks, tokens)
         for doc in docs:
-            windows = self.encoder.chunk(document_text(doc))
+            windows = self.windows(document_text(doc))
             jobs += [(doc, i, len(windows), w) for i, w in enumerate(windows)]
         out = []
         for s in range(0, len(jobs), batch_size):

@@ -90,7 +90,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[Pool, Pool | None, Pool]:
 def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int, select_weight: float,
               backprop_fraction: float, questions_per_doc: int, rng: random.Random) -> dict[str, torch.Tensor]:
     docs = [pool.docs[i] for i in doc_ids]
-    pieces = [model.encoder.chunk(document_text(d))[0] for d in docs]  # training docs fit one window
+    pieces = [model.windows(document_text(d))[0] for d in docs]  # training docs fit one window
     n_grad = max(1, round(backprop_fraction * len(docs)))
     with_grad = set(rng.sample(range(len(docs)), n_grad))
     order = sorted(with_grad) + [i for i in range(len(docs)) if i not in with_grad]
