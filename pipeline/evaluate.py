@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .mac import MACModel
 from .memory import Hit, MemoryBank
-from .metrics import aggregate, score_answer
+from .metrics import score_answer
 from .prompts import PROMPTS, answer_continuation, prompt_for
 from .schemas import Document, Question
 
@@ -55,6 +55,19 @@ def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -
         for d in part:
             bank.upsert(d, by_doc[d.id])
     return bank
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Per-mode means in percent of every 0/1-or-fraction score, each over the rows that carry it (e.g. selection
+    only over questions with a gold document, mc_accuracy only over questions with choices), with its count."""
+    scores = ("em", "lenient_em", "f1", "mc_accuracy", "selection", "retriever_top1", "recall_at_k")
+    out: dict[str, float] = {}
+    for key in scores:
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            out[key] = 100.0 * float(np.mean(vals))
+            out[f"n_{key}"] = len(vals)
+    return out
 
 
 def _unique_docs(hits: list[Hit]) -> list[Document]:
@@ -94,29 +107,32 @@ def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: li
                 row["selection"] = float(hits[i][int(mass[i, : len(hits[i])].argmax())].document.id in gold)
                 row["weights"] = {h.document.id: round(float(w), 4) for h, w in zip(hits[i], mass[i])}
         rows.append(row)
-    if settings.multiple_choice and questions[0].choices:
-        for row, acc in zip(rows, choice_accuracy(model, questions, prompts, prefix)):
-            row["mc_accuracy"] = acc
+    if settings.multiple_choice and any(q.choices for q in questions):
+        for row, q, acc in zip(rows, questions, choice_accuracy(model, questions, prompts, prefix)):
+            if q.choices:
+                row["mc_accuracy"] = acc
     return rows
 
 
 @torch.no_grad()
 def choice_accuracy(model: MACModel, questions: list[Question], prompts: list[str], prefix) -> list[float]:
-    """1.0 where the gold answer's choice has the highest mean per-token log-likelihood, else 0.0."""
+    """1.0 where the gold answer's choice has the highest mean per-token log-likelihood, else 0.0.
+
+    Questions are grouped by their number of choices so each prompt is read once (its cache serves every choice).
+    """
     tok = model.lm.tokenizer
-    p_ids, c_ids, owner = [], [], []
-    for i, (q, p) in enumerate(zip(questions, prompts)):
-        for c in q.choices or ():
-            p_ids.append(tok(p)["input_ids"])
-            c_ids.append(tok(answer_continuation(c), add_special_tokens=False)["input_ids"])
-            owner.append(i)
-    pre = prefix.index(torch.tensor(owner)) if prefix is not None else None
-    sums, counts = model.lm.continuation_logprobs(p_ids, c_ids, pre)
-    mean = (sums / counts).tolist()
-    out = []
+    out = [0.0] * len(questions)
+    groups: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
-        scores = [m for m, o in zip(mean, owner) if o == i]
-        out.append(float(q.choices[int(np.argmax(scores))] == q.answers[0]) if scores else 0.0)
+        if q.choices:
+            groups[len(q.choices)].append(i)
+    for idx in groups.values():
+        p_ids = [tok(prompts[i])["input_ids"] for i in idx]
+        c_ids = [[tok(answer_continuation(c), add_special_tokens=False)["input_ids"] for c in questions[i].choices] for i in idx]
+        pre = prefix.index(torch.tensor(idx)) if prefix is not None else None
+        scores = model.lm.choice_logprobs(p_ids, c_ids, pre)  # (n, C)
+        for row, i in enumerate(idx):
+            out[i] = float(questions[i].choices[int(scores[row].argmax())] == questions[i].answers[0])
     return out
 
 
@@ -153,7 +169,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
         "documents": len(docs), "chunks": bank.num_chunks, "questions": len(qs), "top_k": settings.top_k,
         "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
         "prompts": {m: PROMPTS[m] for m in settings.modes},
-        "metrics": {m: aggregate({k: v for k, v in r.items() if k != "weights"} for r in rs) for m, rs in rows.items() if rs},
+        "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
             "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_len * model.lm.num_kv_heads * model.lm.head_dim * 2,
@@ -183,6 +199,5 @@ def retention(model: MACModel, docs: list[Document], questions: list[Question], 
     for g in (1, 2, 4, 8):
         bank = build_memory(model, docs[: n0 * g], progress=False)
         rows = run_questions(model, bank, qs, modes, settings, f"retention {g}x")
-        out["growth"][f"{g}x"] = {"documents": len(bank), **{m: aggregate(
-            {k: v for k, v in r.items() if isinstance(v, float)} for r in rs)["f1"] for m, rs in rows.items()}}
+        out["growth"][f"{g}x"] = {"documents": len(bank), **{m: summarize(rs)["f1"] for m, rs in rows.items()}}
     return out

@@ -90,7 +90,7 @@ class FrozenLM(nn.Module):
     def _body(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: DynamicCache) -> Tensor:
         """Run the transformer body (no LM head). Returns hidden states (B, S, d_LM)."""
         out = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             use_cache=True,
         )
         return out.last_hidden_state
@@ -160,6 +160,46 @@ class FrozenLM(nn.Module):
         sums = torch.zeros(B, device=dev, dtype=lp.dtype).index_add(0, rows_t, lp)
         counts = torch.tensor([len(c) for c in continuations], device=dev)
         return sums, counts
+
+    @torch.no_grad()
+    def choice_logprobs(self, prompts: list[list[int]], choices: list[list[list[int]]], prefix: Prefix | None = None) -> Tensor:
+        """Mean per-token log p(choice | prompt, prefix) for every choice of every prompt: (B, C).
+
+        Same numbers as :meth:`continuation_logprobs`, but each prompt runs once: its cache is shared by its C
+        choices (C must be equal across prompts), so a long RAG prompt is not re-read per choice.
+        """
+        C = len(choices[0]) if choices else 0
+        if any(len(c) != C for c in choices) or C == 0 or any(len(x) == 0 for c in choices for x in c):
+            raise ValueError("every prompt needs the same number (>= 1) of non-empty choices")
+        dev, B = self.device, len(prompts)
+        S = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):  # right padding: pads sit between prompt and choice, masked out
+            ids[i, : len(p)] = torch.tensor(p, device=dev)
+            mask[i, : len(p)] = 1
+        P = prefix.length if prefix is not None else 0
+        full_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], 1)
+        cache = self._cache(prefix, B)
+        hidden = self._body(ids, full_mask, (P + torch.arange(S, device=dev)).expand(B, S), cache)  # (B, S, d)
+        last = hidden[torch.arange(B, device=dev), torch.tensor([len(p) - 1 for p in prompts], device=dev)]  # (B, d)
+        cache.batch_repeat_interleave(C)
+        flat = [c for cs in choices for c in cs]  # (B·C) choices, prompt-major
+        L = max(map(len, flat))
+        cids = torch.full((B * C, L), pad, dtype=torch.long, device=dev)
+        cmask = torch.zeros((B * C, L), dtype=torch.long, device=dev)
+        for i, c in enumerate(flat):
+            cids[i, : len(c)] = torch.tensor(c, device=dev)
+            cmask[i, : len(c)] = 1
+        start = torch.tensor([P + len(p) for p in prompts], device=dev).repeat_interleave(C)  # first choice position
+        ch_hidden = self._body(cids, torch.cat([full_mask.repeat_interleave(C, 0), cmask], 1),
+                               start[:, None] + torch.arange(L, device=dev), cache)  # (B·C, L, d)
+        # predictors of choice token j: the prompt's last state for j = 0, the choice's state j-1 after that
+        pred = torch.cat([last.repeat_interleave(C, 0)[:, None], ch_hidden[:, :-1]], 1)  # (B·C, L, d)
+        logp = torch.log_softmax(self.model.get_output_embeddings()(pred).float(), -1)
+        tok = logp.gather(2, cids[..., None])[..., 0] * cmask  # (B·C, L)
+        return (tok.sum(1) / cmask.sum(1)).view(B, C)
 
     # ---- generation ---------------------------------------------------------------------------------------------
     def stop_ids(self) -> set[int]:

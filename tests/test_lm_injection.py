@@ -285,3 +285,22 @@ def test_real_smollm2_prefix_injection() -> None:
     wrong = Prefix(torch.zeros(1, 30, 9, 2, 64), torch.zeros(1, 30, 9, 2, 64))  # num_attention_heads, not KV heads
     with pytest.raises(ValueError, match="expected"):
         lm.continuation_logprobs([prompt], [cont], wrong)
+
+
+def test_choice_logprobs_equal_continuation_logprobs(tiny_llama, tiny_gpt2) -> None:
+    """Sharing the prompt's cache across choices gives the same scores as scoring each (prompt, choice) alone."""
+    for lm in (tiny_llama, tiny_gpt2):
+        g = torch.Generator().manual_seed(5)
+        prompts = [[5, 6, 7, 8, 9], [11, 12]]
+        choices = [[[20], [21, 22, 23], [24, 25]], [[30, 31], [32], [33, 34, 35, 36]]]
+        H, Dh = lm.num_kv_heads, lm.head_dim
+        prefix = Prefix(torch.randn(2, lm.num_layers, H, 3, Dh, generator=g), torch.randn(2, lm.num_layers, H, 3, Dh, generator=g))
+        for pre in (None, prefix):
+            got = lm.choice_logprobs(prompts, choices, pre)
+            flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]
+            flat_c = [c for cs in choices for c in cs]
+            rep = None if pre is None else pre.repeat_interleave(3)
+            sums, counts = lm.continuation_logprobs(flat_p, flat_c, rep)
+            torch.testing.assert_close(got, (sums / counts).view(2, 3), atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="same number"):
+            lm.choice_logprobs(prompts, [[[1]], [[1], [2]]])
