@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 
+from .lm import pad_batch
 from .weights import resolve_encoder
 
 
@@ -49,15 +50,7 @@ class TextEncoder(nn.Module):
     def batch(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Wrap token windows with special tokens and right-pad them. Returns ids, mask: (N, S)."""
         tok = self.tokenizer
-        seqs = [[tok.cls_token_id, *p, tok.sep_token_id] for p in pieces]
-        S = max(map(len, seqs))
-        dev = self.backbone.device
-        ids = torch.full((len(seqs), S), tok.pad_token_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(seqs), S), dtype=torch.long, device=dev)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, device=dev)
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_batch([[tok.cls_token_id, *p, tok.sep_token_id] for p in pieces], tok.pad_token_id, self.backbone.device)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(N, S) token ids → (N, S, d_enc) token states."""

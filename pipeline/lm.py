@@ -22,6 +22,18 @@ class _StopForward(Exception):
     """Raised by a forward hook to skip the layers above the one whose states we need."""
 
 
+def pad_batch(seqs: list[list[int]], pad: int, device=None, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token lists → ids and attention mask (N, S_max), padded on the right (or the left, for generation)."""
+    S = max(map(len, seqs))
+    ids = torch.full((len(seqs), S), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        span = slice(S - len(s), S) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long, device=device)
+        mask[i, span] = 1
+    return ids, mask
+
+
 @dataclass
 class Prefix:
     """Per-layer prefix key/values. ``keys``, ``values``: (B, L, H_kv, P, D_h)."""
@@ -67,6 +79,10 @@ class FrozenLM(nn.Module):
 
     def train(self, mode: bool = True) -> "FrozenLM":  # the LM never leaves eval mode (no dropout)
         return super().train(False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
 
     @property
     def device(self) -> torch.device:
@@ -136,14 +152,8 @@ class FrozenLM(nn.Module):
         if any(len(c) == 0 for c in continuations) or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts and continuations must be non-empty")
         dev, B = self.device, len(prompts)
-        seqs = [p + c for p, c in zip(prompts, continuations)]
-        S = max(map(len, seqs))
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, device=dev)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_batch([p + c for p, c in zip(prompts, continuations)], self.pad_id, dev)
+        S = ids.shape[1]
         P = prefix.length if prefix is not None else 0
         full_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], 1)  # (B, P+S)
         pos = (P + torch.arange(S, device=dev)).expand(B, S)
@@ -172,13 +182,8 @@ class FrozenLM(nn.Module):
         if any(len(c) != C for c in choices) or C == 0 or any(len(x) == 0 for c in choices for x in c):
             raise ValueError("every prompt needs the same number (>= 1) of non-empty choices")
         dev, B = self.device, len(prompts)
-        S = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):  # right padding: pads sit between prompt and choice, masked out
-            ids[i, : len(p)] = torch.tensor(p, device=dev)
-            mask[i, : len(p)] = 1
+        ids, mask = pad_batch(prompts, self.pad_id, dev)  # right padding: pads sit between prompt and choice, masked out
+        S = ids.shape[1]
         P = prefix.length if prefix is not None else 0
         full_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], 1)
         cache = self._cache(prefix, B)
@@ -186,12 +191,8 @@ class FrozenLM(nn.Module):
         last = hidden[torch.arange(B, device=dev), torch.tensor([len(p) - 1 for p in prompts], device=dev)]  # (B, d)
         cache.batch_repeat_interleave(C)
         flat = [c for cs in choices for c in cs]  # (B·C) choices, prompt-major
-        L = max(map(len, flat))
-        cids = torch.full((B * C, L), pad, dtype=torch.long, device=dev)
-        cmask = torch.zeros((B * C, L), dtype=torch.long, device=dev)
-        for i, c in enumerate(flat):
-            cids[i, : len(c)] = torch.tensor(c, device=dev)
-            cmask[i, : len(c)] = 1
+        cids, cmask = pad_batch(flat, self.pad_id, dev)
+        L = cids.shape[1]
         start = torch.tensor([P + len(p) for p in prompts], device=dev).repeat_interleave(C)  # first choice position
         ch_hidden = self._body(cids, torch.cat([full_mask.repeat_interleave(C, 0), cmask], 1),
                                start[:, None] + torch.arange(L, device=dev), cache)  # (B·C, L, d)
@@ -223,13 +224,8 @@ class FrozenLM(nn.Module):
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         dev, B, K = self.device, len(prompts), num_beams
         stop = self.stop_ids()
-        S = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((B, S), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((B, S), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, S - len(p):] = torch.tensor(p, device=dev)
-            mask[i, S - len(p):] = 1
+        pad = self.pad_id
+        ids, mask = pad_batch(prompts, pad, dev, left=True)
         ids, mask = ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B·K, S)
         prefix = prefix.repeat_interleave(K) if prefix is not None and K > 1 else prefix
         P = prefix.length if prefix is not None else 0

@@ -21,7 +21,7 @@ from .amortizer import QueryHead
 from .config import ModelConfig
 from .encoder import TextEncoder, split_windows
 from .expander import Expander
-from .lm import FrozenLM, Prefix
+from .lm import FrozenLM, Prefix, pad_batch
 from .modulation import Modulation, ensure_compatible
 from .prompts import answer_continuation, document_text
 from .schemas import Document
@@ -137,12 +137,7 @@ class MACModel(nn.Module):
         if self.cfg.doc_states == "encoder":
             states, mask = self._states(windows)  # (N, S, d_enc)
             return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
-        dev, S = self.lm.device, max(map(len, windows))
-        ids = torch.full((len(windows), S), self.lm.tokenizer.pad_token_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(windows), S), dtype=torch.long, device=dev)
-        for i, w in enumerate(windows):
-            ids[i, : len(w)] = torch.tensor(w, device=dev)
-            mask[i, : len(w)] = 1
+        ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
         with torch.no_grad():
             states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, d_LM)
             vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
