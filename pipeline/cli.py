@@ -112,9 +112,12 @@ def cmd_ask(args) -> None:
     hits = bank.search(model.encoder.embed([q.question]).numpy(), args.top_k)
     row = answer_batch(model, args.mode, [q], hits, EvalSettings(max_new_tokens=args.max_new_tokens, multiple_choice=False))[0]
     weights = row.get("weights", {})
+    best: dict[str, object] = {}
+    for h in hits[0]:  # hits are chunks, best first: one source per document, at its best chunk's score
+        best.setdefault(h.document.id, h)
     print(json.dumps({"answer": row["prediction"], "mode": args.mode, "sources": [
         {"id": h.document.id, "title": h.document.title, "published_at": str(h.document.published_at),
-         "score": round(h.score, 4), "weight": weights.get(h.document.id)} for h in hits[0]]}, indent=2))
+         "score": round(h.score, 4), "weight": weights.get(h.document.id)} for h in best.values()]}, indent=2))
 
 
 def _positive(v: str) -> int:

@@ -99,13 +99,17 @@ def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: li
         pred = tok.decode(o).strip()
         row = {"id": q.id, "prediction": pred, **score_answer(pred, q.answers), "prompt_tokens": len(ids[i]),
                "seconds": t_total / len(questions), "aggregate_seconds": t_agg / len(questions)}
+        weights: dict[str, float] = defaultdict(float)  # per document: the chunks' attention mass, summed
+        if mass is not None:
+            for h, w in zip(hits[i], mass[i].tolist()):
+                weights[h.document.id] += w
+            row["weights"] = {d: round(w, 4) for d, w in weights.items()}
         gold = set(q.doc_ids or ())
         if gold and hits[i]:
             row["retriever_top1"] = float(hits[i][0].document.id in gold)
             row["recall_at_k"] = float(any(h.document.id in gold for h in hits[i]))
-            if mass is not None:
-                row["selection"] = float(hits[i][int(mass[i, : len(hits[i])].argmax())].document.id in gold)
-                row["weights"] = {h.document.id: round(float(w), 4) for h, w in zip(hits[i], mass[i])}
+            if weights:
+                row["selection"] = float(max(weights, key=weights.get) in gold)
         rows.append(row)
     if settings.multiple_choice and any(q.choices for q in questions):
         for row, q, acc in zip(rows, questions, choice_accuracy(model, questions, prompts, prefix)):
