@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ class EvalSettings:
     multiple_choice: bool = True
     limit: int | None = None  # evaluate only the first N questions (answerable ones first)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -> MemoryBank:
