@@ -172,6 +172,8 @@ class MACModel(nn.Module):
     def stack_memories(self, memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor]:
         """Per-question lists of (modulation, retriever score) → mods (B, K, T, D), mask (B, K), scores (B, K)."""
         ensure_compatible([m for mem in memories for m, _ in mem], self.version, self.model_id)
+        if not memories:
+            raise ValueError("stack_memories needs at least one question's memory")
         B, K = len(memories), max(1, max(map(len, memories)))
         T, D = self.cfg.num_tokens, self.lm.hidden_size
         mods = torch.zeros(B, K, T, D)

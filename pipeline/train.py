@@ -69,6 +69,7 @@ def group_key(doc_id: str) -> str:
 
 def sample_batch(pool: Pool, n_docs: int, per_group: int, rng: random.Random) -> list[str]:
     ids: list[str] = []
+    n_docs = min(n_docs, len(pool))  # a pool smaller than the batch would otherwise never fill it
     while len(ids) < n_docs:
         group = rng.choice(pool.groups)
         ids += [d for d in rng.sample(group, min(per_group, len(group))) if d not in ids][: n_docs - len(ids)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 
 from .config import DEFAULT_ENCODER, DEFAULT_LM, home
@@ -51,7 +52,10 @@ def resolve_lm(name: str) -> str:
     cfg.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
     tok.save_pretrained(tmp)
-    tmp.replace(cached) if not cached.exists() else None  # atomic publish; a concurrent winner is fine too
+    if cached.exists():  # a concurrent process published first: keep its copy, drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(cached)  # atomic publish
     return str(cached)
 
 
