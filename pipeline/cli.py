@@ -1,4 +1,6 @@
-"""``macstream``: one command line for the whole system. Subcommands: data, train, eval, encode, ask.
+"""``macstream``: one command line for the whole system.
+
+Subcommands: data, train, eval, encode, ask (the engine); broker, produce, ingest, stats, replay (streaming).
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input.
 """
@@ -17,14 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _model(args):
-    from .config import SHIPPED_CHECKPOINT
-    from .mac import MACModel
+    from .mac import MACModel, checkpoint_dir
 
-    path = Path(args.checkpoint or SHIPPED_CHECKPOINT)
-    if not (path / "weights.safetensors").exists():
-        raise SystemExit(f"macstream: no checkpoint at {path}: train one with `macstream train --out DIR` "
-                         "and pass --checkpoint DIR/best")
-    return MACModel.load(path)
+    try:
+        return MACModel.load(checkpoint_dir(args.checkpoint))
+    except FileNotFoundError as err:
+        raise SystemExit(f"macstream: {err}")
 
 
 def _read_config(path: str | None) -> dict:
@@ -120,6 +120,75 @@ def cmd_ask(args) -> None:
          "score": round(h.score, 4), "weight": weights.get(h.document.id)} for h in best.values()]}, indent=2))
 
 
+def cmd_broker(args) -> None:
+    import signal
+    import time
+
+    from .broker import LocalBroker
+
+    with LocalBroker(args.port, args.durable) as broker:
+        print(json.dumps({"bootstrap_servers": broker.bootstrap, "durable": str(args.durable) if args.durable else None}),
+              flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_produce(args) -> None:
+    from . import kafka_io
+
+    if args.source == "synthetic":
+        from .data.synthetic import generate
+
+        docs = sorted(generate(args.split, args.entities, seed=args.seed)[0], key=lambda d: (d.published_at, d.id))
+    else:
+        if not Path(args.source).exists():
+            raise SystemExit(f"macstream: {args.source}: no such file or directory")
+        docs = kafka_io.read_documents(args.source)
+    kafka_io.ensure_topic(args.bootstrap_servers, args.topic, args.partitions)
+    n = kafka_io.produce(args.bootstrap_servers, args.topic, docs, rate=args.rate)
+    print(json.dumps({"topic": args.topic, "produced": n}))
+
+
+def _ingest_config(args):
+    from .config import IngestConfig, load_config
+
+    fields = {k: getattr(args, k) for k in IngestConfig.model_fields if getattr(args, k, None) is not None}
+    return load_config(IngestConfig, _read_config(args.config) | fields, "ingest")
+
+
+def cmd_ingest(args) -> None:
+    from workers.ingest import IngestJob
+
+    logging.getLogger("workers").setLevel(logging.INFO)
+    job = IngestJob(_ingest_config(args), partitions=args.partitions).start()
+    if job.metrics_server is not None:
+        print(f"metrics: http://127.0.0.1:{job.metrics_port}/metrics", file=sys.stderr)
+    print(json.dumps(job.run(), indent=2))
+
+
+def cmd_stats(args) -> None:
+    from .config import IngestConfig
+    from .store import open_store
+
+    location = IngestConfig(topic="-", store=args.store).store_location()
+    store = open_store(location)
+    try:
+        print(json.dumps({"store": location, "collections": store.stats()}, indent=2))
+    finally:
+        store.close()
+
+
+def cmd_replay(args) -> None:
+    from .kafka_io import reset_group
+
+    offsets = reset_group(args.bootstrap_servers, args.topic, args.group_id, getattr(args, "from"))
+    print(json.dumps({"topic": args.topic, "group_id": args.group_id, "offsets": offsets}))
+
+
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -171,6 +240,46 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--mode", default="mac", choices=["base", "rag", "mac", "mac+rag"])
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
+    b = sub.add_parser("broker", help="run the local Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C")
+    b.add_argument("--port", type=_positive, default=9092)
+    b.add_argument("--durable", help="directory for restart-safe storage (S3 engine on a local s3rver)")
+    b.set_defaults(fn=cmd_broker)
+
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument("--bootstrap-servers", dest="bootstrap_servers", default="127.0.0.1:9092")
+    kafka.add_argument("--topic", required=True)
+
+    pr = sub.add_parser("produce", parents=[kafka], help="publish documents keyed by id")
+    pr.add_argument("source", help="JSONL file of documents, a portable dataset directory, or 'synthetic'")
+    pr.add_argument("--rate", type=float, help="documents per second (default: as fast as acknowledged)")
+    pr.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
+    pr.add_argument("--split", default="test", choices=["train", "validation", "test"], help="with 'synthetic'")
+    pr.add_argument("--entities", type=_positive, default=150, help="with 'synthetic'")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(fn=cmd_produce)
+
+    i = sub.add_parser("ingest", parents=[kafka], help="stream a topic into the store with Ray workers")
+    i.add_argument("--workers", type=_positive, help="encoder actors")
+    i.add_argument("--consumers", type=_positive, help="consumer actors (default: min(workers, partitions))")
+    i.add_argument("--group-id", dest="group_id")
+    i.add_argument("--batch-size", dest="batch_size", type=_positive)
+    i.add_argument("--max-in-flight", dest="max_in_flight", type=_positive)
+    i.add_argument("--store", help="embedded | DIR | :memory: | http(s)://qdrant:6333")
+    i.add_argument("--checkpoint")
+    i.add_argument("--exit-when-idle", dest="exit_when_idle", type=float, metavar="SECONDS")
+    i.add_argument("--metrics-port", dest="metrics_port", type=int)
+    i.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
+    i.add_argument("--config", help="JSON file of ingest settings (flags override it)")
+    i.set_defaults(fn=cmd_ingest)
+
+    st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
+    st.add_argument("--store", default="embedded")
+    st.set_defaults(fn=cmd_stats)
+
+    r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")
+    r.add_argument("--from", required=True, help="'earliest' or an ISO-8601 time")
+    r.add_argument("--group-id", dest="group_id", default="macstream-ingest")
+    r.set_defaults(fn=cmd_replay)
     return p
 
 

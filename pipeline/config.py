@@ -49,6 +49,10 @@ class ModelConfig(StrictModel):
     heads: int = Field(8, ge=1, le=32, description="Attention heads in the amortizer and aggregator.")
     head_dim: int = Field(48, ge=8, le=256, description="Width of each attention head (paper: 96).")
     ffn_mult: int = Field(2, ge=1, le=8, description="FFN hidden width as a multiple of the block width.")
+    expander: Literal["slots", "tokens"] = Field(
+        "slots", description="Expander: 'tokens' (P-tuning v2 MLP per aggregated token, a projection per layer) or "
+        "'slots' (each layer slot mixes all T tokens through a shared FFN)."
+    )
     expander_hidden: int = Field(1024, ge=16, le=8192, description="Hidden width of the expander's FFN.")
     unfreeze_encoder_layers: int = Field(0, ge=0, le=24, description="Top encoder layers trained (and shipped) with the heads.")
     bucket_size: int = Field(16, ge=2, le=256, description="M: hierarchical aggregation aggregates sets larger than M chunk by chunk.")
@@ -109,3 +113,26 @@ def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str 
             msg = "unknown key (allowed: " + ", ".join(cls.model_fields) + ")" if e["type"] == "extra_forbidden" else e["msg"]
             lines.append(f"{where}: {key}: {msg}")
         raise ValueError("\n".join(lines)) from None
+
+
+class IngestConfig(StrictModel):
+    """Streaming ingestion: Kafka topic → Ray consumer actors → encoder actors → store. Throughput/latency knobs say
+    which way they trade."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    topic: str = Field(min_length=1, description="Topic of news documents (key = document id). Dead letters go to <topic>.dlq.")
+    group_id: str = Field("macstream-ingest", min_length=1, description="Consumer group; committed offsets are the job's progress.")
+    workers: int = Field(1, ge=1, le=256, description="Encoder actors (each holds one copy of the model).")
+    consumers: int | None = Field(None, ge=1, le=1024, description="Consumer actors, one group member each; default min(workers, partitions). More than partitions would idle.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Most records per poll and per encode call: larger = more docs/s, more latency per document.")
+    max_in_flight: int = Field(2, ge=1, le=64, description="Encode batches a consumer may have outstanding before it stops polling (backpressure).")
+    poll_timeout_ms: int = Field(200, ge=10, le=60000, description="Longest wait of one poll when the topic is quiet.")
+    max_message_bytes: int = Field(1 << 20, ge=256, description="Larger messages are dead-lettered as oversize.")
+    store: str = Field("embedded", description="'embedded' (qdrant-client local mode under MACSTREAM_HOME/store, owned by one actor), a directory, ':memory:', 'memory' (in-process numpy) or a Qdrant server URL.")
+    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one.")
+    encoder_threads: int = Field(1, ge=1, le=64, description="torch threads per encoder actor (= its CPU reservation).")
+    exit_when_idle: float | None = Field(None, gt=0, description="Backfill mode: stop once no record arrived for this many seconds and nothing is in flight.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = pick a free port).")
+
+    def store_location(self) -> str:
+        return str(home() / "store" / "qdrant") if self.store == "embedded" else self.store

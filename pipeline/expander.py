@@ -45,3 +45,34 @@ class Expander(nn.Module):
         y = y * self.gain[None, :, None] + self.offset[None, :, None]
         y = y.view(B, self.L, self.P, 2, self.H, self.Dh).permute(3, 0, 1, 4, 2, 5)  # (2, B, L, H_kv, P, D_h)
         return Prefix(y[0], y[1])
+
+
+class TokenExpander(nn.Module):
+    """P-tuning v2 prefix encoder over the aggregated tokens: prefix position p of every layer comes from token p.
+
+    φ* (B, T, D) is first mixed to P tokens (the identity when P == T), then each token goes through one MLP
+    D → hidden → L·2·H_kv·D_h (tanh, as in P-tuning v2), so every layer gets its own projection of every token and
+    no token is averaged away. Output scale: per-layer, per-channel gain and offset from the LM's k/v statistics.
+    """
+
+    def __init__(self, width: int, num_tokens: int, num_layers: int, prefix_len: int, kv_heads: int, head_dim: int, hidden: int):
+        super().__init__()
+        self.L, self.P, self.H, self.Dh = num_layers, prefix_len, kv_heads, head_dim
+        kvd = kv_heads * head_dim
+        mix = torch.eye(prefix_len, num_tokens) if prefix_len == num_tokens else torch.full((prefix_len, num_tokens), 1.0 / num_tokens)
+        self.mix = nn.Parameter(mix + torch.randn(prefix_len, num_tokens) * 0.01)  # (P, T)
+        self.ln = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, num_layers * 2 * kvd))
+        self.gain = nn.Parameter(torch.ones(num_layers, 2, kvd))  # (L, k|v, H_kv·D_h)
+        self.offset = nn.Parameter(torch.zeros(num_layers, 2, kvd))
+
+    calibrate = Expander.calibrate
+
+    def forward(self, phi: Tensor) -> Prefix:
+        """φ*: (B, T, D) → Prefix with keys/values (B, L, H_kv, P, D_h)."""
+        B = phi.shape[0]
+        x = torch.einsum("pt,btd->bpd", self.mix, phi)  # (B, P, D)
+        y = self.mlp(self.ln(x)).view(B, self.P, self.L, 2, self.H * self.Dh)  # (B, P, L, 2, H·Dh)
+        y = y * self.gain[None, None] + self.offset[None, None]
+        y = y.view(B, self.P, self.L, 2, self.H, self.Dh).permute(3, 0, 2, 4, 1, 5)  # (2, B, L, H_kv, P, D_h)
+        return Prefix(y[0], y[1])

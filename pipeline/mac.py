@@ -20,7 +20,7 @@ from .aggregator import Aggregator
 from .amortizer import QueryHead
 from .config import ModelConfig
 from .encoder import TextEncoder, split_windows
-from .expander import Expander
+from .expander import Expander, TokenExpander
 from .lm import FrozenLM, Prefix, pad_batch
 from .modulation import Modulation, ensure_compatible
 from .prompts import answer_continuation, document_text
@@ -57,7 +57,7 @@ class MACModel(nn.Module):
         self.amortizer = QueryHead(A, D, T, cfg.amortizer_blocks, **head)
         self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
         self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
-        self.expander = Expander(D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
+        self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
         self.version = "untrained"
         if calibrate and self.lm.tokenizer is not None:
             self._calibrate_expander()
@@ -197,3 +197,21 @@ class MACModel(nn.Module):
         a_ids = [tok(answer_continuation(a), add_special_tokens=False)["input_ids"] for a in answers]
         sums, counts = self.lm.continuation_logprobs(p_ids, a_ids, prefix)
         return sums / counts
+
+
+def checkpoint_dir(path: str | Path | None = None) -> Path:
+    """``path`` or the shipped checkpoint; a clear error when there is none."""
+    from .config import SHIPPED_CHECKPOINT
+
+    d = Path(path) if path else SHIPPED_CHECKPOINT
+    if not (d / WEIGHTS).exists():
+        raise FileNotFoundError(f"no checkpoint at {d}: train one with `macstream train --out DIR` and pass DIR/best")
+    return d
+
+
+def checkpoint_identity(path: str | Path | None = None) -> tuple[str, str]:
+    """(version, model_id) of a checkpoint without loading any model: what its modulations will be stamped with."""
+    d = checkpoint_dir(path)
+    cfg = json.loads((d / CONFIG).read_text())["model"]
+    version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
+    return version, f"{cfg.get('lm', ModelConfig().lm)}|{cfg.get('encoder', ModelConfig().encoder)}"

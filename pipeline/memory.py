@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -57,20 +58,30 @@ class MemoryBank:
     def document(self, doc_id: str) -> Document:
         return self._docs[doc_id]
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """vectors: (B, d_enc) unit-norm → per row the k best chunks, best first."""
+    def document_ids(self) -> list[str]:
+        return list(self._docs)
+
+    def chunks(self, doc_id: str) -> list[EncodedChunk]:
+        return list(self._chunks[doc_id])
+
+    def search(self, vectors: np.ndarray, k: int, where: Callable[[Document], bool] | None = None) -> list[list[Hit]]:
+        """vectors: (B, d_enc) unit-norm → per row the k best chunks (of documents passing ``where``), best first."""
         if self._matrix is None:
             self._rows = [c for cs in self._chunks.values() for c in cs]
             self._matrix = np.stack([c.vector for c in self._rows]) if self._rows else np.zeros((0, vectors.shape[1]))
-        if not self._rows:
+        keep = np.arange(len(self._rows))
+        if where is not None:
+            keep = np.array([i for i, c in enumerate(self._rows) if where(self._docs[c.modulation.doc_id])], dtype=int)
+        if len(keep) == 0 or k <= 0:
             return [[] for _ in range(len(vectors))]
-        sims = vectors @ self._matrix.T  # (B, N)
-        k = min(k, len(self._rows))
+        sims = vectors @ self._matrix[keep].T  # (B, N_kept)
+        k = min(k, len(keep))
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         out = []
         for b, idx in enumerate(top):
-            idx = idx[np.argsort(-sims[b, idx])]
-            out.append([Hit(self._rows[i], self._docs[self._rows[i].modulation.doc_id], float(sims[b, i])) for i in idx])
+            idx = idx[np.argsort(-sims[b, idx], kind="stable")]
+            rows = [self._rows[keep[i]] for i in idx]
+            out.append([Hit(c, self._docs[c.modulation.doc_id], float(sims[b, i])) for c, i in zip(rows, idx)])
         return out
 
 

@@ -22,6 +22,7 @@ class Document(BaseModel):
     published_at: datetime | None = Field(default=None, description="Publication time, ISO-8601.")
     source: str | None = Field(default=None, description="Publisher or feed name.")
     url: str | None = Field(default=None, description="Where the document came from.")
+    tenant: str | None = Field(default=None, description="Owner of the document; a tenant only ever retrieves its own.")
 
     @field_validator("text")
     @classmethod

@@ -131,3 +131,23 @@ def make_tiny_mac(frozen_lm: FrozenLM, encoder, **overrides):
 def tiny_mac(tiny_llama, minilm):
     """A tiny MAC model on the tiny Llama and the real MiniLM. Read-only: tests that mutate weights build their own."""
     return make_tiny_mac(tiny_llama, minilm)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tokenizer, minilm) -> Path:
+    """A tiny MAC checkpoint on disk (tiny Llama saved as a local model + the real MiniLM), loadable by other
+    processes (Ray encoder actors) by path. Untrained: for pipeline semantics, not for answers."""
+    import shutil
+
+    from pipeline.mac import MACModel
+
+    root = TEST_HOME / "tiny-checkpoint"
+    ckpt = root / "ckpt"
+    if not (ckpt / "weights.safetensors").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        lm = make_tiny_llama(tokenizer)
+        lm.model.save_pretrained(root / "lm")
+        tokenizer.save_pretrained(root / "lm")
+        torch.manual_seed(7)
+        MACModel(tiny_config(lm=str(root / "lm")), lm=lm, encoder=minilm).save(ckpt)
+    return ckpt

@@ -1,0 +1,217 @@
+"""Consumer actors: one Kafka consumer-group member each, feeding the encoder pool and writing to the store.
+
+Delivery: **at-least-once, effectively once.** A partition's offset is committed only after every record below it
+was (a) written to the store and acknowledged, (b) dead-lettered and acknowledged by the broker, or (c) found
+unchanged. A crash anywhere before the commit redelivers the records; writes are idempotent (deterministic point
+ids, content hashes), so redelivery never duplicates.
+
+Ordering: records of one document share a partition (key = id), so one member sees them in order. Within a poll the
+last operation per document wins (each replaces the whole document). Encode calls run in parallel on the pool, but
+their results are written and committed strictly in poll order. Before partitions move to another member (rebalance)
+everything in flight is finished and committed, so two members never race on one document.
+
+Backpressure: at most ``max_in_flight`` encode batches outstanding per member; when full, the member stops polling.
+Re-encoding is skipped for a document whose content hash equals what the store holds (or what an in-flight batch
+is about to write).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import ray
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from pipeline import kafka_io
+from pipeline.config import IngestConfig
+from pipeline.messages import Delete, PoisonMessage, Upsert, parse
+from pipeline.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    seq: int
+    offsets: dict[TopicPartition, int]  # next offset to commit, per partition
+    to_encode: list[tuple[Upsert, object]]  # (operation, raw record) to encode and write
+    deletes: list[str]
+    ref: object | None  # ObjectRef of the encode call
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, member: "ConsumerMember"):
+        self.member = member
+
+    def on_partitions_revoked(self, revoked):
+        self.member.finish_all()  # commit what we own before another member takes it
+        self.member.assigned = []
+
+    def on_partitions_assigned(self, assigned):
+        self.member.assigned = sorted(tp.partition for tp in assigned)
+        self.member.last_activity = time.monotonic()
+        log.info("member %d assigned %s", self.member.index, sorted(tp.partition for tp in assigned))
+
+
+class ConsumerMember:
+    """The consumer loop; :class:`ConsumerActor` runs it inside Ray. Plain class so its logic reads top to bottom."""
+
+    def __init__(self, cfg: IngestConfig, index: int, encoders: list, store: Store, collection: str):
+        self.cfg, self.index, self.encoders, self.store, self.collection = cfg, index, encoders, store, collection
+        self.queue: deque[_Batch] = deque()
+        self.pending: dict[str, tuple[int, str | None]] = {}  # doc id → (batch seq, hash it will hold; None = delete)
+        self.seq = 0
+        self.stop_event = threading.Event()
+        self.counters: Counter = Counter()
+        self.dlq_kinds: Counter = Counter()
+        self.committed: dict[int, int] = {}
+        self.batch_seconds: deque[float] = deque(maxlen=1000)
+        self.assigned: list[int] = []
+        self.last_activity = time.monotonic()
+        self.consumer = None
+        self.dlq = None
+
+    # ---- loop ----------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.consumer = kafka_io.consumer(cfg.bootstrap_servers, cfg.group_id, client_id=f"macstream-ingest-{self.index}",
+                                          max_poll_records=cfg.batch_size)
+        self.dlq = kafka_io.producer(cfg.bootstrap_servers)
+        self.consumer.subscribe([cfg.topic], listener=_Listener(self))
+        self.last_activity = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                self._finish(block=len(self.queue) >= cfg.max_in_flight)
+                if len(self.queue) >= cfg.max_in_flight:
+                    continue
+                records = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=cfg.batch_size)
+                if records:
+                    self.last_activity = time.monotonic()
+                    self._submit(records)
+            self.finish_all()
+        finally:
+            self.consumer.close(autocommit=False)
+            self.dlq.close()
+        return self.stats()
+
+    # ---- stages --------------------------------------------------------------------------------------------------
+    def _submit(self, records: dict) -> None:
+        ops: dict[str, tuple[Upsert | Delete, object]] = {}
+        poison = []
+        offsets = {}
+        for tp, recs in records.items():
+            for r in recs:
+                self.counters["records"] += 1
+                try:
+                    op = parse(r.key, r.value, self.cfg.max_message_bytes)
+                except PoisonMessage as err:
+                    poison.append((r, err, "parse"))
+                    continue
+                ops.pop(op.doc_id, None)  # last operation per document wins; re-insert keeps poll order
+                ops[op.doc_id] = (op, r)
+            offsets[tp] = recs[-1].offset + 1
+        self._dead_letter(poison)  # acknowledged by the broker before any offset past them is committed
+        upserts = [(op, r) for op, r in ops.values() if isinstance(op, Upsert)]
+        deletes = [op.doc_id for op, _ in ops.values() if isinstance(op, Delete)]
+        fresh = [op.doc_id for op, _ in upserts if op.doc_id not in self.pending]
+        stored = self.store.content_hashes(self.collection, fresh) if fresh else {}
+        to_encode = []
+        for op, r in upserts:
+            current = self.pending[op.doc_id][1] if op.doc_id in self.pending else stored.get(op.doc_id)
+            if current == op.content_hash:
+                self.counters["unchanged"] += 1
+            else:
+                to_encode.append((op, r))
+        self.seq += 1
+        for op, _ in upserts:
+            self.pending[op.doc_id] = (self.seq, op.content_hash)
+        for d in deletes:
+            self.pending[d] = (self.seq, None)
+        ref = None
+        if to_encode:
+            encoder = self.encoders[self.seq % len(self.encoders)]
+            ref = encoder.encode.remote([op.doc for op, _ in to_encode])
+        self.queue.append(_Batch(self.seq, offsets, to_encode, deletes, ref))
+
+    def _finish(self, block: bool) -> None:
+        """Write, then commit, the finished batches at the head of the queue (in poll order)."""
+        while self.queue:
+            head = self.queue[0]
+            if head.ref is not None and not block:
+                ready, _ = ray.wait([head.ref], timeout=0)
+                if not ready:
+                    return
+            results = ray.get(head.ref) if head.ref is not None else []
+            failed = []
+            for (op, r), res in zip(head.to_encode, results):
+                if isinstance(res, str):
+                    failed.append((r, PoisonMessage("encode_failed", res), "encode"))
+                else:
+                    self.store.upsert(self.collection, op.doc, op.content_hash, res)
+                    self.counters["upserted"] += 1
+                    self.counters["chunks"] += len(res)
+            for d in head.deletes:
+                self.counters["deleted" if self.store.delete(self.collection, d) else "delete_absent"] += 1
+            self._dead_letter(failed)
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in head.offsets.items()})
+            for tp, off in head.offsets.items():
+                self.committed[tp.partition] = off
+            for d, (seq, _) in list(self.pending.items()):
+                if seq == head.seq:
+                    del self.pending[d]
+            self.queue.popleft()
+            self.batch_seconds.append(time.monotonic() - head.started)
+            self.counters["batches"] += 1
+            self.last_activity = time.monotonic()
+            block = False  # only the head needed waiting for; the rest is opportunistic
+
+    def finish_all(self) -> None:
+        while self.queue:
+            self._finish(block=True)
+
+    def _dead_letter(self, items: list) -> None:
+        if not items:
+            return
+        futures = []
+        for r, err, stage in items:
+            headers = list(r.headers or []) + [
+                ("macstream.error", err.kind.encode()), ("macstream.reason", err.reason.encode("utf-8", "replace")),
+                ("macstream.stage", stage.encode()), ("macstream.topic", r.topic.encode()),
+                ("macstream.partition", str(r.partition).encode()), ("macstream.offset", str(r.offset).encode()),
+            ]
+            futures.append(self.dlq.send(kafka_io.dlq_topic(self.cfg.topic), key=r.key, value=r.value, headers=headers))
+            self.dlq_kinds[err.kind] += 1
+            log.warning("dead-lettered %s[%d]@%d: %s", r.topic, r.partition, r.offset, err)
+        self.dlq.flush()
+        for f in futures:
+            f.get(timeout=30)
+
+    def stats(self) -> dict:
+        return {"index": self.index, "counters": dict(self.counters), "dlq": dict(self.dlq_kinds),
+                "committed": dict(self.committed), "in_flight": len(self.queue),
+                "idle_s": time.monotonic() - self.last_activity,
+                "batch_seconds": list(self.batch_seconds), "assigned": list(self.assigned)}
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class ConsumerActor:
+    """Runs one :class:`ConsumerMember`; ``stats``/``stop`` answer while ``run`` loops (threaded actor)."""
+
+    def __init__(self, cfg: IngestConfig, index: int, encoders: list, store: Store, collection: str):
+        logging.basicConfig(level=logging.INFO)
+        self.member = ConsumerMember(cfg, index, encoders, store, collection)
+
+    def run(self) -> dict:
+        return self.member.run()
+
+    def stats(self) -> dict:
+        return self.member.stats()
+
+    def stop(self) -> None:
+        self.member.stop_event.set()

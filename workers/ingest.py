@@ -1,0 +1,181 @@
+"""The ingest job: Kafka topic → consumer actors → encoder actors → store, supervised, with metrics.
+
+Topology (all Ray actors): ``workers`` encoder actors (model copies, ``encoder_threads`` CPUs each, restarted and
+retried by Ray when they die); ``consumers`` consumer actors (0 CPUs, one group member each, never more than the
+topic has partitions); one store owner for embedded stores (workers/store_actor.py). The driver supervises: a
+consumer that dies is replaced (its partitions are redelivered from the last commit), and it aggregates metrics.
+
+Backfill mode (``exit_when_idle``): the job stops once every member has nothing in flight and saw no record for that
+many seconds; broker end offsets are never consulted (they are wrong on some brokers, and racy on all).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import ray
+
+from pipeline import kafka_io
+from pipeline.config import IngestConfig
+from pipeline.mac import checkpoint_identity
+from pipeline.store import collection_name
+
+from .consumer import ConsumerActor
+from .encoder import EncoderActor
+from .runtime import init_ray
+from .store_actor import connect_store
+
+log = logging.getLogger(__name__)
+
+
+class IngestJob:
+    def __init__(self, cfg: IngestConfig, partitions: int = 4, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.create_partitions = partitions
+        self.version, self.model_id = checkpoint_identity(cfg.checkpoint)
+        self.collection = collection_name(self.version)
+        self.encoders: list = []
+        self.members: dict[int, tuple] = {}  # slot → (actor, run ref)
+        self.restarts = 0
+        self.last: dict[int, dict] = {}  # slot → last stats seen (kept after a member dies, for totals)
+        self.base: dict[int, dict] = {}  # counters of members that were replaced, per slot
+        self.started = time.monotonic()
+        self.metrics_server = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> "IngestJob":
+        cfg = self.cfg
+        kafka_io.ensure_topic(cfg.bootstrap_servers, cfg.topic, self.create_partitions)
+        kafka_io.ensure_topic(cfg.bootstrap_servers, kafka_io.dlq_topic(cfg.topic), 1)
+        n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
+        init_ray()
+        self.store = connect_store(cfg.store_location())
+        gpu = 1 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0
+        self.encoders = [EncoderActor.options(name=f"macstream-encoder-{i}", num_cpus=cfg.encoder_threads,
+                                              num_gpus=gpu).remote(cfg.checkpoint, cfg.encoder_threads)
+                         for i in range(cfg.workers)]
+        ids = ray.get([e.identity.remote() for e in self.encoders])
+        if any(i != (self.version, self.model_id) for i in ids):
+            raise RuntimeError(f"encoders loaded {ids}, expected {(self.version, self.model_id)}")
+        self.n_members = min(cfg.consumers or cfg.workers, n_parts)
+        for slot in range(self.n_members):
+            self._spawn(slot)
+        if cfg.metrics_port is not None:
+            from .metrics import serve_metrics
+
+            self.metrics_server, self.metrics_port = serve_metrics(self, cfg.metrics_port)
+        log.info("ingest: topic %s (%d partitions) → %d consumers → %d encoders → %s [%s]", cfg.topic, n_parts,
+                 self.n_members, cfg.workers, cfg.store_location(), self.collection)
+        return self
+
+    def _spawn(self, slot: int) -> None:
+        actor = ConsumerActor.options(name=f"macstream-consumer-{slot}").remote(
+            self.cfg, slot, self.encoders, self.store, self.collection)
+        self.members[slot] = (actor, actor.run.remote())
+
+    def supervise(self) -> None:
+        """Replace members whose run loop died (actor crash or killed); refresh their stats."""
+        for slot, (actor, ref) in list(self.members.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    self.last[slot] = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - any failure of the member: replace it
+                    log.warning("consumer %d died (%s); replacing it", slot, type(err).__name__)
+                    self.restarts += 1
+                    self._bank(slot)
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                    self._spawn(slot)
+                    continue
+            try:
+                self.last[slot] = ray.get(actor.stats.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dying member; the next pass replaces it
+                pass
+
+    def _bank(self, slot: int) -> None:
+        """Keep the counters of a member that is replaced, so totals survive restarts."""
+        seen = self.last.pop(slot, None)
+        if seen:
+            acc = self.base.setdefault(slot, {"counters": {}, "dlq": {}})
+            for part in ("counters", "dlq"):
+                for k, v in seen[part].items():
+                    acc[part][k] = acc[part].get(k, 0) + v
+
+    def idle(self) -> bool:
+        if len(self.last) < len(self.members):
+            return False
+        return all(s["in_flight"] == 0 and s["idle_s"] >= self.cfg.exit_when_idle for s in self.last.values())
+
+    def run(self, timeout: float | None = None) -> dict:
+        """Supervise until stopped (Ctrl-C), idle (backfill mode) or ``timeout``; return the final snapshot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        t_log = time.monotonic()
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                self.supervise()
+                if self.cfg.exit_when_idle and self.idle():
+                    break
+                if self.progress and time.monotonic() - t_log >= 5:
+                    t_log = time.monotonic()
+                    s = self.snapshot()
+                    log.info("ingest: %d records, %d written, %d unchanged, %d deleted, %d dead-lettered, %.1f docs/s",
+                             s["records"], s["upserted"], s["unchanged"], s["deleted"], s["dead_lettered"], s["docs_per_s"])
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            log.info("ingest: interrupted; finishing in-flight batches")
+        return self.stop()
+
+    def stop(self) -> dict:
+        for actor, _ in self.members.values():
+            try:
+                actor.stop.remote()
+            except Exception:  # noqa: BLE001
+                pass
+        for slot, (actor, ref) in self.members.items():
+            try:
+                self.last[slot] = ray.get(ref, timeout=60)
+            except Exception as err:  # noqa: BLE001 - a member that dies while stopping loses nothing uncommitted
+                log.warning("consumer %d did not stop cleanly: %s", slot, err)
+        snap = self.snapshot()
+        for actor, _ in self.members.values():
+            ray.kill(actor, no_restart=True)
+        for e in self.encoders:
+            ray.kill(e, no_restart=True)
+        self.members, self.encoders = {}, []
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        return snap
+
+    # ---- metrics -------------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Totals over members (including replaced ones), committed offsets, batch latency, store counts."""
+        totals: dict[str, int] = {}
+        dlq: dict[str, int] = {}
+        committed: dict[int, int] = {}
+        lat: list[float] = []
+        for source in list(self.base.values()) + list(self.last.values()):
+            for k, v in source["counters"].items():
+                totals[k] = totals.get(k, 0) + v
+            for k, v in source["dlq"].items():
+                dlq[k] = dlq.get(k, 0) + v
+        for s in self.last.values():
+            for p, off in s["committed"].items():
+                committed[int(p)] = max(committed.get(int(p), 0), off)
+            lat += s["batch_seconds"]
+        elapsed = time.monotonic() - self.started
+        return {
+            "topic": self.cfg.topic, "collection": self.collection, "checkpoint": self.version,
+            "records": totals.get("records", 0), "upserted": totals.get("upserted", 0),
+            "unchanged": totals.get("unchanged", 0), "deleted": totals.get("deleted", 0),
+            "chunks_written": totals.get("chunks", 0), "dead_lettered": sum(dlq.values()), "dlq_by_kind": dlq,
+            "committed": committed, "consumer_restarts": self.restarts, "elapsed_s": elapsed,
+            "docs_per_s": totals.get("upserted", 0) / elapsed if elapsed else 0.0,
+            "batch_latency_p50_s": statistics.median(lat) if lat else None,
+            "batch_latency_max_s": max(lat) if lat else None,
+            "batches": totals.get("batches", 0),
+        }
