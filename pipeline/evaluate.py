@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .answering import MODES, answer, prepare
 from .mac import MACModel
 from .memory import Hit, MemoryBank
 from .metrics import score_answer
-from .prompts import PROMPTS, answer_continuation, prompt_for
+from .prompts import PROMPTS, answer_continuation
 from .schemas import Document, Question
-
-MODES = ("base", "rag", "mac", "mac+rag")
 
 
 @dataclass
@@ -69,48 +68,27 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def _unique_docs(hits: list[Hit]) -> list[Document]:
-    seen, out = set(), []
-    for h in hits:
-        if h.document.id not in seen:
-            seen.add(h.document.id)
-            out.append(h.document)
-    return out
-
-
 @torch.no_grad()
 def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: list[list[Hit]], settings: EvalSettings) -> list[dict]:
     """Answer one batch in one mode; return per-question rows (prediction, scores, costs)."""
-    tok, lm = model.lm.tokenizer, model.lm
-    use_mac, use_text = mode in ("mac", "mac+rag"), mode in ("rag", "mac+rag")
-    prompts = [prompt_for(mode, q.question, _unique_docs(h) if use_text else ()) for q, h in zip(questions, hits)]
-    ids = [tok(p)["input_ids"] for p in prompts]
-    prefix, mass = None, None
     t0 = time.perf_counter()
-    if use_mac:
-        memories = [[(x.chunk.modulation, x.score) for x in h] for h in hits]
-        prefix, mass = model.memory_prefix([q.question for q in questions], memories)
-    t_agg = time.perf_counter() - t0
-    outs = lm.generate(ids, prefix, settings.max_new_tokens)
+    answers = answer(model, mode, [q.question for q in questions], hits, settings.max_new_tokens)
     t_total = time.perf_counter() - t0
     rows = []
-    for i, (q, o) in enumerate(zip(questions, outs)):
-        pred = tok.decode(o).strip()
-        row = {"id": q.id, "prediction": pred, **score_answer(pred, q.answers), "prompt_tokens": len(ids[i]),
-               "seconds": t_total / len(questions), "aggregate_seconds": t_agg / len(questions)}
-        weights: dict[str, float] = defaultdict(float)  # per document: the chunks' attention mass, summed
-        if mass is not None:
-            for h, w in zip(hits[i], mass[i].tolist()):
-                weights[h.document.id] += w
-            row["weights"] = {d: round(w, 4) for d, w in weights.items()}
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        row = {"id": q.id, "prediction": a.text, **score_answer(a.text, q.answers), "prompt_tokens": a.prompt_tokens,
+               "seconds": t_total / len(questions), "aggregate_seconds": a.seconds["aggregate"]}
+        if mode in ("mac", "mac+rag"):
+            row["weights"] = a.weights
         gold = set(q.doc_ids or ())
         if gold and hits[i]:
             row["retriever_top1"] = float(hits[i][0].document.id in gold)
             row["recall_at_k"] = float(any(h.document.id in gold for h in hits[i]))
-            if weights:
-                row["selection"] = float(max(weights, key=weights.get) in gold)
+            if a.weights:
+                row["selection"] = float(max(a.weights, key=a.weights.get) in gold)
         rows.append(row)
     if settings.multiple_choice and any(q.choices for q in questions):
+        prompts, prefix, _ = prepare(model, mode, [q.question for q in questions], hits)
         for row, q, acc in zip(rows, questions, choice_accuracy(model, questions, prompts, prefix)):
             if q.choices:
                 row["mc_accuracy"] = acc
@@ -146,8 +124,6 @@ def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], 
     steps = [(m, s) for m in modes for s in range(0, len(questions), settings.batch_size)]
     for mode, s in tqdm(steps, desc=desc, disable=not settings.progress):
         qs, hs = questions[s: s + settings.batch_size], hits[s: s + settings.batch_size]
-        if mode in ("mac", "mac+rag", "rag") and not all(hs):
-            raise ValueError(f"mode {mode!r} needs a non-empty memory")
         out[mode] += answer_batch(model, mode, qs, hs, settings)
     return out
 

@@ -213,6 +213,25 @@ class FrozenLM(nn.Module):
         return self._stop_ids
 
     @torch.no_grad()
+    def stream(self, prompt: list[int], prefix: Prefix | None = None, max_new_tokens: int = 16):
+        """Greedy decoding of one prompt, yielding each new token id as it is chosen (stops before a stop token).
+        Yields exactly what :meth:`generate` returns for the same prompt with num_beams=1."""
+        dev, stop = self.device, self.stop_ids()
+        ids = torch.tensor([prompt], device=dev)
+        P = prefix.length if prefix is not None else 0
+        cache = self._cache(prefix, 1)
+        mask = torch.ones((1, P + len(prompt)), dtype=torch.long, device=dev)
+        pos = torch.arange(P, P + len(prompt), device=dev)[None]
+        hidden = self._body(ids, mask, pos, cache)[:, -1]
+        for step in range(max_new_tokens):
+            tok = int(self.model.get_output_embeddings()(hidden).float().argmax(-1))
+            if tok in stop:
+                return
+            yield tok
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=torch.long, device=dev)], 1)
+            hidden = self._body(torch.tensor([[tok]], device=dev), mask, pos[:, -1:] + 1 + step, cache)[:, -1]
+
+    @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], prefix: Prefix | None = None, max_new_tokens: int = 16, num_beams: int = 1
     ) -> list[list[int]]:

@@ -304,3 +304,12 @@ def test_choice_logprobs_equal_continuation_logprobs(tiny_llama, tiny_gpt2) -> N
             torch.testing.assert_close(got, (sums / counts).view(2, 3), atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="same number"):
             lm.choice_logprobs(prompts, [[[1]], [[1], [2]]])
+
+
+def test_stream_yields_what_generate_returns(any_lm: FrozenLM, tokenizer) -> None:
+    torch.manual_seed(3)
+    prefix = Prefix(torch.randn(1, any_lm.num_layers, any_lm.num_kv_heads, 2, any_lm.head_dim),
+                    torch.randn(1, any_lm.num_layers, any_lm.num_kv_heads, 2, any_lm.head_dim))
+    for pre in (None, prefix):
+        prompt = tokenizer("Question: who runs Acme?\nAnswer:")["input_ids"]
+        assert list(any_lm.stream(prompt, pre, 8)) == any_lm.generate([prompt], pre, 8)[0]
