@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, eval, encode, ask (the engine); broker, produce, ingest, stats, replay (streaming).
+Subcommands: data, train, eval, encode, ask (the engine); broker, produce, ingest, stats, replay (streaming); serve (HTTP API).
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input.
 """
@@ -171,10 +171,10 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_stats(args) -> None:
-    from .config import IngestConfig
+    from .config import store_location
     from .store import open_store
 
-    location = IngestConfig(topic="-", store=args.store).store_location()
+    location = store_location(args.store)
     store = open_store(location)
     try:
         print(json.dumps({"store": location, "collections": store.stats()}, indent=2))
@@ -187,6 +187,37 @@ def cmd_replay(args) -> None:
 
     offsets = reset_group(args.bootstrap_servers, args.topic, args.group_id, getattr(args, "from"))
     print(json.dumps({"topic": args.topic, "group_id": args.group_id, "offsets": offsets}))
+
+
+def _serve_config(args):
+    from .config import ServeConfig, load_config
+
+    conf = _read_config(args.config)
+    fields = {k: getattr(args, k) for k in ServeConfig.model_fields if getattr(args, k, None) is not None}
+    keys_file = args.api_keys or os.environ.get("MACSTREAM_API_KEYS_FILE")
+    if keys_file:
+        fields["api_keys"] = _read_config(keys_file)
+    return load_config(ServeConfig, conf | fields, "serve")
+
+
+def cmd_serve(args) -> None:
+    import time
+
+    from ray import serve
+
+    from serving.app import start
+
+    cfg = _serve_config(args)
+    start(cfg)
+    print(json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "ready": f"http://{cfg.host}:{cfg.port}/ready",
+                      "docs": f"http://{cfg.host}:{cfg.port}/docs"}), flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
 
 
 def _positive(v: str) -> int:
@@ -275,6 +306,18 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
     st.add_argument("--store", default="embedded")
     st.set_defaults(fn=cmd_stats)
+
+    sv = sub.add_parser("serve", help="serve the HTTP API (Ray Serve) until Ctrl-C")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=_positive)
+    sv.add_argument("--checkpoint")
+    sv.add_argument("--store", help="embedded | DIR | :memory: | http(s)://qdrant:6333")
+    sv.add_argument("--replicas", type=_positive)
+    sv.add_argument("--autoscale-max-replicas", dest="autoscale_max_replicas", type=_positive)
+    sv.add_argument("--max-batch-size", dest="max_batch_size", type=_positive)
+    sv.add_argument("--api-keys", help='JSON file {"KEY": "TENANT", ...} (or $MACSTREAM_API_KEYS_FILE); none: no auth')
+    sv.add_argument("--config", help="JSON file of serve settings (flags override it)")
+    sv.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")
     r.add_argument("--from", required=True, help="'earliest' or an ISO-8601 time")

@@ -25,6 +25,11 @@ def home() -> Path:
     return path
 
 
+def store_location(store: str) -> str:
+    """'embedded' → qdrant-client local mode under the data directory; anything else as given."""
+    return str(home() / "store" / "qdrant") if store == "embedded" else store
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown keys are an error, assignments are validated."""
 
@@ -135,4 +140,25 @@ class IngestConfig(StrictModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = pick a free port).")
 
     def store_location(self) -> str:
-        return str(home() / "store" / "qdrant") if self.store == "embedded" else self.store
+        return store_location(self.store)
+
+
+class ServeConfig(StrictModel):
+    """The HTTP query service (Ray Serve). Limits here are what the API enforces with 4xx/503."""
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Changing it on a running app rolls out a new model (reconfigure).")
+    store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, ':memory:', 'memory' or a Qdrant URL.")
+    replicas: int = Field(1, ge=1, le=64, description="Model replicas (each holds the LM and the MAC heads), when autoscaling is off.")
+    autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description="Turn on autoscaling between 1 and this many model replicas.")
+    replica_threads: int = Field(1, ge=1, le=64, description="torch threads per model replica (= its CPU reservation).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most /v1/answer requests one replica answers in one batched generation.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=5.0, description="How long a replica waits to fill a batch: latency traded for throughput.")
+    max_pending: int = Field(64, ge=1, le=100000, description="Requests in the service at once; more get 503 with Retry-After.")
+    default_top_k: int = Field(8, ge=1, le=64, description="Retrieved chunks per question when the request does not say.")
+    default_max_new_tokens: int = Field(24, ge=1, le=256, description="Answer length when the request does not say.")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key → tenant. Empty: no auth. With keys, a tenant only retrieves its own documents.")
+
+    def store_location(self) -> str:
+        return store_location(self.store)

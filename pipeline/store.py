@@ -102,6 +102,10 @@ class Store(ABC):
     def collections(self) -> list[str]:
         """Names of the macstream collections, sorted."""
 
+    @abstractmethod
+    def newest_published(self, collection: str) -> datetime | None:
+        """The latest ``published_at`` in the collection (UTC), None when no document has one."""
+
     def stats(self) -> dict:
         return {c: self.counts(c) for c in self.collections()}
 
@@ -152,6 +156,12 @@ class InMemoryStore(Store):
 
     def collections(self) -> list[str]:
         return sorted(c for c, b in self._banks.items() if len(b))
+
+    def newest_published(self, collection: str) -> datetime | None:
+        bank = self._banks.get(collection)
+        times = [_utc(bank.document(d).published_at) for d in (bank.document_ids() if bank else [])
+                 if bank.document(d).published_at is not None]
+        return max(times) if times else None
 
 
 class QdrantStore(Store):
@@ -256,7 +266,6 @@ class QdrantStore(Store):
     def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
         if not doc_ids or not self._exists(collection):
             return {}
-        m = self._m
         version = collection.removeprefix("macstream-")
         points = self.client.retrieve(collection, ids=[point_id(version, d, 0) for d in doc_ids],
                                       with_payload=["doc_id", "content_hash"], with_vectors=False)
@@ -283,6 +292,16 @@ class QdrantStore(Store):
     def collections(self) -> list[str]:
         names = [c.name for c in self.client.get_collections().collections if c.name.startswith("macstream-")]
         return sorted(n for n in names if self.counts(n)["chunks"])
+
+    def newest_published(self, collection: str) -> datetime | None:
+        if not self._exists(collection):
+            return None
+        m = self._m
+        points, _ = self.client.scroll(collection, limit=1, with_payload=["published_ts"], with_vectors=False,
+                                       order_by=m.OrderBy(key="published_ts", direction=m.Direction.DESC))
+        if not points or points[0].payload.get("published_ts") is None:
+            return None
+        return datetime.fromtimestamp(points[0].payload["published_ts"], timezone.utc)
 
     def close(self) -> None:
         self.client.close()

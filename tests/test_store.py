@@ -63,6 +63,7 @@ def _run_ops(store: Store) -> dict:
     hit = store.search(COLL, q[:1], 1)[0][0]
     out["payload"] = (hit.document.model_dump(), hit.chunk.modulation.tokens.tolist(), hit.chunk.modulation.checkpoint)
     out["collections"] = store.collections()
+    out["newest"] = (store.newest_published(COLL), store.newest_published("macstream-none"))
     out["absent"] = (store.counts("macstream-none"), store.search("macstream-none", q, 3), store.content_hashes("macstream-none", ["d1"]))
     return out
 
@@ -78,6 +79,7 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["counts1"] == {"documents": 11, "chunks": 13}
     assert ref["deleted"] == [True, False, False]
     assert ref["hashes"] == {"d4": "h4b", "d5": "h5"}
+    assert ref["newest"] == (datetime(2024, 1, 12, tzinfo=timezone.utc), None)
     for name, r in results.items():
         assert r == ref, name
 

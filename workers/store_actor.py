@@ -55,6 +55,12 @@ class RemoteStore(Store):
     def collections(self) -> list[str]:
         return self._call("collections")
 
+    def newest_published(self, collection: str):
+        return self._call("newest_published", collection)
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
 
 def store_actor_name(location: str) -> str:
     return "macstream-store-" + hashlib.sha1(location.encode()).hexdigest()[:10]

@@ -1,0 +1,162 @@
+"""The model deployment: retrieve → aggregate → generate, batched across requests with ``@serve.batch``.
+
+A replica loads the checkpoint in a background thread, so it reports "loading" on /ready instead of holding up the
+whole application. It reads only the collection of its own checkpoint version, and the aggregator refuses any
+modulation of another version (``CheckpointMismatch``). ``reconfigure`` (a changed ``checkpoint`` in the user config)
+loads the new model beside the old one and swaps them between batches, so no request is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+from ray import serve
+
+from pipeline.config import ServeConfig
+from pipeline.memory import Hit
+from pipeline.store import SearchFilter, collection_name
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The replica has not loaded its model yet (→ 503)."""
+
+
+class _Loaded:
+    def __init__(self, checkpoint: str | None, threads: int):
+        import torch
+
+        from pipeline.mac import MACModel, checkpoint_dir
+
+        torch.set_num_threads(threads)
+        self.model = MACModel.load(checkpoint_dir(checkpoint)).eval()
+        self.checkpoint = checkpoint
+        self.collection = collection_name(self.model.version)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, health_check_period_s=5)
+class MACServer:
+    def __init__(self, cfg: ServeConfig):
+        from workers.store_actor import connect_store
+
+        self.cfg = cfg
+        self.store = connect_store(cfg.store_location())
+        self.loaded: _Loaded | None = None
+        self.error: str | None = None
+        self.answer.set_max_batch_size(cfg.max_batch_size)
+        self.answer.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._lock = threading.Lock()
+        self._started = False
+
+    def _load(self, checkpoint: str | None) -> None:
+        try:
+            loaded = _Loaded(checkpoint, self.cfg.replica_threads)
+            with self._lock:
+                self.loaded, self.error = loaded, None
+            log.info("replica ready: checkpoint %s", loaded.model.version)
+        except Exception as err:  # noqa: BLE001 - reported on /ready, not a crash loop
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("loading the checkpoint failed")
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this after __init__ and whenever the user config changes (no replica restart).
+
+        First call: load the checkpoint in the background (the replica is up at once and says "loading" on /ready).
+        Later calls with another checkpoint: load it beside the old one, then swap; batches in flight finish on the
+        old model, so a rollout drops no request.
+        """
+        checkpoint = user_config.get("checkpoint")
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._load, args=(checkpoint,), daemon=True).start()
+        elif self.loaded is None or checkpoint != self.loaded.checkpoint:
+            self._load(checkpoint)
+
+    # ---- status ---------------------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        cur = self.loaded
+        return {"ready": cur is not None, "checkpoint": cur.model.version if cur else None,
+                "collection": cur.collection if cur else None, "error": self.error}
+
+    def memory_stats(self) -> dict:
+        cur = self._current()
+        newest = self.store.newest_published(cur.collection)
+        return {"checkpoint": cur.model.version, "collection": cur.collection, **self.store.counts(cur.collection),
+                "newest_published_at": newest.isoformat() if newest else None}
+
+    def _current(self) -> _Loaded:
+        cur = self.loaded
+        if cur is None:
+            raise NotReady(self.error or "the model is still loading")
+        return cur
+
+    # ---- answering -------------------------------------------------------------------------------------------------
+    def _retrieve(self, cur: _Loaded, jobs: list[dict]) -> tuple[list[list[Hit]], float]:
+        t0 = time.perf_counter()
+        need = [i for i, j in enumerate(jobs) if j["mode"] != "base"]
+        hits: list[list[Hit]] = [[] for _ in jobs]
+        if need:
+            vecs = cur.model.encoder.embed([jobs[i]["question"] for i in need]).numpy()
+            for i, v in zip(need, vecs):
+                flt = SearchFilter(**jobs[i]["filter"]) if jobs[i]["filter"] else None
+                hits[i] = self.store.search(cur.collection, v[None], jobs[i]["top_k"], flt)[0]
+        return hits, (time.perf_counter() - t0) / max(1, len(jobs))
+
+    @staticmethod
+    def _sources(hits: list[Hit], weights: dict[str, float]) -> list[dict]:
+        best: dict[str, Hit] = {}
+        for h in hits:  # best first: one source per document, at its best chunk's score
+            best.setdefault(h.document.id, h)
+        return [{"id": d.document.id, "title": d.document.title, "url": d.document.url,
+                 "published_at": d.document.published_at.isoformat() if d.document.published_at else None,
+                 "score": round(d.score, 4), "weight": weights.get(d.document.id)} for d in best.values()]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def answer(self, jobs: list[dict]) -> list[dict]:
+        """jobs: {question, mode, top_k, max_new_tokens, filter}. One generation per (mode, length) group."""
+        from pipeline.answering import answer
+
+        try:
+            cur = self._current()
+        except NotReady as err:
+            return [{"error": "not_ready", "message": str(err)}] * len(jobs)
+        hits, t_ret = self._retrieve(cur, jobs)
+        groups = defaultdict(list)
+        for i, j in enumerate(jobs):
+            mode = j["mode"] if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: answer without memory
+            groups[(mode, j["max_new_tokens"])].append(i)
+        out: list[dict] = [{} for _ in jobs]
+        for (mode, max_new), idx in groups.items():
+            answers = answer(cur.model, mode, [jobs[i]["question"] for i in idx], [hits[i] for i in idx], max_new)
+            for i, a in zip(idx, answers):
+                out[i] = {"answer": a.text, "mode": jobs[i]["mode"], "checkpoint": cur.model.version,
+                          "sources": self._sources(hits[i], a.weights),
+                          "fallback": None if mode == jobs[i]["mode"] else "no document matched the filters",
+                          "timings": {"retrieve": t_ret, **a.seconds}, "batch_size": len(jobs)}
+        return out
+
+    async def stream(self, job: dict):
+        """Yield the sources first, then the answer text piece by piece (greedy, one request, unbatched). The pieces
+        concatenate to what :meth:`answer` returns for the same request."""
+        from pipeline.answering import citation_weights, prepare
+
+        cur = self._current()
+        hits, _ = self._retrieve(cur, [job])
+        mode = job["mode"] if (job["mode"] == "base" or hits[0]) else "base"
+        prompts, prefix, mass = prepare(cur.model, mode, [job["question"]], hits)
+        weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
+        yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
+               "fallback": None if mode == job["mode"] else "no document matched the filters"}
+        tok = cur.model.lm.tokenizer
+        ids, sent = [], ""
+        for t in cur.model.lm.stream(tok(prompts[0])["input_ids"], prefix, job["max_new_tokens"]):
+            ids.append(t)
+            full = tok.decode(ids).lstrip()
+            # hold back a piece that ends inside a multi-byte character (decoded as U+FFFD until complete)
+            if len(full) > len(sent) and full.startswith(sent) and not full.endswith("\ufffd"):
+                yield {"delta": full[len(sent):]}
+                sent = full

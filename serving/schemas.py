@@ -1,0 +1,108 @@
+"""HTTP request and response bodies. Every bad field is a 4xx naming the field, before anything reaches the model.
+
+Limits are fixed here, so the OpenAPI document states them: question ≤ 4,000 characters, top_k 1..64,
+max_new_tokens 1..256. The OpenAI-compatible bodies ignore OpenAI fields macstream does not use (clients send
+many), but the ``macstream`` extension field is strict.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.store import SearchFilter
+
+Mode = Literal["mac", "rag", "mac+rag", "base"]
+MAX_QUESTION_CHARS = 4000
+MAX_TOP_K = 64
+MAX_NEW_TOKENS = 256
+MODEL_NAME = "macstream"
+
+
+class MemoryControls(BaseModel):
+    """How the answer uses memory: mode, how many chunks to retrieve, and retrieval filters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field("mac", description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, or base (no memory).")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Chunks retrieved (default: the server's).")
+    since: datetime | None = Field(None, description="Only documents published at or after (ISO-8601).")
+    until: datetime | None = Field(None, description="Only documents published at or before (ISO-8601).")
+    source: str | None = Field(None, max_length=200, description="Only documents of this source.")
+    tenant: str | None = Field(None, max_length=200, description="Only this tenant's documents; with API keys it must be the key's tenant.")
+
+    @model_validator(mode="after")
+    def _range(self):
+        SearchFilter(since=self.since, until=self.until)  # since ≤ until, with the store's own message
+        return self
+
+
+def _question(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be blank")
+    return v
+
+
+class AnswerRequest(MemoryControls):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="The question.")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Longest answer in tokens.")
+
+    _q = field_validator("question")(_question)
+
+
+class Source(BaseModel):
+    id: str
+    title: str | None = None
+    url: str | None = None
+    published_at: datetime | None = None
+    score: float = Field(description="Retriever cosine similarity of the question and the document's best chunk.")
+    weight: float | None = Field(None, description="Aggregator attention mass on the document (MAC modes): the citation weight.")
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    mode: Mode
+    sources: list[Source]
+    checkpoint: str
+    fallback: str | None = Field(None, description="Set when the answer could not use memory (e.g. no document matched the filters).")
+    timings: dict[str, float]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str = Field(max_length=MAX_QUESTION_CHARS)
+
+
+class _OpenAIBase(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description=f"Must be {MODEL_NAME!r}.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    macstream: MemoryControls = Field(default_factory=MemoryControls, description="Memory controls (extension).")
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+
+    def question(self) -> str:
+        """The last user message is the question (the LM is not a chat model here)."""
+        users = [m.content for m in self.messages if m.role == "user"]
+        if not users or not users[-1].strip():
+            raise ValueError("messages: needs a non-empty user message")
+        return users[-1]
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+
+    _q = field_validator("prompt")(_question)
