@@ -220,6 +220,20 @@ def cmd_serve(args) -> None:
         serve.shutdown()
 
 
+def cmd_bench(args) -> None:
+    if args.what != "serve":
+        raise SystemExit(f"macstream: bench {args.what}: not built yet (available: serve)")
+    from datetime import date
+
+    from serving.bench import run, table
+
+    out = args.out or f"benchmarks/results/{date.today().isoformat()}/serve.json"
+    result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens, out)
+    print(json.dumps(result["how"], indent=2))
+    print(table(result))
+    print(f"wrote {out}")
+
+
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -318,6 +332,17 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-keys", help='JSON file {"KEY": "TENANT", ...} (or $MACSTREAM_API_KEYS_FILE); none: no auth')
     sv.add_argument("--config", help="JSON file of serve settings (flags override it)")
     sv.set_defaults(fn=cmd_serve)
+
+    bn = sub.add_parser("bench", help="benchmarks measured side by side in one run")
+    bn.add_argument("what", choices=["serve"], help="serve: latency per mode and batching throughput over HTTP")
+    bn.add_argument("--checkpoint")
+    bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
+    bn.add_argument("--requests", type=_positive, default=40, help="requests per mode")
+    bn.add_argument("--clients", type=_positive, default=8)
+    bn.add_argument("--top-k", dest="top_k", type=_positive, default=8)
+    bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
+    bn.add_argument("--out", help="JSON results (default benchmarks/results/<date>/serve.json)")
+    bn.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")
     r.add_argument("--from", required=True, help="'earliest' or an ISO-8601 time")

@@ -45,6 +45,10 @@ class ModelConfig(StrictModel):
         "lm", description="What the amortizer reads: the frozen LM's own hidden states of the document ('lm': the "
         "prefix can carry the LM's exact tokens, e.g. novel names) or the encoder's token states ('encoder')."
     )
+    standardize_states: bool = Field(
+        True, description="With doc_states='lm': z-score each channel of the LM states (statistics of a fixed text) and "
+        "drop the first token, so the LM's outlier channels and attention sink do not make every document look alike."
+    )
     lm_state_layer: int = Field(12, ge=1, le=200, description="With doc_states='lm': the LM layer whose output the amortizer reads.")
     num_tokens: int = Field(12, ge=1, le=128, description="T: tokens per modulation (paper: 12 for small LMs, 24 for large).")
     prefix_len: int = Field(2, ge=1, le=64, description="P: prefix key/value tokens injected into every LM layer.")

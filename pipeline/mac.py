@@ -61,6 +61,8 @@ class MACModel(nn.Module):
         self.version = "untrained"
         if calibrate and self.lm.tokenizer is not None:
             self._calibrate_expander()
+        if cfg.doc_states == "lm" and cfg.standardize_states:
+            self._state_stats()  # fixed statistics, recomputed on load (deterministic), never stored
 
     @property
     def model_id(self) -> str:
@@ -79,6 +81,15 @@ class MACModel(nn.Module):
             v = layer.values[0].transpose(0, 1).reshape(len(ids), -1)
             stats.append((k.mean(0), k.std(0), v.mean(0), v.std(0)))
         self.expander.calibrate(*(torch.stack(s).float() for s in zip(*stats)))
+
+    @torch.no_grad()
+    def _state_stats(self) -> None:
+        """Per-channel mean/std of the amortizer's LM states on a fixed text (first token excluded: the sink)."""
+        ids = self.lm.tokenizer(_CALIBRATION + " " + _CALIBRATION.lower(), add_special_tokens=False)["input_ids"]
+        t = torch.tensor([ids], device=self.lm.device)
+        st = self.lm.hidden_states_at(t, torch.ones_like(t), self.cfg.lm_state_layer).float()[0, 1:]  # (S-1, d_LM)
+        self.register_buffer("state_mean", st.mean(0), persistent=False)
+        self.register_buffer("state_std", st.std(0).clamp(min=1e-3), persistent=False)
 
     # ---- trainable state ------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:
@@ -141,6 +152,12 @@ class MACModel(nn.Module):
         with torch.no_grad():
             states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, d_LM)
             vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
+            if self.cfg.standardize_states:
+                # z-scored channels (outliers clipped); the first token is the LM's attention sink: drop it
+                states = ((states - self.state_mean) / self.state_std).clamp(-8, 8)
+                if states.shape[1] > 1:
+                    mask = mask.clone()
+                    mask[:, 0] = 0
         return self.amortizer(states, mask), vecs
 
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,137 @@
+"""``macstream bench serve``: latency per mode and batching throughput of the real HTTP service, side by side.
+
+How it is measured (printed with the results): one Ray Serve app (one model replica, ``replica_threads`` torch
+threads) over an embedded store holding the synthetic test split encoded by the checkpoint. The same LM, the same
+top_k and the same max_new_tokens for every mode. Each mode answers the same questions from one client, one
+request at a time (p50/p99 latency, requests/s); then MAC answers them from 1 and from ``clients`` concurrent
+clients (throughput ratio: what request batching buys). Warm-up requests are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+MODES = ("base", "mac", "rag", "mac+rag")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _fill(location: str, checkpoint: str | None, entities: int) -> tuple[list[str], int]:
+    from collections import defaultdict
+
+    from pipeline.data.synthetic import generate
+    from pipeline.mac import MACModel, checkpoint_dir
+    from pipeline.messages import content_hash
+    from pipeline.store import collection_name
+    from workers.store_actor import connect_store
+
+    docs, questions = generate("test", entities, seed=0)
+    model = MACModel.load(checkpoint_dir(checkpoint)).eval()
+    store, coll = connect_store(location), collection_name(model.version)
+    by_doc = defaultdict(list)
+    for c in model.encode_documents(docs):
+        by_doc[c.modulation.doc_id].append(c)
+    for d in docs:
+        store.upsert(coll, d, content_hash(d), by_doc[d.id])
+    return [q.question for q in questions], len(docs)
+
+
+def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: int = 40, clients: int = 8,
+        top_k: int = 8, max_new_tokens: int = 16, out: str | None = None) -> dict:
+    from ray import serve
+
+    from pipeline.broker import free_port
+    from pipeline.config import ServeConfig
+    from serving.app import start
+    from workers.runtime import init_ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray()
+    store_dir = tempfile.mkdtemp(prefix="macstream-bench-")
+    cfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=str(Path(store_dir) / "store"),
+                      max_batch_size=clients, batch_wait_timeout_s=0.01, max_pending=1000)
+    t0 = time.perf_counter()
+    questions, n_docs = _fill(cfg.store_location(), checkpoint, entities)
+    fill_s = time.perf_counter() - t0
+    start(cfg)
+    base = f"http://127.0.0.1:{cfg.port}"
+    while requests.get(base + "/ready", timeout=30).status_code != 200:
+        time.sleep(0.2)
+    qs = (questions * (1 + requests_per_mode // max(1, len(questions))))[:requests_per_mode]
+
+    stages: dict[str, list[dict]] = {m: [] for m in MODES}
+
+    def ask(q: str, mode: str) -> float:
+        t = time.perf_counter()
+        r = requests.post(base + "/v1/answer", json={"question": q, "mode": mode, "top_k": top_k,
+                                                    "max_new_tokens": max_new_tokens}, timeout=300)
+        r.raise_for_status()
+        stages[mode].append(r.json()["timings"])
+        return time.perf_counter() - t
+
+    result: dict = {"modes": {}, "throughput": {}}
+    for mode in MODES:
+        for q in qs[:3]:
+            ask(q, mode)  # warm-up
+        t = time.perf_counter()
+        lat = [ask(q, mode) for q in qs]
+        wall = time.perf_counter() - t
+        server = {k: statistics.mean(t[k] for t in stages[mode][3:]) for k in stages[mode][-1]}
+        result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99), "requests_per_s": len(lat) / wall,
+                                 "requests": len(lat), "server_seconds": server}
+    for n in (1, clients):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda q: ask(q, "mac"), qs * 2))
+        result["throughput"][f"{n}_clients_requests_per_s"] = 2 * len(qs) / (time.perf_counter() - t)
+    serve.shutdown()
+    m = result["modes"]
+    result["ratios"] = {
+        "mac_p50_over_rag_p50": m["mac"]["p50_s"] / m["rag"]["p50_s"],
+        "mac_p50_over_base_p50": m["mac"]["p50_s"] / m["base"]["p50_s"],
+        f"throughput_{clients}_clients_over_1": result["throughput"][f"{clients}_clients_requests_per_s"] / result["throughput"]["1_clients_requests_per_s"],
+    }
+    result["targets"] = {"mac_p50 <= 0.5 x rag_p50": result["ratios"]["mac_p50_over_rag_p50"] <= 0.5,
+                         "mac_p50 <= 1.3 x base_p50": result["ratios"]["mac_p50_over_base_p50"] <= 1.3,
+                         f"throughput {clients} clients >= 2 x 1 client": result["ratios"][f"throughput_{clients}_clients_over_1"] >= 2}
+    result["how"] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {platform.system()}", "checkpoint": checkpoint or "shipped", "documents": n_docs,
+        "store": "embedded qdrant-client (local mode) via the store-owner actor", "top_k": top_k,
+        "max_new_tokens": max_new_tokens, "requests_per_mode": len(qs), "clients": clients,
+        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size,
+        "fill_seconds": fill_s, "method": __doc__.split("How it is measured (printed with the results): ")[1].strip(),
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| mode | p50 s | p99 s | requests/s | server: retrieve / aggregate / generate s |", "| --- | --- | --- | --- | --- |"]
+    for mode, r in result["modes"].items():
+        st = r["server_seconds"]
+        lines.append(f"| {mode} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['requests_per_s']:.2f} | "
+                     f"{st['retrieve']:.3f} / {st['aggregate']:.3f} / {st['generate']:.3f} |")
+    lines.append("")
+    for k, v in result["throughput"].items():
+        lines.append(f"- {k.replace('_', ' ')}: {v:.2f}")
+    for k, v in result["ratios"].items():
+        lines.append(f"- {k}: {v:.2f}")
+    for k, v in result["targets"].items():
+        lines.append(f"- target {k}: {'met' if v else 'NOT met'}")
+    return "\n".join(lines)
