@@ -52,10 +52,9 @@ class IngestJob:
         n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
         init_ray()
         self.store = connect_store(cfg.store_location())
-        gpu = 1 if ray.cluster_resources().get("GPU", 0) >= cfg.workers else 0
-        self.encoders = [EncoderActor.options(name=f"macstream-encoder-{i}", num_cpus=cfg.encoder_threads,
-                                              num_gpus=gpu).remote(cfg.checkpoint, cfg.encoder_threads)
-                         for i in range(cfg.workers)]
+        # CPU only for now: the encoder path has not been run on a GPU here, so none is reserved
+        self.encoders = [EncoderActor.options(name=f"macstream-encoder-{i}", num_cpus=cfg.encoder_threads)
+                         .remote(cfg.checkpoint, cfg.encoder_threads) for i in range(cfg.workers)]
         ids = ray.get([e.identity.remote() for e in self.encoders])
         if any(i != (self.version, self.model_id) for i in ids):
             raise RuntimeError(f"encoders loaded {ids}, expected {(self.version, self.model_id)}")
@@ -66,6 +65,7 @@ class IngestJob:
             from .metrics import serve_metrics
 
             self.metrics_server, self.metrics_port = serve_metrics(self, cfg.metrics_port)
+        self.started = time.monotonic()  # docs/s counts from here, not from model loading
         log.info("ingest: topic %s (%d partitions) → %d consumers → %d encoders → %s [%s]", cfg.topic, n_parts,
                  self.n_members, cfg.workers, cfg.store_location(), self.collection)
         return self
