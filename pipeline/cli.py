@@ -221,16 +221,22 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.what != "serve":
-        raise SystemExit(f"macstream: bench {args.what}: not built yet (available: serve)")
     from datetime import date
 
-    from serving.bench import run, table
+    out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/{args.what}.json")
+    if args.what == "ingest":
+        from workers.bench import run as run_ingest
 
-    out = args.out or f"benchmarks/results/{date.today().isoformat()}/serve.json"
-    result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens, out)
-    print(json.dumps(result["how"], indent=2))
-    print(table(result))
+        result = run_ingest(args.checkpoint, args.entities, tuple(args.workers))
+        print(json.dumps(result, indent=2))
+    else:
+        from serving.bench import run, table
+
+        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens)
+        print(json.dumps(result["how"], indent=2))
+        print(table(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
@@ -334,7 +340,9 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks measured side by side in one run")
-    bn.add_argument("what", choices=["serve"], help="serve: latency per mode and batching throughput over HTTP")
+    bn.add_argument("what", choices=["serve", "ingest"],
+                    help="serve: latency per mode and batching throughput over HTTP; ingest: docs/s by worker count")
+    bn.add_argument("--workers", type=_positive, nargs="+", default=[1, 2], help="ingest: worker counts to compare")
     bn.add_argument("--checkpoint")
     bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
     bn.add_argument("--requests", type=_positive, default=40, help="requests per mode")

@@ -209,7 +209,9 @@ def build_app(cfg: ServeConfig):
                                             "target_ongoing_requests": cfg.max_batch_size}
     else:
         model_opts["num_replicas"] = cfg.replicas
-    return Gateway.bind(MACServer.options(**model_opts).bind(cfg_static), cfg_static)
+    model = MACServer.options(**model_opts).bind(cfg.store_location(), cfg.replica_threads, cfg.max_batch_size,
+                                                 cfg.batch_wait_timeout_s)
+    return Gateway.bind(model, cfg_static)
 
 
 def start(cfg: ServeConfig, name: str = "macstream", route_prefix: str = "/", blocking: bool = False):

@@ -9,7 +9,6 @@ clients (throughput ratio: what request batching buys). Warm-up requests are not
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -50,7 +49,7 @@ def _fill(location: str, checkpoint: str | None, entities: int) -> tuple[list[st
 
 
 def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: int = 40, clients: int = 8,
-        top_k: int = 8, max_new_tokens: int = 16, out: str | None = None) -> dict:
+        top_k: int = 8, max_new_tokens: int = 16) -> dict:
     from ray import serve
 
     from pipeline.broker import free_port
@@ -115,9 +114,6 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size,
         "fill_seconds": fill_s, "method": __doc__.split("How it is measured (printed with the results): ")[1].strip(),
     }
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -1,13 +1,14 @@
 """The model deployment: retrieve → aggregate → generate, batched across requests with ``@serve.batch``.
 
-A replica loads the checkpoint in a background thread, so it reports "loading" on /ready instead of holding up the
-whole application. It reads only the collection of its own checkpoint version, and the aggregator refuses any
+A replica loads its checkpoint before it takes traffic; one that cannot load stays up and reports why on /ready (503)
+instead of crash-looping. It reads only the collection of its own checkpoint version, and the aggregator refuses any
 modulation of another version (``CheckpointMismatch``). ``reconfigure`` (a changed ``checkpoint`` in the user config)
 loads the new model beside the old one and swaps them between batches, so no request is dropped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,7 +16,6 @@ from collections import defaultdict
 
 from ray import serve
 
-from pipeline.config import ServeConfig
 from pipeline.memory import Hit
 from pipeline.store import SearchFilter, collection_name
 
@@ -40,21 +40,21 @@ class _Loaded:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, health_check_period_s=5)
 class MACServer:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, store: str, threads: int, max_batch_size: int, batch_wait_timeout_s: float):
+        """Only what the replica needs: gateway settings (keys, limits) can change without restarting replicas."""
         from workers.store_actor import connect_store
 
-        self.cfg = cfg
-        self.store = connect_store(cfg.store_location())
+        self.threads = threads
+        self.store = connect_store(store)
         self.loaded: _Loaded | None = None
         self.error: str | None = None
-        self.answer.set_max_batch_size(cfg.max_batch_size)
-        self.answer.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.answer.set_max_batch_size(max_batch_size)
+        self.answer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._lock = threading.Lock()
-        self._started = False
 
     def _load(self, checkpoint: str | None) -> None:
         try:
-            loaded = _Loaded(checkpoint, self.cfg.replica_threads)
+            loaded = _Loaded(checkpoint, self.threads)
             with self._lock:
                 self.loaded, self.error = loaded, None
             log.info("replica ready: checkpoint %s", loaded.model.version)
@@ -65,15 +65,13 @@ class MACServer:
     def reconfigure(self, user_config: dict) -> None:
         """Serve calls this after __init__ and whenever the user config changes (no replica restart).
 
-        First call: load the checkpoint in the background (the replica is up at once and says "loading" on /ready).
-        Later calls with another checkpoint: load it beside the old one, then swap; batches in flight finish on the
-        old model, so a rollout drops no request.
+        First call: load the checkpoint before the replica counts as started, so Serve routes nothing to it (and a
+        rolling restart keeps the old replica) until it can answer. A checkpoint that fails to load leaves the replica
+        up but not ready: /ready and every request say why with a 503. Later calls with another checkpoint load it
+        beside the old one, then swap; batches in flight finish on the old model, so a rollout drops no request.
         """
         checkpoint = user_config.get("checkpoint")
-        if not self._started:
-            self._started = True
-            threading.Thread(target=self._load, args=(checkpoint,), daemon=True).start()
-        elif self.loaded is None or checkpoint != self.loaded.checkpoint:
+        if self.loaded is None or checkpoint != self.loaded.checkpoint:
             self._load(checkpoint)
 
     # ---- status ---------------------------------------------------------------------------------------------------
@@ -96,14 +94,20 @@ class MACServer:
 
     # ---- answering -------------------------------------------------------------------------------------------------
     def _retrieve(self, cur: _Loaded, jobs: list[dict]) -> tuple[list[list[Hit]], float]:
+        """Embed every question at once; one store query per distinct (filter, top_k), not per request."""
         t0 = time.perf_counter()
         need = [i for i, j in enumerate(jobs) if j["mode"] != "base"]
         hits: list[list[Hit]] = [[] for _ in jobs]
         if need:
             vecs = cur.model.encoder.embed([jobs[i]["question"] for i in need]).numpy()
-            for i, v in zip(need, vecs):
-                flt = SearchFilter(**jobs[i]["filter"]) if jobs[i]["filter"] else None
-                hits[i] = self.store.search(cur.collection, v[None], jobs[i]["top_k"], flt)[0]
+            groups: dict[str, list[int]] = defaultdict(list)
+            for row, i in enumerate(need):
+                groups[json.dumps([jobs[i]["filter"], jobs[i]["top_k"]], sort_keys=True, default=str)].append(row)
+            for rows in groups.values():
+                first = jobs[need[rows[0]]]
+                flt = SearchFilter(**first["filter"]) if first["filter"] else None
+                for row, h in zip(rows, self.store.search(cur.collection, vecs[rows], first["top_k"], flt)):
+                    hits[need[row]] = h
         return hits, (time.perf_counter() - t0) / max(1, len(jobs))
 
     @staticmethod

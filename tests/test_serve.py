@@ -83,6 +83,13 @@ def server(tiny_checkpoint, tmp_path_factory):
     ray.shutdown()
 
 
+def _wait_ready(server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while requests.get(server["base"] + "/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.1)
+
+
 def _post(server, path, body, headers=H1, **kw):
     return requests.post(server["base"] + path, json=body, headers=headers, timeout=120, **kw)
 
@@ -93,7 +100,7 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
     from serving.app import start
 
     seen = server["ready_seen"]
-    assert seen[-1] == 200 and set(seen) <= {200, 503}  # 503 while loading (if the poll was early enough)
+    assert seen[-1] == 200 and set(seen) <= {200, 503}
     assert requests.get(server["base"] + "/health", timeout=10).json() == {"status": "ok"}
     ready = requests.get(server["base"] + "/ready", timeout=10).json()
     assert ready["ready"] and ready["checkpoint"]
@@ -248,7 +255,8 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
 
     # overload: a service that admits 1 request at a time turns the rest away with 503 + Retry-After
     small = server["cfg"].model_copy(update={"max_pending": 1})
-    start(small)
+    start(small)  # a gateway setting: the model replicas keep running
+    _wait_ready(server)
     with ThreadPoolExecutor(8) as pool:
         rs = list(pool.map(lambda i: _post(server, "/v1/answer", {"question": f"q{i}", "max_new_tokens": 24, "mode": "rag"}), range(8)))
     codes = [r.status_code for r in rs]
@@ -261,6 +269,7 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
     from workers.store_actor import connect_store
 
     start(server["cfg"])  # back to the normal limits
+    _wait_ready(server)
     old = requests.get(server["base"] + "/ready", timeout=10).json()["checkpoint"]
     import torch
 
