@@ -232,7 +232,8 @@ def cmd_bench(args) -> None:
     else:
         from serving.bench import run, table
 
-        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens)
+        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
+                     args.batch_wait)
         print(json.dumps(result["how"], indent=2))
         print(table(result))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--clients", type=_positive, default=8)
     bn.add_argument("--top-k", dest="top_k", type=_positive, default=8)
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
+    bn.add_argument("--batch-wait", dest="batch_wait", type=float, default=0.01, help="serve: seconds a replica waits to fill a batch")
     bn.add_argument("--out", help="JSON results (default benchmarks/results/<date>/serve.json)")
     bn.set_defaults(fn=cmd_bench)
 

@@ -199,11 +199,15 @@ class Gateway:
 def build_app(cfg: ServeConfig):
     """ServeConfig → a bound Serve application (ingress + model deployment).
 
-    The checkpoint travels only in the model deployment's user config: changing it is an in-place reconfigure of
-    running replicas (a rollout without restarts), not a redeploy.
+    Redeploying (``start`` with a new config, e.g. another checkpoint) is a rolling update with surge: Serve starts
+    the new replicas, which load their model before taking traffic, before it drains and stops the old ones, so no
+    request is dropped. Under ``serve deploy`` (config files), a changed checkpoint alone is a lightweight update:
+    ``reconfigure`` swaps the model inside the running replicas.
     """
     cfg_static = cfg.model_copy(update={"checkpoint": None})
-    model_opts: dict = {"ray_actor_options": {"num_cpus": cfg.replica_threads}, "user_config": {"checkpoint": cfg.checkpoint}}
+    rolling = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 120}
+    model_opts: dict = {"ray_actor_options": {"num_cpus": cfg.replica_threads}, "user_config": {"checkpoint": cfg.checkpoint},
+                        **rolling}
     if cfg.autoscale_max_replicas:
         model_opts["autoscaling_config"] = {"min_replicas": 1, "max_replicas": cfg.autoscale_max_replicas,
                                             "target_ongoing_requests": cfg.max_batch_size}
@@ -211,7 +215,7 @@ def build_app(cfg: ServeConfig):
         model_opts["num_replicas"] = cfg.replicas
     model = MACServer.options(**model_opts).bind(cfg.store_location(), cfg.replica_threads, cfg.max_batch_size,
                                                  cfg.batch_wait_timeout_s)
-    return Gateway.bind(model, cfg_static)
+    return Gateway.options(**rolling).bind(model, cfg_static)
 
 
 def start(cfg: ServeConfig, name: str = "macstream", route_prefix: str = "/", blocking: bool = False):

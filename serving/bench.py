@@ -48,8 +48,15 @@ def _fill(location: str, checkpoint: str | None, entities: int) -> tuple[list[st
     return [q.question for q in questions], len(docs)
 
 
+def _batch_counts(base: str) -> tuple[float, float]:
+    """(sum, count) of the gateway's macstream_batch_size histogram."""
+    text = requests.get(base + "/metrics", timeout=30).text
+    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("macstream_batch_size_")}
+    return vals.get("macstream_batch_size_sum", 0.0), vals.get("macstream_batch_size_count", 0.0)
+
+
 def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: int = 40, clients: int = 8,
-        top_k: int = 8, max_new_tokens: int = 16) -> dict:
+        top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float = 0.01) -> dict:
     from ray import serve
 
     from pipeline.broker import free_port
@@ -61,7 +68,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
     init_ray()
     store_dir = tempfile.mkdtemp(prefix="macstream-bench-")
     cfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=str(Path(store_dir) / "store"),
-                      max_batch_size=clients, batch_wait_timeout_s=0.01, max_pending=1000)
+                      max_batch_size=clients, batch_wait_timeout_s=batch_wait_s, max_pending=1000)
     t0 = time.perf_counter()
     questions, n_docs = _fill(cfg.store_location(), checkpoint, entities)
     fill_s = time.perf_counter() - t0
@@ -92,10 +99,13 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99), "requests_per_s": len(lat) / wall,
                                  "requests": len(lat), "server_seconds": server}
     for n in (1, clients):
+        s0, c0 = _batch_counts(base)
         t = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(lambda q: ask(q, "mac"), qs * 2))
         result["throughput"][f"{n}_clients_requests_per_s"] = 2 * len(qs) / (time.perf_counter() - t)
+        s1, c1 = _batch_counts(base)
+        result["throughput"][f"{n}_clients_mean_batch_size"] = (s1 - s0) / max(1.0, c1 - c0)
     serve.shutdown()
     m = result["modes"]
     result["ratios"] = {
@@ -111,7 +121,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         f"{os.cpu_count()} cores, {platform.system()}", "checkpoint": checkpoint or "shipped", "documents": n_docs,
         "store": "embedded qdrant-client (local mode) via the store-owner actor", "top_k": top_k,
         "max_new_tokens": max_new_tokens, "requests_per_mode": len(qs), "clients": clients,
-        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size,
+        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size, "batch_wait_s": batch_wait_s,
         "fill_seconds": fill_s, "method": __doc__.split("How it is measured (printed with the results): ")[1].strip(),
     }
     return result

@@ -499,3 +499,23 @@ def test_lm_state_amortizer_windows_gradients_and_layer_check(tiny_llama: Frozen
     assert [e.modulation.chunk for e in out] == list(range(len(mac.windows(document_text(Document(id="d", text=text))))))
     with pytest.raises(ValueError, match="lm_state_layer"):
         make_tiny_mac(tiny_llama, minilm, doc_states="lm", lm_state_layer=5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_token_expander_gives_each_aggregated_token_its_own_prefix_slot(family: str, tiny_llama: FrozenLM, tiny_gpt2: FrozenLM, minilm) -> None:
+    from pipeline.expander import TokenExpander
+
+    lm = tiny_llama if family == "llama" else tiny_gpt2
+    mac = make_tiny_mac(lm, minilm, expander="tokens", prefix_len=T)
+    assert isinstance(mac.expander, TokenExpander)
+    phi = torch.randn(2, T, lm.hidden_size)
+    prefix = mac.expander(phi)
+    lm.check_prefix(prefix, 2)
+    assert prefix.length == T and prefix.values.abs().mean() < 10
+    # P == T starts as (near) the identity mix: changing token 0 changes prefix slot 0 far more than slot 1
+    bumped = phi.clone()
+    bumped[:, 0] += 3 * torch.randn(lm.hidden_size)  # not a constant shift: LayerNorm would remove that
+    after = mac.expander(bumped)
+    d0 = (after.keys[..., 0, :] - prefix.keys[..., 0, :]).abs().mean()
+    d1 = (after.keys[..., 1, :] - prefix.keys[..., 1, :]).abs().mean()
+    assert d0 > 10 * d1

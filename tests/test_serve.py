@@ -253,12 +253,16 @@ def test_fuzz_never_5xx(server, body, path) -> None:
 def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny_checkpoint, tmp_path, tokenizer, minilm) -> None:
     from serving.app import start
 
-    # overload: a service that admits 1 request at a time turns the rest away with 503 + Retry-After
+    # overload: a service that admits 1 request at a time (its own app, beside the main one) turns the rest away
+    from ray import serve
+
     small = server["cfg"].model_copy(update={"max_pending": 1})
-    start(small)  # a gateway setting: the model replicas keep running
-    _wait_ready(server)
-    with ThreadPoolExecutor(8) as pool:
-        rs = list(pool.map(lambda i: _post(server, "/v1/answer", {"question": f"q{i}", "max_new_tokens": 24, "mode": "rag"}), range(8)))
+    start(small, name="small", route_prefix="/small")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda i: _post(server, "/small/v1/answer", {"question": f"q{i}", "max_new_tokens": 24, "mode": "rag"}), range(8)))
+    finally:
+        serve.delete("small")
     codes = [r.status_code for r in rs]
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
     assert all(r.headers.get("Retry-After") for r in rs if r.status_code == 503)
@@ -268,8 +272,6 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
     from conftest import tiny_config
     from workers.store_actor import connect_store
 
-    start(server["cfg"])  # back to the normal limits
-    _wait_ready(server)
     old = requests.get(server["base"] + "/ready", timeout=10).json()["checkpoint"]
     import torch
 

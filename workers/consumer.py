@@ -152,10 +152,15 @@ class ConsumerMember:
             for (op, r), res in zip(head.to_encode, results):
                 if isinstance(res, str):
                     failed.append((r, PoisonMessage("encode_failed", res), "encode"))
-                else:
+                    continue
+                try:
                     self.store.upsert(self.collection, op.doc, op.content_hash, res)
-                    self.counters["upserted"] += 1
-                    self.counters["chunks"] += len(res)
+                except ValueError as err:  # the store refuses this document for good: dead-letter it, keep flowing
+                    failed.append((r, PoisonMessage("store_rejected", str(err)[:500]), "store"))
+                    continue
+                # any other error (store unreachable) propagates: the member dies, is replaced, and redelivers
+                self.counters["upserted"] += 1
+                self.counters["chunks"] += len(res)
             for d in head.deletes:
                 self.counters["deleted" if self.store.delete(self.collection, d) else "delete_absent"] += 1
             self._dead_letter(failed)

@@ -71,5 +71,6 @@ def connect_store(location: str) -> Store:
     actor in this Ray cluster that owns it (created on first use, shared by ingest and serve)."""
     if location.startswith(("http://", "https://")):
         return open_store(location)
-    actor = StoreActor.options(name=store_actor_name(location), get_if_exists=True).remote(location)
+    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced)
+    actor = StoreActor.options(name=store_actor_name(location), get_if_exists=True, lifetime="detached").remote(location)
     return RemoteStore(actor)
