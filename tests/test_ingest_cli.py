@@ -22,7 +22,10 @@ def _cli(*args: str, timeout: float = 300) -> dict:
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"not JSON on stdout: {out.stdout[:2000]!r}\nstderr: {out.stderr[-2000:]}") from None
 
 
 def test_produce_ingest_stats_replay(tiny_checkpoint, tmp_path) -> None:

@@ -72,5 +72,6 @@ def connect_store(location: str) -> Store:
     if location.startswith(("http://", "https://")):
         return open_store(location)
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced)
-    actor = StoreActor.options(name=store_actor_name(location), get_if_exists=True, lifetime="detached").remote(location)
+    actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
+                               lifetime="detached").remote(location)
     return RemoteStore(actor)
