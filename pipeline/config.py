@@ -152,7 +152,7 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Changing it on a running app rolls out a new model (reconfigure).")
+    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Deploying again with another one is a rolling update (new replicas load it before taking traffic).")
     store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, ':memory:', 'memory' or a Qdrant URL.")
     replicas: int = Field(1, ge=1, le=64, description="Model replicas (each holds the LM and the MAC heads), when autoscaling is off.")
     autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description="Turn on autoscaling between 1 and this many model replicas.")

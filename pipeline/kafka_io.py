@@ -10,7 +10,6 @@ Client settings that matter (measured against Tansu, also right for Apache Kafka
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -151,7 +150,3 @@ def reset_group(bootstrap: str, topic: str, group_id: str, start: str) -> dict[i
         return {tp.partition: off for tp, off in offsets.items()}
     finally:
         c.close()
-
-
-def dump_json(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
