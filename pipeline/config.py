@@ -166,3 +166,54 @@ class ServeConfig(StrictModel):
 
     def store_location(self) -> str:
         return store_location(self.store)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README): every field of every config model, its type, default and meaning."""
+    import typing
+
+    def type_name(ann) -> str:
+        if typing.get_origin(ann) is Literal:
+            return " | ".join(repr(a) for a in typing.get_args(ann))
+        name = getattr(ann, "__name__", None) or str(ann)
+        return str(ann).replace("typing.", "").replace("pipeline.config.", "") if "[" in str(ann) else name
+
+    sections = [(ModelConfig, "model", "`macstream train --config` under `model`; fixed by a checkpoint"),
+                (TrainConfig, "train", "`macstream train --config` under `train`"),
+                (StageConfig, "train.stages[]", "one curriculum stage"),
+                (IngestConfig, "ingest", "`macstream ingest` flags"),
+                (ServeConfig, "serve", "`macstream serve` flags")]
+    out = []
+    for cls, key, where in sections:
+        out += [f"#### `{key}` ({cls.__name__}: {where})", "", (cls.__doc__ or "").strip().replace("\n", " "), "",
+                "| field | type | default | description |", "| --- | --- | --- | --- |"]
+        for name, f in cls.model_fields.items():
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            if len(default) > 60:
+                default = default[:57] + "..."
+            desc = (f.description or "").replace("|", "\\|")
+            out.append(f"| `{name}` | {type_name(f.annotation).replace('|', chr(92) + '|')} | `{default}` | {desc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+
+
+def write_reference(readme: Path = REPO_ROOT / "README.md") -> bool:
+    """Regenerate the README's configuration reference between its markers; return whether it changed."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: markers {start} ... {end} not found")
+    head, rest = text.split(start, 1)
+    new = head + start + "\n" + reference_markdown() + end + rest.split(end, 1)[1]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m pipeline.config: refresh the README's configuration reference
+    from pipeline.config import write_reference as _write  # the importable module: type names without __main__
+
+    print("README.md updated" if _write() else "README.md already up to date")

@@ -56,7 +56,7 @@ def _batch_counts(base: str) -> tuple[float, float]:
 
 
 def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: int = 40, clients: int = 8,
-        top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float = 0.01) -> dict:
+        top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float = 0.01, replica_threads: int = 1) -> dict:
     from ray import serve
 
     from pipeline.broker import free_port
@@ -68,7 +68,8 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
     init_ray()
     store_dir = tempfile.mkdtemp(prefix="macstream-bench-")
     cfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=str(Path(store_dir) / "store"),
-                      max_batch_size=clients, batch_wait_timeout_s=batch_wait_s, max_pending=1000)
+                      max_batch_size=clients, batch_wait_timeout_s=batch_wait_s, max_pending=1000,
+                      replica_threads=replica_threads)
     t0 = time.perf_counter()
     questions, n_docs = _fill(cfg.store_location(), checkpoint, entities)
     fill_s = time.perf_counter() - t0
@@ -97,7 +98,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         wall = time.perf_counter() - t
         server = {k: statistics.mean(t[k] for t in stages[mode][3:]) for k in stages[mode][-1]}
         result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99), "requests_per_s": len(lat) / wall,
-                                 "requests": len(lat), "server_seconds": server}
+                                 "requests": len(lat), "server_seconds": server, "latencies_s": lat}
     for n in (1, clients):
         s0, c0 = _batch_counts(base)
         t = time.perf_counter()

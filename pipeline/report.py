@@ -1,0 +1,234 @@
+"""``macstream bench quality`` and the benchmark report: tables and PNG plots from the benchmark JSON files.
+
+Each benchmark writes ``benchmarks/results/<date>/<name>.json`` (quality, ingest, serve, baselines); the report
+reads whichever of them exist in that directory and writes ``report.md`` next to them with one PNG per figure:
+quality by mode, retention as the memory grows, ingest docs/s by worker count, latency distribution by mode, bytes
+per document. Every section says how it was measured and the exact command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MODE_ORDER = ("base", "rag", "mac", "mac+rag", "ft-uniform", "ft-salient")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}, no GPU"
+
+
+def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questions: int = 200, top_k: int = 4) -> dict:
+    """``macstream eval`` on the synthetic test split (unseen entities) and on RealTimeQA 2024 (when present)."""
+    from .data import realtimeqa, synthetic
+    from .evaluate import EvalSettings, evaluate
+    from .mac import MACModel, checkpoint_dir
+
+    model = MACModel.load(checkpoint_dir(checkpoint))
+    out: dict = {"datasets": {}}
+    sets = {"synthetic-test": (*synthetic.generate("test", entities, seed=0), True)}
+    if realtimeqa.available():
+        sets["realtimeqa-2024"] = (*realtimeqa.load([2024]), False)
+    for name, (docs, questions, retention) in sets.items():
+        t0 = time.perf_counter()
+        limit = rtqa_questions if name.startswith("realtimeqa") else None
+        rep = evaluate(model, docs, questions, EvalSettings(top_k=top_k, retention=retention, limit=limit))
+        rep.pop("rows")
+        rep["seconds"] = time.perf_counter() - t0
+        out["datasets"][name] = rep
+    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                  "checkpoint": model.version, "top_k": top_k, "synthetic_entities": entities,
+                  "realtimeqa_questions": rtqa_questions,
+                  "method": "every document of the dataset streamed into an in-process memory in published_at order "
+                            "(one amortizer forward per chunk), then every question answered greedily in each mode "
+                            "(pipeline/evaluate.py); retention: F1 on the first eighth's questions as the memory grows"}
+    return out
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _modes(metrics: dict) -> list[str]:
+    return [m for m in MODE_ORDER if m in metrics] + [m for m in metrics if m not in MODE_ORDER]
+
+
+def _quality(d: Path, q: dict) -> list[str]:
+    import numpy as np
+
+    lines = ["## Quality by mode", "", f"How: {q['how']['method']}. Checkpoint `{q['how']['checkpoint']}`, top-k "
+             f"{q['how']['top_k']}. Command: `macstream bench quality`.", ""]
+    for name, rep in q["datasets"].items():
+        lines += [f"### {name}: {rep['documents']} documents, {rep['questions']} questions", "",
+                  "| mode | EM | lenient EM | F1 | MC accuracy | selection | retriever top-1 | prompt tokens | s/question |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m in _modes(rep["metrics"]):
+            r = rep["metrics"][m]
+            cell = lambda k, f=".1f": format(r[k], f) if k in r else "–"  # noqa: E731
+            lines.append(f"| {m} | {cell('em')} | {cell('lenient_em')} | {cell('f1')} | {cell('mc_accuracy')} | "
+                         f"{cell('selection')} | {cell('retriever_top1')} | {cell('prompt_tokens', '.0f')} | {cell('seconds', '.3f')} |")
+        lines.append("")
+    names = list(q["datasets"])
+
+    def draw(ax):
+        modes = _modes(q["datasets"][names[0]]["metrics"])
+        w = 0.8 / len(names)
+        for i, name in enumerate(names):
+            met = q["datasets"][name]["metrics"]
+            key = "mc_accuracy" if all("mc_accuracy" in met[m] for m in met) else "f1"
+            ax.bar(np.arange(len(modes)) + i * w, [met.get(m, {}).get(key, 0) for m in modes], w,
+                   label=f"{name} ({'MC acc.' if key == 'mc_accuracy' else 'F1'})")
+        ax.set_xticks(np.arange(len(modes)) + w * (len(names) - 1) / 2, modes)
+        ax.set_ylabel("score (%)")
+        ax.set_title("Quality by mode")
+        ax.legend(fontsize=8)
+
+    lines += [f"![quality by mode]({_plot(d / 'quality_by_mode.png', draw)})", ""]
+    ret = {n: r["retention"] for n, r in q["datasets"].items() if r.get("retention")}
+    if ret:
+        lines += ["## Retention as the memory grows", "",
+                  "F1 on the questions of the first eighth of the stream, with the memory holding 1×, 2×, 4×, 8× that "
+                  "many documents (later documents are distractors).", ""]
+        for name, r in ret.items():
+            growth = r["growth"]
+            modes = [m for m in next(iter(growth.values())) if m != "documents"]
+            lines += [f"{name} ({r['questions']} questions):", "", "| memory | documents | " + " | ".join(modes) + " |",
+                      "| --- | --- | " + " | ".join("---" for _ in modes) + " |"]
+            lines += [f"| {g} | {v['documents']} | " + " | ".join(f"{v[m]:.1f}" for m in modes) + " |" for g, v in growth.items()]
+            lines.append("")
+
+        def draw_ret(ax):
+            for name, r in ret.items():
+                growth = r["growth"]
+                for m in [m for m in next(iter(growth.values())) if m != "documents"]:
+                    ax.plot([v["documents"] for v in growth.values()], [v[m] for v in growth.values()], marker="o",
+                            label=f"{m} ({name})")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("documents in memory")
+            ax.set_ylabel("F1 on first-eighth questions")
+            ax.set_title("Retention")
+            ax.legend(fontsize=8)
+
+        lines += [f"![retention]({_plot(d / 'retention.png', draw_ret)})", ""]
+    syn = next(iter(q["datasets"].values()))
+    cost = syn["cost"]
+    mean_tokens = {m: syn["metrics"][m].get("prompt_tokens") for m in syn["metrics"]}
+    lines += ["## Bytes per document and per-question cost", "",
+              f"- one stored modulation (T × d_LM float16): **{cost['bytes_per_modulation']:,} bytes**; the expanded "
+              f"per-layer prefix it becomes at query time: {cost['bytes_per_expanded_prefix']:,} bytes (never stored)",
+              f"- encode time per document (one amortizer forward): {cost['encode_seconds_per_document'] * 1000:.1f} ms",
+              "- tokens the LM reads per question (prompt): " + ", ".join(f"{m} {v:.0f}" for m, v in mean_tokens.items() if v), ""]
+    return lines
+
+
+def _bytes(d: Path, q: dict | None) -> list[str]:
+    if not q:
+        return []
+    from .data import synthetic
+    from .prompts import document_text
+
+    docs, _ = synthetic.generate("test", 20, seed=0)
+    text = sum(len(document_text(x).encode()) for x in docs) / len(docs)
+    cost = next(iter(q["datasets"].values()))["cost"]
+    vec = 384 * 4  # the MiniLM retrieval vector, float32
+
+    def draw(ax):
+        parts = {"document text": text, "modulation (fp16)": cost["bytes_per_modulation"], "retrieval vector": vec}
+        ax.barh(list(parts), list(parts.values()), color=["#888", "#2a7", "#47a"])
+        ax.set_xlabel("bytes per document (synthetic test articles, one chunk each)")
+        ax.set_title("Bytes per stored document")
+
+    return [f"![bytes per document]({_plot(d / 'bytes_per_document.png', draw)})", "",
+            f"A stored point holds the modulation ({cost['bytes_per_modulation']:,} B), the retrieval vector ({vec:,} B) "
+            f"and the document's text as payload ({text:,.0f} B on average here).", ""]
+
+
+def _ingest(d: Path, ing: dict) -> list[str]:
+    runs = ing["runs"]
+    lines = ["## Ingest throughput by encoder workers", "", f"How: {ing['how']['method']}", "",
+             f"{ing['how']['documents']} documents, batch size {ing['how']['batch_size']}, {ing['how']['partitions']} "
+             "partitions. Command: `macstream bench ingest --workers " + " ".join(str(r["workers"]) for r in runs) + "`.", "",
+             "| workers | documents | seconds | docs/s | batch latency p50 s |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['workers']} | {r['documents']} | {r['seconds']:.1f} | {r['docs_per_s']:.2f} | "
+              f"{r['batch_latency_p50_s']:.2f} |" for r in runs]
+
+    def draw(ax):
+        ax.plot([r["workers"] for r in runs], [r["docs_per_s"] for r in runs], marker="o", label="measured")
+        ax.plot([r["workers"] for r in runs], [runs[0]["docs_per_s"] * r["workers"] / runs[0]["workers"] for r in runs],
+                ls="--", color="#999", label="linear")
+        ax.set_xlabel("encoder workers")
+        ax.set_ylabel("documents / s")
+        ax.set_title("Ingest throughput")
+        ax.legend(fontsize=8)
+
+    return lines + ["", f"![ingest docs/s]({_plot(d / 'ingest_scaling.png', draw)})", ""]
+
+
+def _serve(d: Path, sv: dict) -> list[str]:
+    from serving.bench import table
+
+    how = sv["how"]
+    lines = ["## Serving latency and throughput (HTTP, Ray Serve)", "", f"How: {how['method']}", "",
+             f"{how['documents']} documents in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
+             f"{how['requests_per_mode']} requests per mode, {how['replicas']} replica × {how['replica_threads']} "
+             f"thread(s), batch ≤ {how['max_batch_size']}, batch wait {how['batch_wait_s']} s. Command: "
+             f"`macstream bench serve --batch-wait {how['batch_wait_s']}`.", "", table(sv), ""]
+    if all("latencies_s" in r for r in sv["modes"].values()):
+        def draw(ax):
+            modes = list(sv["modes"])
+            ax.boxplot([[x * 1000 for x in sv["modes"][m]["latencies_s"]] for m in modes], tick_labels=modes)
+            ax.set_ylabel("latency (ms), one client")
+            ax.set_title("Request latency by mode")
+
+        lines += [f"![latency by mode]({_plot(d / 'latency_by_mode.png', draw)})", ""]
+    return lines
+
+
+def write_report(directory: str | Path) -> Path:
+    """Compose ``report.md`` (and its PNGs) from the benchmark JSON files present in ``directory``."""
+    d = Path(directory)
+    load = lambda n: json.loads((d / f"{n}.json").read_text()) if (d / f"{n}.json").exists() else None  # noqa: E731
+    q, ing, sv, bl = load("quality"), load("ingest"), load("serve"), load("baselines")
+    lines = [f"# macstream benchmark report ({d.name})", "",
+             f"Machine: {machine()}. Every number below was measured by the command named in its section; "
+             "`macstream bench all` reruns them all and rewrites this report.", ""]
+    if q:
+        lines += _quality(d, q) + _bytes(d, q)
+    if ing:
+        lines += _ingest(d, ing)
+    if sv:
+        lines += _serve(d, sv)
+    if bl and (d / "baselines.md").exists():
+        lines += ["## MAC versus online fine-tuning", "", "Command: `macstream bench baselines`.", "",
+                  (d / "baselines.md").read_text(), ""]
+    missing = [n for n, v in (("quality", q), ("ingest", ing), ("serve", sv), ("baselines", bl)) if not v]
+    if missing:
+        lines += [f"Not measured in this report: {', '.join(missing)}.", ""]
+    out = d / "report.md"
+    out.write_text("\n".join(lines))
+    return out

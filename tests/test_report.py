@@ -1,0 +1,50 @@
+"""The benchmark report and the README's configuration reference are generated, never hand-edited: check both."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import README_MARKERS, REPO_ROOT, reference_markdown
+from pipeline.report import write_report
+
+
+def test_readme_configuration_reference_is_current():
+    text = (REPO_ROOT / "README.md").read_text()
+    start, end = README_MARKERS
+    assert start in text and end in text, "README lost its configuration-reference markers"
+    block = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert block == reference_markdown().strip(), "README is stale: run `python -m pipeline.config`"
+
+
+def test_reference_lists_every_field():
+    from pipeline.config import IngestConfig, ModelConfig, ServeConfig, TrainConfig
+
+    ref = reference_markdown()
+    for cls in (ModelConfig, TrainConfig, IngestConfig, ServeConfig):
+        for name, field in cls.model_fields.items():
+            assert f"| `{name}` |" in ref, f"{cls.__name__}.{name} missing from the reference"
+            assert field.description, f"{cls.__name__}.{name} has no description"
+
+
+def _quality(mods):
+    metrics = {m: {"em": 10.0 * i, "lenient_em": 11.0 * i, "f1": 12.0 * i, "prompt_tokens": 30.0 + i, "seconds": 0.1 * i}
+               for i, m in enumerate(mods)}
+    growth = {f"{g}x": {"documents": 10 * g, **{m: 50.0 / g for m in mods if m != "base"}} for g in (1, 2, 4, 8)}
+    rep = {"documents": 40, "questions": 80, "metrics": metrics, "retention": {"questions": 9, "growth": growth},
+           "cost": {"bytes_per_modulation": 13824, "bytes_per_expanded_prefix": 46080, "encode_seconds_per_document": 0.05}}
+    return {"datasets": {"synthetic-test": rep}, "how": {"method": "m", "checkpoint": "abc", "top_k": 4}}
+
+
+def test_report_has_tables_and_plots(tmp_path):
+    mods = ["base", "rag", "mac", "mac+rag"]
+    (tmp_path / "quality.json").write_text(json.dumps(_quality(mods)))
+    runs = [{"workers": w, "documents": 100, "seconds": 50.0 / w, "docs_per_s": 2.0 * w, "batch_latency_p50_s": 7.0} for w in (1, 2)]
+    (tmp_path / "ingest.json").write_text(json.dumps({"runs": runs, "how": {"method": "m", "documents": 100, "batch_size": 16, "partitions": 4}}))
+    out = write_report(tmp_path)
+    text = out.read_text()
+    for png in ("quality_by_mode.png", "retention.png", "bytes_per_document.png", "ingest_scaling.png"):
+        assert f"]({png})" in text
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| mac+rag | 30.0 | 33.0 | 36.0 |" in text  # the numbers of the input, not made up
+    assert "| 2 | 100 | 25.0 | 4.00 | 7.00 |" in text
+    assert "Not measured in this report: serve, baselines." in text
