@@ -58,9 +58,19 @@ class ModelConfig(StrictModel):
     heads: int = Field(8, ge=1, le=32, description="Attention heads in the amortizer and aggregator.")
     head_dim: int = Field(48, ge=8, le=256, description="Width of each attention head (paper: 96).")
     ffn_mult: int = Field(2, ge=1, le=8, description="FFN hidden width as a multiple of the block width.")
-    expander: Literal["slots", "tokens"] = Field(
-        "slots", description="Expander: 'tokens' (P-tuning v2 MLP per aggregated token, a projection per layer) or "
-        "'slots' (each layer slot mixes all T tokens through a shared FFN)."
+    amortizer: Literal["queries", "pointer"] = Field(
+        "queries", description="Document amortizer: 'queries' (T learned queries cross-attend to the token states, then a "
+        "projection to d_LM) or 'pointer' (T sharp attention slots over the document read the LM's own input embeddings "
+        "of its tokens: the modulation lives in the LM's input space; needs doc_states='lm')."
+    )
+    expander: Literal["slots", "tokens", "lm"] = Field(
+        "slots", description="Expander: 'tokens' (P-tuning v2 MLP per aggregated token, a projection per layer), "
+        "'slots' (each layer slot mixes all T tokens through a shared FFN) or 'lm' (the frozen LM reads φ* as T soft "
+        "input tokens; its own keys/values are the prefix, P = T, prefix_len unused)."
+    )
+    aggregator_output: Literal["tokens", "mixture"] = Field(
+        "tokens", description="φ*: the aggregator's output tokens ('tokens'), or the documents' modulations weighted by "
+        "the aggregator's attention mass per document ('mixture': stays in the space the modulations live in)."
     )
     expander_hidden: int = Field(1024, ge=16, le=8192, description="Hidden width of the expander's FFN.")
     unfreeze_encoder_layers: int = Field(0, ge=0, le=24, description="Top encoder layers trained (and shipped) with the heads.")
@@ -73,7 +83,14 @@ class ModelConfig(StrictModel):
     def _overlap_fits(self) -> "ModelConfig":
         if self.chunk_overlap >= self.max_doc_tokens // 2:
             raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 ({self.max_doc_tokens // 2})")
+        if self.amortizer == "pointer" and self.doc_states != "lm":
+            raise ValueError("amortizer='pointer' reads the LM's own token embeddings: it needs doc_states='lm'")
         return self
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Prefix key/value tokens per layer at query time."""
+        return self.num_tokens if self.expander == "lm" else self.prefix_len
 
 
 class StageConfig(StrictModel):
@@ -141,7 +158,8 @@ class IngestConfig(StrictModel):
     checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one.")
     encoder_threads: int = Field(1, ge=1, le=64, description="torch threads per encoder actor (= its CPU reservation).")
     exit_when_idle: float | None = Field(None, gt=0, description="Backfill mode: stop once no record arrived for this many seconds and nothing is in flight.")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT (0 = pick a free port).")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics on metrics_host:PORT (0 = pick a free port).")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds: loopback by default, 0.0.0.0 in a container for Prometheus.")
 
     def store_location(self) -> str:
         return store_location(self.store)

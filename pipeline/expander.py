@@ -76,3 +76,19 @@ class TokenExpander(nn.Module):
         y = y * self.gain[None, None] + self.offset[None, None]
         y = y.view(B, self.P, self.L, 2, self.H, self.Dh).permute(3, 0, 2, 4, 1, 5)  # (2, B, L, H_kv, P, D_h)
         return Prefix(y[0], y[1])
+
+
+class LMExpander(nn.Module):
+    """The frozen LM as the expander: φ* (B, T, D) is read as T soft input tokens, and the keys/values the LM computes
+    for them in every layer are the prefix (P = T). Nothing to learn here: the amortizer and aggregator learn to write
+    in the LM's own input space. The LM is held by reference, not as a submodule (it is the MAC model's, frozen)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self._lm = [lm]  # a list: not registered, so the LM is not saved or counted twice
+
+    def calibrate(self, *stats: Tensor) -> None:  # the LM's own statistics apply by construction
+        pass
+
+    def forward(self, phi: Tensor) -> Prefix:
+        return self._lm[0].soft_prefix(phi)

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .aggregator import Aggregator
-from .amortizer import QueryHead
+from .amortizer import PointerHead, QueryHead
 from .config import ModelConfig
 from .encoder import TextEncoder, split_windows
-from .expander import Expander, TokenExpander
+from .expander import Expander, LMExpander, TokenExpander
 from .lm import FrozenLM, Prefix, pad_batch
 from .modulation import Modulation, ensure_compatible
 from .prompts import answer_continuation, document_text
@@ -54,10 +54,14 @@ class MACModel(nn.Module):
             raise ValueError(f"lm_state_layer={cfg.lm_state_layer} but {cfg.lm} has {self.lm.num_layers} layers")
         head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
         A = D if cfg.doc_states == "lm" else E  # width of the token states the amortizer reads
-        self.amortizer = QueryHead(A, D, T, cfg.amortizer_blocks, **head)
+        self.amortizer = PointerHead(D, T) if cfg.amortizer == "pointer" else QueryHead(A, D, T, cfg.amortizer_blocks, **head)
         self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
         self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
-        self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
+        if cfg.expander == "lm":
+            self.expander = LMExpander(self.lm)
+        else:
+            self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(
+                D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
         self.version = "untrained"
         if calibrate and self.lm.tokenizer is not None:
             self._calibrate_expander()
@@ -158,6 +162,10 @@ class MACModel(nn.Module):
                 if states.shape[1] > 1:
                     mask = mask.clone()
                     mask[:, 0] = 0
+            if self.cfg.amortizer == "pointer":
+                embeds = self.lm.model.get_input_embeddings()(ids).float()  # (N, S, d_LM)
+        if self.cfg.amortizer == "pointer":
+            return self.amortizer(states, embeds, mask)[0], vecs
         return self.amortizer(states, mask), vecs
 
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
@@ -184,6 +192,8 @@ class MACModel(nn.Module):
     def prefix(self, q_tokens: Tensor, mods: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> tuple[Prefix, Tensor]:
         """q_tokens (B, T, D), mods (B, K, T, D) → per-layer prefix and per-document attention mass (B, K)."""
         phi, mass = self.aggregator(q_tokens, mods, mask, scores)  # φ*: (B, T, D)
+        if self.cfg.aggregator_output == "mixture":
+            phi = torch.einsum("bk,bktd->btd", mass.to(mods.dtype), mods)  # convex mix of the documents' modulations
         return self.expander(phi), mass
 
     def stack_memories(self, memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor]:

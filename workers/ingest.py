@@ -64,7 +64,7 @@ class IngestJob:
         if cfg.metrics_port is not None:
             from .metrics import serve_metrics
 
-            self.metrics_server, self.metrics_port = serve_metrics(self, cfg.metrics_port)
+            self.metrics_server, self.metrics_port = serve_metrics(self, cfg.metrics_port, cfg.metrics_host)
         self.started = time.monotonic()  # docs/s counts from here, not from model loading
         log.info("ingest: topic %s (%d partitions) → %d consumers → %d encoders → %s [%s]", cfg.topic, n_parts,
                  self.n_members, cfg.workers, cfg.store_location(), self.collection)

@@ -36,9 +36,9 @@ class IngestCollector:
                                     "Median poll-to-commit latency of recent batches", value=s["batch_latency_p50_s"])
 
 
-def serve_metrics(job, port: int):
-    """Expose the job's metrics on 127.0.0.1:port (0 = any free port); return (server, bound port)."""
+def serve_metrics(job, port: int, host: str = "127.0.0.1"):
+    """Expose the job's metrics on host:port (0 = any free port); return (server, bound port)."""
     registry = CollectorRegistry()
     registry.register(IngestCollector(job))
-    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server, server.server_address[1]

@@ -1,0 +1,67 @@
+"""The pointer amortizer, the LM expander and the mixture readout (ModelConfig amortizer='pointer', expander='lm',
+aggregator_output='mixture'): the memory lives in the frozen LM's own input space."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pipeline.lm import FrozenLM, Prefix
+
+from conftest import make_tiny_mac
+from test_lm_injection import naive_logprob_sum, rand_ids
+
+POINTER = dict(doc_states="lm", amortizer="pointer", expander="lm", aggregator_output="mixture", standardize_states=True)
+
+
+def test_soft_prefix_of_real_token_embeddings_is_those_tokens(any_lm: FrozenLM) -> None:
+    """Reading the input embeddings of tokens x as a soft prefix == putting x in front of the prompt."""
+    x, prompt, cont = rand_ids(any_lm, 3, 1), rand_ids(any_lm, 4, 2), rand_ids(any_lm, 3, 3)
+    with torch.no_grad():
+        prefix = any_lm.soft_prefix(any_lm.model.get_input_embeddings()(torch.tensor([x])))
+        got, n = any_lm.continuation_logprobs([prompt], [cont], prefix)
+    assert prefix.keys.shape == (1, any_lm.num_layers, any_lm.num_kv_heads, 3, any_lm.head_dim)
+    assert int(n) == 3
+    assert abs(float(got) - naive_logprob_sum(any_lm, x + prompt, cont)) < 1e-3
+
+
+def test_pointer_mac_end_to_end_gradients_and_document_dependence(tiny_llama: FrozenLM, minilm) -> None:
+    mac = make_tiny_mac(tiny_llama, minilm, **POINTER)
+    tok = tiny_llama.tokenizer
+    docs = ["The river port of Velmora opened in 1921.", "Kestrel Mining appointed Ana Duarte as its chief executive."]
+    mods, vecs = mac.amortize([tok(d, add_special_tokens=False)["input_ids"] for d in docs])  # (2, T, D)
+    assert mods.shape == (2, 4, tiny_llama.hidden_size)
+    # sharp pointers from the first step: two different documents give clearly different modulations
+    assert float((mods[0] - mods[1]).detach().norm() / mods.detach().norm(dim=(1, 2)).mean()) > 0.3
+    q, qvec = mac.encode_questions(["Who runs Kestrel Mining?", "When did Velmora's port open?"])
+    prefix, mass = mac.prefix(q, mods[None].expand(2, -1, -1, -1), scores=qvec @ vecs.T)
+    assert isinstance(prefix, Prefix) and prefix.keys.shape == (2, 2, 2, 4, 16)  # P = T for the LM expander
+    torch.testing.assert_close(mass.sum(1), torch.ones(2))
+    lp = mac.answer_logprobs(["Question: a\nAnswer:"] * 2, ["Ana Duarte", "1921"], prefix)
+    (-lp.mean()).backward()
+    assert mac.amortizer.queries.grad is not None and float(mac.amortizer.queries.grad.abs().sum()) > 0
+    assert mac.aggregator.bias_scale.grad is not None  # the mixture weights are trained by the answer loss
+    assert list(mac.expander.parameters()) == []  # the LM expander learns nothing and stores nothing
+    for name, p in itertools.chain(mac.lm.named_parameters(), mac.encoder.named_parameters()):
+        assert p.grad is None and not p.requires_grad, name
+
+
+def test_mixture_is_the_mass_weighted_modulation(tiny_llama: FrozenLM, minilm) -> None:
+    mac = make_tiny_mac(tiny_llama, minilm, **POINTER)
+    torch.manual_seed(0)
+    mods = torch.randn(1, 3, 4, tiny_llama.hidden_size)
+    q = torch.randn(1, 4, tiny_llama.hidden_size)
+    seen = {}
+    mac.expander.register_forward_pre_hook(lambda _m, args: seen.setdefault("phi", args[0]))
+    with torch.no_grad():
+        _, mass = mac.prefix(q, mods)
+    torch.testing.assert_close(seen["phi"], torch.einsum("bk,bktd->btd", mass, mods))
+
+
+def test_pointer_needs_lm_states() -> None:
+    from pipeline.config import ModelConfig
+
+    with pytest.raises(ValueError, match="doc_states='lm'"):
+        ModelConfig(amortizer="pointer", doc_states="encoder")
