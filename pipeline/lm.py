@@ -244,6 +244,28 @@ class FrozenLM(nn.Module):
             mask = torch.cat([mask, torch.ones((1, 1), dtype=torch.long, device=dev)], 1)
             hidden = self._body(torch.tensor([[tok]], device=dev), mask, pos[:, -1:] + 1 + step, cache)[:, -1]
 
+    def _greedy(self, hidden: Tensor, mask: Tensor, next_pos: Tensor, cache: DynamicCache, max_new_tokens: int,
+                stop_t: Tensor) -> list[list[int]]:
+        """Greedy decoding after the prompt forward. A row that emits a stop token leaves the batch (its cache rows
+        are dropped), so a batch costs what its live rows need, not max_new_tokens steps for every row."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)  # original row of each live row
+        out: list[list[int]] = [[] for _ in range(hidden.shape[0])]
+        for step in range(max_new_tokens):
+            tok = self.model.get_output_embeddings()(hidden).float().argmax(-1)  # (A,)
+            live = ~torch.isin(tok, stop_t)
+            for r, t in zip(rows[live].tolist(), tok[live].tolist()):
+                out[r].append(t)
+            if not bool(live.any()) or step == max_new_tokens - 1:
+                break
+            if not bool(live.all()):
+                keep = live.nonzero()[:, 0]
+                cache.reorder_cache(keep)
+                rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)], 1)
+            hidden = self._body(tok[:, None], mask, next_pos, cache)[:, -1]
+            next_pos = next_pos + 1
+        return out
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], prefix: Prefix | None = None, max_new_tokens: int = 16, num_beams: int = 1
@@ -266,11 +288,13 @@ class FrozenLM(nn.Module):
         pos = P + (mask.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens at P, P+1, ...
         hidden = self._body(ids, full_mask, pos, cache)[:, -1]  # (B·K, d_LM)
         next_pos = pos[:, -1:] + 1
+        stop_t = torch.tensor(sorted(stop), device=dev)
+        if K == 1:
+            return self._greedy(hidden, full_mask, next_pos, cache, max_new_tokens, stop_t)
         scores = torch.zeros(B, K, device=dev)
         scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive
         tokens = torch.zeros((B * K, 0), dtype=torch.long, device=dev)
         done = torch.zeros(B * K, dtype=torch.bool, device=dev)
-        stop_t = torch.tensor(sorted(stop), device=dev)
         for _ in range(max_new_tokens):
             logp = torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), -1)  # (B·K, V)
             V = logp.shape[1]
