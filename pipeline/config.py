@@ -99,6 +99,7 @@ class StageConfig(StrictModel):
     steps: int = Field(ge=0, description="Optimiser steps in this stage.")
     memory_size: int = Field(ge=1, le=64, description="Documents in each question's memory: the gold one + (memory_size-1) in-batch distractors.")
     select_weight: float = Field(0.0, ge=0.0, description="λ of the selection loss −log(attention mass on the gold document).")
+    pointer_weight: float = Field(0.0, ge=0.0, description="λ of the pointer coverage loss (amortizer='pointer'): −log of the slots' mean attention on each token of the document's known answers that occurs in its text. Training only: the amortizer stays question-independent.")
 
 
 class TrainConfig(StrictModel):

@@ -147,8 +147,9 @@ class MACModel(nn.Module):
         ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         return split_windows(ids, self.cfg.max_doc_tokens, self.cfg.chunk_overlap)
 
-    def amortize(self, windows: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps."""
+    def amortize(self, windows: list[list[int]], with_attention: bool = False):
+        """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps.
+        ``with_attention`` (pointer amortizer): also the slots' attention over the window's tokens (N, T, S)."""
         if self.cfg.doc_states == "encoder":
             states, mask = self._states(windows)  # (N, S, d_enc)
             return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
@@ -165,7 +166,10 @@ class MACModel(nn.Module):
             if self.cfg.amortizer == "pointer":
                 embeds = self.lm.model.get_input_embeddings()(ids).float()  # (N, S, d_LM)
         if self.cfg.amortizer == "pointer":
-            return self.amortizer(states, embeds, mask)[0], vecs
+            mods, attn = self.amortizer(states, embeds, mask)
+            return (mods, vecs, attn) if with_attention else (mods, vecs)
+        if with_attention:
+            raise ValueError("with_attention needs the pointer amortizer")
         return self.amortizer(states, mask), vecs
 
     def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:

@@ -88,14 +88,45 @@ def load_training_data(cfg: TrainConfig) -> tuple[Pool, Pool | None, Pool]:
     return train, rtqa, val
 
 
+def answer_positions(model: MACModel, doc: Document, answers: list[str], window: int) -> list[int]:
+    """Positions in the document's first LM-token window of every token that overlaps an occurrence of an answer."""
+    text = document_text(doc)
+    spans = []
+    for a in {a.strip() for a in answers if a.strip()}:
+        start = text.find(a)
+        while start >= 0:
+            spans.append((start, start + len(a)))
+            start = text.find(a, start + 1)
+    offsets = model.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:window]
+    return [i for i, (s, e) in enumerate(offsets) if any(s < b and e > a for a, b in spans)]
+
+
+def pointer_loss(model: MACModel, pool: Pool, doc_ids: list[str], attn: torch.Tensor) -> torch.Tensor:
+    """−mean log(slot-averaged attention) over the answer tokens found in each document: the slots must cover the
+    tokens the document's questions ask about. attn: (N, T, S), rows in ``doc_ids`` order."""
+    terms = []
+    for row, d in enumerate(doc_ids):
+        pos = answer_positions(model, pool.docs[d], [a for q in pool.questions.get(d, []) for a in q.answers[:1]],
+                               attn.shape[-1])
+        if pos:
+            terms.append(-(attn[row].mean(0)[pos] + 1e-6).log().mean())
+    return torch.stack(terms).mean() if terms else attn.sum() * 0.0
+
+
 def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int, select_weight: float,
-              backprop_fraction: float, questions_per_doc: int, rng: random.Random) -> dict[str, torch.Tensor]:
+              backprop_fraction: float, questions_per_doc: int, rng: random.Random,
+              pointer_weight: float = 0.0) -> dict[str, torch.Tensor]:
     docs = [pool.docs[i] for i in doc_ids]
     pieces = [model.windows(document_text(d))[0] for d in docs]  # training docs fit one window
     n_grad = max(1, round(backprop_fraction * len(docs)))
     with_grad = set(rng.sample(range(len(docs)), n_grad))
     order = sorted(with_grad) + [i for i in range(len(docs)) if i not in with_grad]
-    mods_g, vecs_g = model.amortize([pieces[i] for i in order[:n_grad]])
+    point = None
+    if pointer_weight > 0:
+        mods_g, vecs_g, attn = model.amortize([pieces[i] for i in order[:n_grad]], with_attention=True)
+        point = pointer_loss(model, pool, [doc_ids[i] for i in order[:n_grad]], attn)
+    else:
+        mods_g, vecs_g = model.amortize([pieces[i] for i in order[:n_grad]])
     with torch.no_grad():
         mods_n, vecs_n = model.amortize([pieces[i] for i in order[n_grad:]]) if len(order) > n_grad else (mods_g[:0], vecs_g[:0])
     inv = torch.tensor(sorted(range(len(order)), key=lambda k: order[k]))
@@ -125,7 +156,10 @@ def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int,
     nll = -lp.mean()
     sel = -(gold_mass + 1e-6).log().mean()
     loss = nll + select_weight * sel if select_weight > 0 else nll
+    if point is not None:
+        loss = loss + pointer_weight * point
     return {"loss": loss, "nll": nll.detach(), "sel_loss": sel.detach(),
+            "point_loss": point.detach() if point is not None else torch.tensor(0.0),
             "sel_acc": (mass.argmax(1) == gp).float().mean(), "questions": torch.tensor(len(qs))}
 
 
@@ -208,7 +242,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
             g["lr"] = lr_at(step, total, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             res = step_loss(model, pool, ids, stage.memory_size, stage.select_weight, cfg.backprop_fraction,
-                            cfg.questions_per_doc, rng)
+                            cfg.questions_per_doc, rng, stage.pointer_weight)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -216,7 +250,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
         seen += int(res["questions"])
         vals = {k: float(v) for k, v in res.items() if k != "questions"}
         ema = vals if ema is None else {k: 0.95 * ema[k] + 0.05 * vals[k] for k in vals}
-        bar.set_postfix(mem=stage.memory_size, nll=f"{ema['nll']:.3f}", sel=f"{ema['sel_acc']:.2f}",
+        bar.set_postfix(mem=stage.memory_size, nll=f"{ema['nll']:.3f}", sel=f"{ema['sel_acc']:.2f}", pt=f"{ema['point_loss']:.2f}",
                         gn=f"{float(gnorm):.1f}", qps=f"{seen / (time.time() - t0):.1f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
             metrics = validate(model, val_pool, cfg.eval_questions, memory_size=8)

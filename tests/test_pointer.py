@@ -65,3 +65,25 @@ def test_pointer_needs_lm_states() -> None:
 
     with pytest.raises(ValueError, match="doc_states='lm'"):
         ModelConfig(amortizer="pointer", doc_states="encoder")
+
+
+def test_pointer_loss_targets_the_answer_tokens(tiny_llama: FrozenLM, minilm) -> None:
+    """The coverage loss finds the answers' tokens in the document and is low only when the slots attend to them."""
+    from datetime import datetime, timezone
+
+    from pipeline.schemas import Document, Question
+    from pipeline.train import Pool, answer_positions, pointer_loss
+
+    mac = make_tiny_mac(tiny_llama, minilm, **POINTER)
+    doc = Document(id="d-a0", title="Change at Kestrel", text="Kestrel Mining appointed Ana Duarte as chief executive.",
+                   published_at=datetime(2024, 3, 1, tzinfo=timezone.utc))
+    q = Question(id="q", question="Who leads Kestrel Mining?", answers=["Ana Duarte"], doc_ids=["d-a0"])
+    pool = Pool.build([doc], [q])
+    window = mac.windows(__import__("pipeline.prompts", fromlist=["document_text"]).document_text(doc))[0]
+    pos = answer_positions(mac, doc, ["Ana Duarte"], len(window))
+    assert tiny_llama.tokenizer.decode([window[i] for i in pos]).strip() == "Ana Duarte"
+    S = len(window)
+    on = torch.zeros(1, 4, S)
+    on[0, :, pos] = 1.0 / len(pos)
+    off = torch.full((1, 4, S), 1.0 / S)
+    assert float(pointer_loss(mac, pool, ["d-a0"], on)) + 1.0 < float(pointer_loss(mac, pool, ["d-a0"], off))
