@@ -68,6 +68,21 @@ def cmd_train(args) -> None:
     print(json.dumps({"best_validation": best, "checkpoint": str(Path(args.out) / "best")}, indent=2))
 
 
+def _finetune_configs(args) -> dict:
+    """Per ft mode: --ft-config (a FinetuneConfig object, {mode: object}, or the tuning report `bench baselines`
+    writes, whose "chosen" is used), then the --ft-* flags on top."""
+    from .baselines import FT_MODES, FinetuneConfig
+    from .config import load_config
+
+    conf = _read_config(args.ft_config)
+    conf = conf.get("chosen", conf) if isinstance(conf, dict) else conf
+    if not isinstance(conf, dict):
+        raise SystemExit(f"macstream: --ft-config {args.ft_config}: expected a JSON object")
+    per_mode = conf if conf and set(conf) <= set(FT_MODES) else {m: conf for m in FT_MODES}
+    flags = {k: v for k, v in (("steps", args.ft_steps), ("lr", args.ft_lr), ("optimizer", args.ft_optimizer)) if v is not None}
+    return {m: load_config(FinetuneConfig, (per_mode.get(m) or {}) | flags, f"ft-config {m}") for m in FT_MODES}
+
+
 def cmd_eval(args) -> None:
     from .data.portable import read_portable
     from .evaluate import EvalSettings, evaluate
@@ -75,7 +90,7 @@ def cmd_eval(args) -> None:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     docs, questions = read_portable(args.data)
     settings = EvalSettings(modes=modes, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                            retention=not args.no_retention, limit=args.limit)
+                            retention=not args.no_retention, limit=args.limit, finetune=_finetune_configs(args))
     report = evaluate(_model(args), docs, questions, settings)
     report["data"] = str(args.data)
     if args.out:
@@ -224,6 +239,15 @@ def cmd_bench(args) -> None:
     from datetime import date
 
     out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/{args.what}.json")
+    if args.what == "baselines":
+        from .bench_baselines import run as run_baselines
+
+        result = run_baselines(out, checkpoint=args.checkpoint, entities=args.entities, rtqa_docs=args.rtqa_docs,
+                               tune_entities=args.tune_entities, tuning=args.tuning, threads=args.threads,
+                               top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+        print(result["table"])
+        print("wrote " + ", ".join(result["files"]))
+        return
     if args.what == "ingest":
         from workers.bench import run as run_ingest
 
@@ -277,12 +301,18 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         if name == "eval":
             s.add_argument("--data", required=True)
-            s.add_argument("--modes", default="base,mac,rag,mac+rag")
+            s.add_argument("--modes", default="base,mac,rag,mac+rag",
+                           help="comma-separated: base, rag, mac, mac+rag, ft-uniform, ft-salient")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
             s.add_argument("--limit", type=_positive)
             s.add_argument("--no-retention", action="store_true")
             s.add_argument("--out")
+            s.add_argument("--ft-config", dest="ft_config",
+                           help="ft modes: JSON FinetuneConfig, {mode: FinetuneConfig}, or a baselines tuning report")
+            s.add_argument("--ft-steps", dest="ft_steps", type=_positive, help="ft modes: K optimiser steps per document")
+            s.add_argument("--ft-lr", dest="ft_lr", type=float, help="ft modes: learning rate")
+            s.add_argument("--ft-optimizer", dest="ft_optimizer", choices=["adamw", "sgd"], help="ft modes: optimiser")
         elif name == "encode":
             s.add_argument("--data", required=True)
             s.add_argument("--out", required=True)
@@ -341,8 +371,9 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks measured side by side in one run")
-    bn.add_argument("what", choices=["serve", "ingest"],
-                    help="serve: latency per mode and batching throughput over HTTP; ingest: docs/s by worker count")
+    bn.add_argument("what", choices=["serve", "ingest", "baselines"],
+                    help="serve: latency per mode and batching throughput over HTTP; ingest: docs/s by worker count; "
+                         "baselines: base, rag, mac vs online fine-tuning (accuracy, adaptation cost, retention)")
     bn.add_argument("--workers", type=_positive, nargs="+", default=[1, 2], help="ingest: worker counts to compare")
     bn.add_argument("--checkpoint")
     bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
@@ -351,7 +382,15 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--top-k", dest="top_k", type=_positive, default=8)
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
     bn.add_argument("--batch-wait", dest="batch_wait", type=float, default=0.01, help="serve: seconds a replica waits to fill a batch")
-    bn.add_argument("--out", help="JSON results (default benchmarks/results/<date>/serve.json)")
+    bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=64,
+                    help="baselines: the first N RealTimeQA 2024 documents in stream order (with their questions)")
+    bn.add_argument("--tune-entities", dest="tune_entities", type=_positive, default=5,
+                    help="baselines: synthetic validation entities the ft hyperparameters are tuned on")
+    bn.add_argument("--tuning", help="baselines: tuning report to reuse (default <out dir>/baselines-tuning.json; "
+                                     "tuned and written there when absent)")
+    bn.add_argument("--threads", type=_positive, default=1, help="baselines: torch threads")
+    bn.add_argument("--out", help="JSON results (default benchmarks/results/<date>/<what>.json; baselines also "
+                                  "writes .md and PNGs next to it)")
     bn.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")

@@ -4,24 +4,29 @@ Modes (all with the same frozen LM, greedy decoding, stop at newline):
 - ``base``: the LM alone (one-shot prompt);
 - ``rag``: the top-k retrieved document texts in the prompt (one-shot prompt);
 - ``mac``: the aggregated modulations of the top-k retrieved chunks as the prefix (bare prompt, as trained);
-- ``mac+rag``: both.
+- ``mac+rag``: both;
+- ``ft-uniform`` / ``ft-salient``: online fine-tuning baselines (``pipeline/baselines.py``): a private copy of the
+  LM takes K gradient steps on each document in stream order (loss on every token / on salient spans only), then
+  answers with the ``base`` prompt. They need the document stream, not the memory bank.
 Scores: strict EM, the MAC paper's lenient EM, token F1; multiple-choice accuracy where questions have choices (the
 choice with the highest mean per-token log-likelihood under the mode); for ``mac``: selection accuracy (the gold
 document gets the most aggregator attention) next to the retriever's own top-1 accuracy and recall@k. Retention:
-F1 on the questions of the first eighth of the stream as the memory grows 1×, 2×, 4×, 8×.
+F1 on the questions of the first eighth of the stream as the memory grows 1×, 2×, 4×, 8× (for the ft modes: as
+fine-tuning goes on over 1×, 2×, 4×, 8× of that block).
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .answering import MODES, answer, prepare
+from .baselines import FT_MODES, config_for, finetune_eval
 from .mac import MACModel
 from .memory import Hit, MemoryBank
 from .metrics import score_answer
@@ -39,6 +44,7 @@ class EvalSettings:
     multiple_choice: bool = True
     limit: int | None = None  # evaluate only the first N questions (answerable ones first)
     progress: bool = True
+    finetune: object = None  # ft modes: a baselines.FinetuneConfig for both, or {mode: config}; None: defaults
 
 
 def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -> MemoryBank:
@@ -131,8 +137,8 @@ def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], 
 def evaluate(model: MACModel, docs: list[Document], questions: list[Question], settings: EvalSettings) -> dict:
     """Full evaluation; returns a JSON-able report (per-mode metrics, retention, costs, per-question rows)."""
     for m in settings.modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; expected some of {list(MODES)}")
+        if m not in MODES and m not in FT_MODES:
+            raise ValueError(f"unknown mode {m!r}; expected some of {list(MODES) + list(FT_MODES)}")
     if not settings.top_k >= 1:
         raise ValueError("top_k must be >= 1")
     model.eval()
@@ -140,14 +146,21 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
     qs = sorted(questions, key=lambda q: not q.doc_ids)  # answerable first
     if settings.limit:
         qs = qs[: settings.limit]
-    t0 = time.perf_counter()
-    bank = build_memory(model, docs, settings.progress)
-    encode_s = time.perf_counter() - t0
-    rows = run_questions(model, bank, qs, settings.modes, settings, "answer")
+    ft_modes = [m for m in settings.modes if m in FT_MODES]
+    lm_settings = replace(settings, modes=tuple(m for m in settings.modes if m not in FT_MODES))
+    bank, encode_s, rows = None, 0.0, {}
+    if lm_settings.modes or not ft_modes:
+        t0 = time.perf_counter()
+        bank = build_memory(model, docs, settings.progress)
+        encode_s = time.perf_counter() - t0
+        rows = run_questions(model, bank, qs, lm_settings.modes, settings, "answer")
+    ft = {m: finetune_eval(model.lm, m, docs, qs, config_for(settings.finetune, m), settings, settings.retention)
+          for m in ft_modes}
+    rows |= {m: r["rows"] for m, r in ft.items()}
     report = {
-        "documents": len(docs), "chunks": bank.num_chunks, "questions": len(qs), "top_k": settings.top_k,
-        "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
-        "prompts": {m: PROMPTS[m] for m in settings.modes},
+        "documents": len(docs), "chunks": bank.num_chunks if bank is not None else None, "questions": len(qs),
+        "top_k": settings.top_k, "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
+        "prompts": {m: PROMPTS["base" if m in FT_MODES else m] for m in settings.modes},
         "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
@@ -161,8 +174,17 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
             report["metrics"][m]["prompt_tokens"] = float(np.mean([r["prompt_tokens"] for r in rs]))
             report["metrics"][m]["seconds"] = float(np.mean([r["seconds"] for r in rs]))
             report["metrics"][m]["aggregate_seconds"] = float(np.mean([r["aggregate_seconds"] for r in rs]))
+    if ft:
+        report["adaptation"] = {m: r["cost"] for m, r in ft.items()}
     if settings.retention:
-        report["retention"] = retention(model, docs, qs, settings)
+        # retention reports F1 only: skip the multiple-choice scoring it would otherwise compute and drop
+        report["retention"] = retention(model, docs, qs, replace(lm_settings, multiple_choice=False)) if lm_settings.modes else {}
+        for m, r in ft.items():  # same block (first eighth) and growth points as retention(): merge per point
+            if r["retention"]:
+                report["retention"]["questions"] = r["retention"]["questions"]
+                growth = report["retention"].setdefault("growth", {})
+                for g, point in r["retention"]["growth"].items():
+                    growth.setdefault(g, {"documents": point["documents"]})[m] = point["f1"]
     return report
 
 
