@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, eval, encode, ask (the engine); broker, produce, ingest, stats, replay (streaming); serve (HTTP API).
+Subcommands: data, train, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming); serve (HTTP API); bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input.
 """
@@ -181,7 +181,7 @@ def cmd_ingest(args) -> None:
     logging.getLogger("workers").setLevel(logging.INFO)
     job = IngestJob(_ingest_config(args), partitions=args.partitions).start()
     if job.metrics_server is not None:
-        print(f"metrics: http://127.0.0.1:{job.metrics_port}/metrics", file=sys.stderr)
+        print(f"metrics: http://{job.cfg.metrics_host}:{job.metrics_port}/metrics", file=sys.stderr)
     print(json.dumps(job.run(), indent=2))
 
 
@@ -235,34 +235,46 @@ def cmd_serve(args) -> None:
         serve.shutdown()
 
 
+BENCHMARKS = ("quality", "ingest", "serve", "baselines")
+
+
 def cmd_bench(args) -> None:
+    """Run one benchmark (or all of them, one after the other, never overlapping) and rewrite the report."""
     from datetime import date
 
-    out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/{args.what}.json")
-    if args.what == "baselines":
-        from .bench_baselines import run as run_baselines
+    from .report import run_benchmark, write_report
 
-        result = run_baselines(out, checkpoint=args.checkpoint, entities=args.entities, rtqa_docs=args.rtqa_docs,
-                               tune_entities=args.tune_entities, tuning=args.tuning, threads=args.threads,
-                               top_k=args.top_k, max_new_tokens=args.max_new_tokens)
-        print(result["table"])
-        print("wrote " + ", ".join(result["files"]))
-        return
-    if args.what == "ingest":
-        from workers.bench import run as run_ingest
+    import torch
 
-        result = run_ingest(args.checkpoint, args.entities, tuple(args.workers))
-        print(json.dumps(result, indent=2))
-    else:
-        from serving.bench import run, table
+    torch.set_num_threads(args.threads)  # this process's share; Ray actors set their own
+    out_dir = Path(args.out_dir or f"benchmarks/results/{date.today().isoformat()}")
+    args.argv = sys.argv[2:] if len(sys.argv) > 2 else [args.what]
+    for what in BENCHMARKS if args.what == "all" else (args.what,):
+        print(f"== bench {what}", file=sys.stderr, flush=True)
+        result = run_benchmark(what, out_dir, args)
+        if what == "serve":
+            from serving.bench import table
 
-        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
-                     args.batch_wait)
-        print(json.dumps(result["how"], indent=2))
-        print(table(result))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+            print(table(result))
+        elif what == "baselines":
+            print(result["table"])
+        else:
+            print(json.dumps({k: v for k, v in result.items() if k != "datasets"} if what == "quality" else result,
+                             indent=2, default=str)[:4000])
+    print(f"wrote {write_report(out_dir)}")
+
+
+def cmd_diagnose(args) -> None:
+    from .diagnose import diagnose
+
+    model = _model(args)
+    print(json.dumps(diagnose(model, args.split, args.entities, args.questions), indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import main as demo
+
+    demo()
 
 
 def _positive(v: str) -> int:
@@ -350,6 +362,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint")
     i.add_argument("--exit-when-idle", dest="exit_when_idle", type=float, metavar="SECONDS")
     i.add_argument("--metrics-port", dest="metrics_port", type=int)
+    i.add_argument("--metrics-host", dest="metrics_host", help="interface of the metrics endpoint (default 127.0.0.1)")
     i.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
     i.add_argument("--config", help="JSON file of ingest settings (flags override it)")
     i.set_defaults(fn=cmd_ingest)
@@ -366,14 +379,25 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--replicas", type=_positive)
     sv.add_argument("--autoscale-max-replicas", dest="autoscale_max_replicas", type=_positive)
     sv.add_argument("--max-batch-size", dest="max_batch_size", type=_positive)
+    sv.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float)
+    sv.add_argument("--replica-threads", dest="replica_threads", type=_positive)
+    sv.add_argument("--max-pending", dest="max_pending", type=_positive)
     sv.add_argument("--api-keys", help='JSON file {"KEY": "TENANT", ...} (or $MACSTREAM_API_KEYS_FILE); none: no auth')
     sv.add_argument("--config", help="JSON file of serve settings (flags override it)")
     sv.set_defaults(fn=cmd_serve)
 
-    bn = sub.add_parser("bench", help="benchmarks measured side by side in one run")
-    bn.add_argument("what", choices=["serve", "ingest", "baselines"],
-                    help="serve: latency per mode and batching throughput over HTTP; ingest: docs/s by worker count; "
-                         "baselines: base, rag, mac vs online fine-tuning (accuracy, adaptation cost, retention)")
+    bn = sub.add_parser("bench", help="benchmarks measured side by side in one run; rewrites the report")
+    bn.add_argument("what", choices=["all", *BENCHMARKS],
+                    help="quality: eval of every mode on synthetic test + RealTimeQA 2024; ingest: docs/s by worker "
+                         "count; serve: latency per mode and batching throughput over HTTP; baselines: base, rag, mac "
+                         "vs online fine-tuning (accuracy, adaptation cost, retention); all: each in turn")
+    bn.add_argument("--out-dir", dest="out_dir", help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
+    bn.add_argument("--quality-entities", dest="quality_entities", type=_positive, default=60,
+                    help="quality: synthetic test entities (about 5 questions each)")
+    bn.add_argument("--rtqa-questions", dest="rtqa_questions", type=_positive, default=150,
+                    help="quality: RealTimeQA 2024 questions (all of its documents in memory)")
+    bn.add_argument("--quality-top-k", dest="quality_top_k", type=_positive, default=4, help="quality, baselines: retrieved chunks")
+    bn.add_argument("--replica-threads", dest="replica_threads", type=_positive, default=1, help="serve: torch threads of the replica")
     bn.add_argument("--workers", type=_positive, nargs="+", default=[1, 2], help="ingest: worker counts to compare")
     bn.add_argument("--checkpoint")
     bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
@@ -382,16 +406,26 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--top-k", dest="top_k", type=_positive, default=8)
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
     bn.add_argument("--batch-wait", dest="batch_wait", type=float, default=0.01, help="serve: seconds a replica waits to fill a batch")
-    bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=64,
+    bn.add_argument("--baseline-entities", dest="baseline_entities", type=_positive, default=16,
+                    help="baselines: synthetic test entities of the stream")
+    bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=48,
                     help="baselines: the first N RealTimeQA 2024 documents in stream order (with their questions)")
     bn.add_argument("--tune-entities", dest="tune_entities", type=_positive, default=5,
                     help="baselines: synthetic validation entities the ft hyperparameters are tuned on")
     bn.add_argument("--tuning", help="baselines: tuning report to reuse (default <out dir>/baselines-tuning.json; "
                                      "tuned and written there when absent)")
-    bn.add_argument("--threads", type=_positive, default=1, help="baselines: torch threads")
-    bn.add_argument("--out", help="JSON results (default benchmarks/results/<date>/<what>.json; baselines also "
-                                  "writes .md and PNGs next to it)")
+    bn.add_argument("--threads", type=_positive, default=1, help="torch threads of the benchmark process (quality, baselines)")
     bn.set_defaults(fn=cmd_bench)
+
+    dg = sub.add_parser("diagnose", help="does the memory carry the document? gold vs other-document NLL, gold-only answers")
+    dg.add_argument("--checkpoint")
+    dg.add_argument("--split", default="validation", choices=["validation", "test"])
+    dg.add_argument("--entities", type=_positive, default=30)
+    dg.add_argument("--questions", type=_positive, default=60)
+    dg.set_defaults(fn=cmd_diagnose)
+
+    dm = sub.add_parser("demo", help="the whole system on embedded defaults (what `make demo` runs)")
+    dm.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")
     r.add_argument("--from", required=True, help="'earliest' or an ISO-8601 time")

@@ -164,7 +164,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
         "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
-            "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_len * model.lm.num_kv_heads * model.lm.head_dim * 2,
+            "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_tokens * model.lm.num_kv_heads * model.lm.head_dim * 2,
             "encode_seconds_per_document": encode_s / max(1, len(docs)),
         },
         "rows": rows,

@@ -232,3 +232,30 @@ def write_report(directory: str | Path) -> Path:
     out = d / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def run_benchmark(what: str, out_dir: Path, args) -> dict:
+    """Run one benchmark (quality, ingest, serve, baselines), write ``<out_dir>/<what>.json``, return its result."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if what == "quality":
+        result = bench_quality(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
+    elif what == "ingest":
+        from workers.bench import run
+
+        result = run(args.checkpoint, args.entities, tuple(args.workers))
+    elif what == "serve":
+        from serving.bench import run
+
+        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
+                     args.batch_wait, args.replica_threads)
+    elif what == "baselines":
+        from .bench_baselines import run
+
+        return run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
+                   rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
+                   threads=args.threads, top_k=args.quality_top_k, max_new_tokens=args.max_new_tokens)
+    else:
+        raise ValueError(f"unknown benchmark {what!r}")
+    result.setdefault("how", {})["command"] = "macstream bench " + " ".join(getattr(args, "argv", [what]))
+    (out_dir / f"{what}.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
