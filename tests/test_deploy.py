@@ -147,6 +147,44 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+WILDCARD = ("0.0.0.0", "::")  # a bind address other containers and pods can reach (the container's IP is not known)
+
+
+def _ray_flag(cmd: list[str], flag: str, default: int | None = None) -> int | None:
+    """The integer value of `--flag=N` / `--flag N` in a `ray start` command."""
+    m = re.search(rf"--{flag}[= ](\d+)\b", " ".join(map(str, cmd)))
+    return int(m.group(1)) if m else default
+
+
+def _bound_ports(services: dict, name: str) -> set[int] | None:
+    """Ports on which the service's own command listens beyond loopback, derived from the command (not from what
+    `expose` claims); None for third-party images whose commands this does not model."""
+    from pipeline.cli import _ingest_config, _serve_config
+
+    svc = services[name]
+    cmd = svc.get("command")
+    if not cmd:
+        return None
+    cmd = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+    if cmd[0] == "ray":
+        serve = _serve_config(_parse_cli_quiet(_cli_args(services["serve"])))
+        ports = {_ray_flag(cmd, "metrics-export-port")} - {None}
+        if serve.host in WILDCARD:  # Serve's proxies: on the head and on the nodes that hold replicas
+            ports.add(serve.port)
+        if "--head" in cmd:
+            ports.add(_ray_flag(cmd, "port", 6379))
+            if "--dashboard-host=0.0.0.0" in cmd:
+                ports.add(_ray_flag(cmd, "dashboard-port", 8265))
+        return ports
+    if cmd[0] == "macstream":
+        args = _parse_cli_quiet(cmd[1:])
+        if args.cmd == "ingest":
+            cfg = _ingest_config(args)
+            return {cfg.metrics_port} if cfg.metrics_port and cfg.metrics_host in WILDCARD else set()
+        return set()  # `macstream serve` deploys the app; its proxies run on the Ray nodes
+    return None
+
+
 # ---- docker-compose.yml --------------------------------------------------------------------------------------------
 def test_compose_has_the_required_services(compose):
     services = compose["services"]
@@ -227,11 +265,29 @@ def test_ingest_command_uses_real_flags_and_valid_settings(compose, capsys):
     store = urlparse(cfg.store)
     assert store.scheme == "http" and store.hostname == "qdrant" and store.port in _published(services["qdrant"])
     assert cfg.exit_when_idle is None, "a production ingest streams forever"
-    # --metrics-port binds 127.0.0.1: the entrypoint must forward a published port to exactly that port
-    public, loopback = _env(services["ingest"])["MACSTREAM_METRICS_FORWARD"].split(":")
-    assert int(loopback) == cfg.metrics_port
-    assert int(public) in _exposed(services["ingest"])
-    assert str(cfg.metrics_port) in " ".join(services["ingest"]["healthcheck"]["test"])
+    # the metrics endpoint binds --metrics-host itself: no forwarder, and the service exposes exactly that port
+    assert cfg.metrics_port, "ingest must serve its metrics for Prometheus"
+    assert cfg.metrics_host in WILDCARD, f"--metrics-host {cfg.metrics_host}: Prometheus (another container) cannot reach it"
+    assert _exposed(services["ingest"]) == {cfg.metrics_port}, "ingest exposes a port its command does not bind"
+    assert f":{cfg.metrics_port}/metrics" in " ".join(services["ingest"]["healthcheck"]["test"])
+
+
+def test_no_metrics_forwarder_comes_back(compose):
+    """`--metrics-host` made the socat forwarders (entrypoint, RayJob sidecar) unnecessary: none may return."""
+    for name, svc in compose["services"].items():
+        assert not any("FORWARD" in k for k in _env(svc)), f"{name}: a port forwarder is configured"
+    entry = (REPO / "infra" / "docker" / "entrypoint.sh").read_text()
+    assert not re.search(r"\bsocat\b|MACSTREAM_METRICS_FORWARD", entry), "the entrypoint forwards a port again"
+    dockerfile = DOCKERFILE.read_text()
+    installs = " ".join(re.findall(r"apt-get install[^&\n]*", dockerfile))
+    assert "apt-get install" in installs and "socat" not in installs.split(), "the image installs socat again"
+    job = next(d for d in _docs(INGEST_JOB) if d["kind"] in ("RayJob", "Deployment"))
+    spec = job["spec"]["rayClusterSpec"] if job["kind"] == "RayJob" else job["spec"]
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])] if job["kind"] == "RayJob" else [spec]
+    for group in groups:
+        for c in group["template"]["spec"]["containers"]:
+            cmd = " ".join(map(str, c.get("command", []) + c.get("args", [])))
+            assert "socat" not in cmd, f"{c['name']}: a socat forwarder in the ingest job"
 
 
 def test_serve_command_uses_real_flags_and_valid_settings(compose, capsys, monkeypatch):
@@ -250,6 +306,38 @@ def test_serve_command_uses_real_flags_and_valid_settings(compose, capsys, monke
     assert store.hostname == "qdrant" and store.port in _published(services["qdrant"])
     ingest = _parse_cli(_cli_args(services["ingest"]), capsys)
     assert cfg.store == ingest.store, "serve must read the store ingest writes"
+
+
+SERVE_KNOBS = {"MACSTREAM_MAX_BATCH_SIZE": ("max_batch_size", "5"), "MACSTREAM_BATCH_WAIT_S": ("batch_wait_timeout_s", "0.25"),
+               "MACSTREAM_REPLICA_THREADS": ("replica_threads", "3"), "MACSTREAM_MAX_PENDING": ("max_pending", "7")}
+
+
+def test_serve_knobs_come_from_the_environment_with_the_code_defaults(raw_compose, capsys, monkeypatch):
+    from pipeline.cli import _serve_config
+    from pipeline.config import ServeConfig
+
+    monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
+    defaults = _serve_config(_parse_cli(_cli_args(_interpolate(raw_compose, {})["services"]["serve"]), capsys))
+    for var, (field, _) in SERVE_KNOBS.items():  # unset: the compose default is the code's default
+        assert getattr(defaults, field) == ServeConfig.model_fields[field].default, f"{var}: compose default != ServeConfig.{field}"
+    env = {var: value for var, (_, value) in SERVE_KNOBS.items()}
+    cfg = _serve_config(_parse_cli(_cli_args(_interpolate(raw_compose, env)["services"]["serve"]), capsys))
+    for var, (field, value) in SERVE_KNOBS.items():  # set: the variable reaches the flag
+        assert getattr(cfg, field) == type(getattr(cfg, field))(value), f"{var} does not set {field}"
+
+
+def test_default_replicas_and_encoders_fit_the_default_workers(compose, capsys, monkeypatch):
+    from pipeline.cli import _ingest_config, _serve_config
+
+    monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
+    services = compose["services"]
+    serve = _serve_config(_parse_cli(_cli_args(services["serve"]), capsys))
+    ingest = _ingest_config(_parse_cli(_cli_args(services["ingest"]), capsys))
+    worker = services["ray-worker"]
+    cpus = int(worker.get("deploy", {}).get("replicas", 1)) * _ray_flag(worker["command"], "num-cpus")
+    need = serve.replicas * serve.replica_threads + ingest.workers * ingest.encoder_threads
+    assert need <= cpus, f"model replicas and encoder actors reserve {need} CPUs, the Ray workers offer {cpus}"
+    assert serve.replica_threads <= _ray_flag(worker["command"], "num-cpus"), "a replica must fit on one worker"
 
 
 def test_healthchecks_and_start_order(compose):
@@ -350,16 +438,22 @@ def test_prometheus_targets_are_compose_services(compose):
                 if host == "localhost":
                     continue
                 assert host in services, f"{job['job_name']}: {host} is not a compose service"
-                assert port in _exposed(services[host]), f"{job['job_name']}: {host} does not listen on {port}"
+                assert port in _exposed(services[host]), f"{job['job_name']}: {host} does not expose {port}"
+                bound = _bound_ports(services, host)
+                assert bound is None or port in bound, f"{job['job_name']}: nothing in {host} binds {port} (binds {bound})"
         for sd in job.get("dns_sd_configs", []):
             for name in sd["names"]:
                 assert name in services and sd["port"] in _exposed(services[name])
+                bound = _bound_ports(services, name)
+                assert bound is None or sd["port"] in bound, f"{job['job_name']}: nothing in {name} binds {sd['port']}"
     serve = _parse_cli_quiet(_cli_args(services["serve"]))
     serve_targets = [t for sc in jobs["macstream-serve"]["static_configs"] for t in sc["targets"]]
     assert serve_targets == [f"ray-head:{serve.port}"] and jobs["macstream-serve"].get("metrics_path", "/metrics") == "/metrics"
-    public = _env(services["ingest"])["MACSTREAM_METRICS_FORWARD"].split(":")[0]
+    from pipeline.cli import _ingest_config
+
+    ingest = _ingest_config(_parse_cli_quiet(_cli_args(services["ingest"])))
     ingest_targets = [t for sc in jobs["macstream-ingest"]["static_configs"] for t in sc["targets"]]
-    assert ingest_targets == [f"ingest:{public}"]
+    assert ingest_targets == [f"ingest:{ingest.metrics_port}"] and ingest.metrics_host in WILDCARD
     mounts = [str(v) for v in services["prometheus"]["volumes"]]
     assert any(m.startswith("./infra/prometheus/prometheus.yml:") for m in mounts)
 
@@ -531,10 +625,16 @@ def test_ingest_job_runs_the_cli_with_addresses_from_the_configmap(capsys):
     (svc,) = _docs(RAYSERVICE)
     apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
     assert all(app["args"]["store"] == cfg.store for app in apps), "serve must read the store ingest writes"
-    assert cfg.metrics_port is not None
-    forwarders = [c for c in head if c.get("command", [""])[0] == "socat"]
-    assert any(f"TCP:127.0.0.1:{cfg.metrics_port}" in c["command"] for c in forwarders), \
-        "the loopback-only metrics port must be forwarded for Prometheus"
+    # the driver runs on the head and binds its metrics beyond loopback; the head pod declares and annotates that port
+    assert cfg.metrics_port, "ingest must serve its metrics for Prometheus"
+    assert cfg.metrics_host in WILDCARD, f"--metrics-host {cfg.metrics_host}: Prometheus cannot reach it"
+    declared = {p["containerPort"] for c in head for p in c.get("ports", [])}
+    assert cfg.metrics_port in declared, f"the head pod does not declare the metrics port {cfg.metrics_port}"
+    if job["kind"] == "RayJob":
+        meta = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]
+        ann = meta.get("annotations", {})
+        if ann.get("prometheus.io/scrape") == "true":
+            assert ann.get("prometheus.io/port") == str(cfg.metrics_port), "prometheus.io/port names a port nothing binds"
 
 
 # ---- the real client, where it exists -------------------------------------------------------------------------------
