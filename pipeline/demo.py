@@ -1,69 +1,199 @@
-"""``make demo`` (engine stage): a news stream updates what a frozen LM knows, with no gradient step.
+"""``make demo``: the whole system on real components, on embedded defaults, in a few minutes on 2 CPU cores.
 
-1. Generate a synthetic dated news stream about fictional companies the LM has never seen (test split: entities
-   disjoint from training). 2. Stream all but a few articles into the memory and ask those articles' questions:
-   the answers cannot be known yet. 3. Stream the missing articles in (one amortizer forward each) and ask again.
-4. A short quality table: base LM vs MAC vs RAG on held-out questions. Runs on 2 CPU cores in a few minutes.
+1. Start the local Kafka-protocol broker (Tansu), a local Ray cluster, the ingest job (consumer + encoder actors
+   writing an embedded Qdrant store) and the Ray Serve HTTP app on a free port.
+2. Stream a news feed into Kafka: the synthetic stream about fictional companies (entities never seen in training)
+   and, when ``../shared/data/realtimeqa`` is present, a week of RealTimeQA 2024 news. A few articles are held back.
+3. Ask those articles' questions over HTTP *before* they arrive, publish them, wait until the memory has them (seconds),
+   and ask again: answers and cited sources side by side with the base LM's.
+4. A short quality and speed table over held-out questions (answered over HTTP), then a clean shutdown (no processes
+   left behind) and how to run each part alone.
+
+Everything runs in a throw-away data directory; nothing persists after the demo.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import shutil
+import statistics
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from .config import SHIPPED_CHECKPOINT  # noqa: E402
-from .data import synthetic  # noqa: E402
-from .evaluate import EvalSettings, answer_batch, build_memory, run_questions  # noqa: E402
-from .mac import MACModel  # noqa: E402
-from .metrics import aggregate  # noqa: E402
+SHOW_MODES = ("base", "rag", "mac", "mac+rag")
+TABLE_MODES = ("base", "rag", "mac", "mac+rag")
+CLIENTS = 4
 
 
-def _ask(model, bank, questions, mode):
-    hits = bank.search(model.encoder.embed([q.question for q in questions]).numpy(), 4)
-    return answer_batch(model, mode, questions, hits, EvalSettings(multiple_choice=False)), hits
+def _post(base: str, question: str, mode: str, top_k: int = 4) -> tuple[dict, float]:
+    import requests
+
+    t = time.perf_counter()
+    r = requests.post(f"{base}/v1/answer", json={"question": question, "mode": mode, "top_k": top_k,
+                                                  "max_new_tokens": 16}, timeout=300)
+    r.raise_for_status()
+    return r.json(), time.perf_counter() - t
+
+
+def _wait(what: str, check, timeout: float, total: int | None = None) -> float:
+    """Poll ``check() -> int`` until it reaches ``total`` (or is truthy); a progress bar; returns seconds waited."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    with tqdm(total=total, desc=what, leave=False, dynamic_ncols=True) as bar:
+        while time.monotonic() - t0 < timeout:
+            n = check()
+            if total is not None:
+                bar.n = min(n, total)
+                bar.refresh()
+            if (n >= total) if total is not None else n:
+                return time.monotonic() - t0
+            time.sleep(0.25)
+    raise TimeoutError(f"{what}: not done after {timeout:.0f}s")
+
+
+def _feed(realtimeqa_weeks: int = 1):
+    """(documents, questions, held-back documents): synthetic test stream + a RealTimeQA 2024 week when present."""
+    from pipeline.data import realtimeqa, synthetic
+
+    docs, questions = synthetic.generate("test", 24, seed=7)
+    rng = random.Random(7)
+    late = rng.sample(docs, 3)
+    if realtimeqa.available():
+        r_docs, r_qs = realtimeqa.load([2024])
+        weeks = sorted({d.id.split("_")[0] for d in r_docs})[:realtimeqa_weeks]
+        r_docs = [d for d in r_docs if d.id.split("_")[0] in weeks]
+        ids = {d.id for d in r_docs}
+        # free-form questions only ("Which of the following ..." needs its choices on screen)
+        r_qs = [q for q in r_qs if q.doc_ids and set(q.doc_ids) <= ids and "following" not in q.question.lower()]
+        if r_qs:
+            late.append(next(d for d in r_docs if d.id == r_qs[0].doc_ids[0]))
+        docs, questions = docs + r_docs, questions + r_qs
+    return docs, questions, late
+
+
+def _show(q, before: dict, after: dict) -> None:
+    from pipeline.metrics import score_answer
+
+    print(f"\nQ: {q.question}\n   gold answer: {q.answers[0]}")
+    for mode in SHOW_MODES:
+        b, a = before[mode], after[mode]
+        ok_b, ok_a = (score_answer(x["answer"], q.answers)["em"] == 1.0 for x in (b, a))  # exact (normalised) match
+        line = f"   {mode:8} before: {b['answer'][:38]!r:42} {'✓' if ok_b else '✗'}"
+        if mode != "base":
+            line += f"   after: {a['answer'][:38]!r:42} {'✓' if ok_a else '✗'}"
+        print(line)
+    src = after["mac+rag"]["sources"]
+    if src:
+        top = max(src, key=lambda s: s.get("weight") or 0)
+        print(f"   top source after arrival: {top['title'] or top['url'] or top['id']!r} ({(top.get('published_at') or '')[:10]}), "
+              f"retriever score {top['score']:.2f}, aggregator weight {top.get('weight') or 0:.2f}")
 
 
 def main() -> None:
-    t0 = time.time()
-    print(f"loading the frozen LM and the MAC checkpoint {SHIPPED_CHECKPOINT.name} ...")
-    model = MACModel.load(SHIPPED_CHECKPOINT)
-    model.eval()
-    docs, questions = synthetic.generate("test", 40, seed=7)
-    rng = random.Random(7)
-    late = rng.sample(docs, 4)  # the articles that arrive later in the stream
-    late_ids = {d.id for d in late}
-    asked = [next(q for q in questions if q.doc_ids == [d.id]) for d in late]
-    print(f"stream: {len(docs)} articles about {len({d.id.rsplit('-', 1)[0] for d in docs})} fictional companies")
+    import ray
+    import requests
+    from ray import serve
 
-    bank = build_memory(model, [d for d in docs if d.id not in late_ids], progress=False)
-    before, _ = _ask(model, bank, asked, "mac")
-    base, _ = _ask(model, bank, asked, "base")
-    t = time.time()
-    for d in late:  # the new articles arrive: one forward pass each, no fine-tuning
-        bank.upsert(d, model.encode_documents([d]))
-    print(f"streamed {len(late)} new articles into memory in {time.time() - t:.2f}s")
-    after, hits = _ask(model, bank, asked, "mac")
+    from pipeline import kafka_io
+    from pipeline.broker import LocalBroker, free_port
+    from pipeline.config import IngestConfig, ServeConfig
+    from pipeline.metrics import aggregate, score_answer
+    from serving.app import start
+    from workers.ingest import IngestJob
+    from workers.runtime import init_ray
 
-    print()
-    for q, b0, m0, m1, h in zip(asked, base, before, after, hits):
-        print(f"Q: {q.question}\n   gold: {q.answers[0]}")
-        print(f"   base LM              : {b0['prediction']!r}")
-        print(f"   MAC, before arrival  : {m0['prediction']!r}")
-        print(f"   MAC, after arrival   : {m1['prediction']!r}  ({'correct' if m1['em'] else 'wrong'})")
-        top = max(h, key=lambda x: m1.get('weights', {}).get(x.document.id, 0))
-        print(f"   cited: {top.document.title!r} ({top.document.published_at:%Y-%m-%d}), weight "
-              f"{m1.get('weights', {}).get(top.document.id, 0):.2f}\n")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    t_start = time.monotonic()
+    data_dir = tempfile.mkdtemp(prefix="macstream-demo-")  # the store; the model cache stays in MACSTREAM_HOME
+    store = os.path.join(data_dir, "store")
+    stop = threading.Event()
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, data_dir, True)
+        print("[1/4] starting the local broker (Tansu), Ray, the ingest job and the Serve app ...")
+        broker = stack.enter_context(LocalBroker())
+        topic = "news"
+        init_ray()
+        stack.callback(ray.shutdown)
+        job = IngestJob(IngestConfig(topic=topic, bootstrap_servers=broker.bootstrap, workers=1, batch_size=16,
+                                     store=store), partitions=2, progress=False).start()
 
-    held = [q for q in questions if q.doc_ids and q.doc_ids[0] not in late_ids][:48]
-    rows = run_questions(model, bank, held, ("base", "rag", "mac"), EvalSettings(multiple_choice=False), "quality")
-    print(f"{'mode':8} {'EM':>6} {'F1':>6} {'s/question':>11}   ({len(held)} questions, top-k 4, all {len(docs)} articles in memory)")
-    for mode, rs in rows.items():
-        m = aggregate({k: v for k, v in r.items() if isinstance(v, float)} for r in rs)
-        print(f"{mode:8} {m['em']:6.1f} {m['f1']:6.1f} {sum(r['seconds'] for r in rs) / len(rs):11.3f}")
-    print(f"\ndone in {time.time() - t0:.0f}s. Evaluate at scale: macstream eval --data DIR (see README).")
+        def supervise() -> None:  # what `macstream ingest` does in its main loop: replace dead consumers
+            while not stop.wait(0.5):
+                job.supervise()
+
+        supervisor = threading.Thread(target=supervise, daemon=True)
+        supervisor.start()
+        cfg = ServeConfig(port=free_port(), store=store)
+        start(cfg)
+        stack.callback(serve.shutdown)
+        base = f"http://127.0.0.1:{cfg.port}"
+        _wait("model replica loading", lambda: requests.get(base + "/ready", timeout=30).status_code == 200, 300)
+
+        def documents() -> int:
+            return requests.get(base + "/v1/memory/stats", timeout=30).json()["documents"]
+
+        docs, questions, late = _feed()
+        late_ids = {d.id for d in late}
+        asked = [next(q for q in questions if q.doc_ids and q.doc_ids[0] == d.id) for d in late]
+        early = [d for d in docs if d.id not in late_ids]
+        print(f"[2/4] streaming {len(early)} articles through Kafka topic {topic!r} "
+              f"({len(docs) - len(early)} held back) ...")
+        t0 = time.monotonic()
+        kafka_io.produce(broker.bootstrap, topic, early)
+        _wait("ingest (documents in the store)", documents, 600, total=len(early))
+        ingest_s = time.monotonic() - t0
+
+        print(f"[3/4] asking about the {len(late)} held-back articles before and after they arrive")
+        before = {q.id: {m: _post(base, q.question, m)[0] for m in SHOW_MODES} for q in asked}
+        t0 = time.monotonic()
+        kafka_io.produce(broker.bootstrap, topic, late)
+        _wait("the new articles arrive", documents, 300, total=len(docs))
+        fresh_s = time.monotonic() - t0
+        after = {q.id: {m: _post(base, q.question, m)[0] for m in SHOW_MODES} for q in asked}
+        for q in asked:
+            _show(q, before[q.id], after[q.id])
+        print(f"\n   the new articles were answerable {fresh_s:.1f}s after they were published to Kafka "
+              f"(no gradient step: one amortizer forward each)")
+
+        print("\n[4/4] quality and speed over held-out questions (HTTP, top-k 4, all articles in memory)")
+        from tqdm import tqdm
+
+        held = [q for q in questions if q.doc_ids and q.doc_ids[0] not in late_ids][:CLIENTS * 3]
+        rows = {m: [] for m in TABLE_MODES}
+        for m in TABLE_MODES:  # CLIENTS concurrent requests per mode: the replica answers them in batches
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                for q, (r, secs) in zip(held, tqdm(pool.map(lambda q: _post(base, q.question, m), held), total=len(held),
+                                                   desc=f"asking ({m})", leave=False, dynamic_ncols=True)):
+                    rows[m].append({**score_answer(r["answer"], q.answers), "seconds": secs})
+        print(f"   {'mode':8} {'EM':>6} {'F1':>6} {'p50 s':>7}   ({len(held)} questions, {CLIENTS} concurrent clients)")
+        for m, rs in rows.items():
+            s = aggregate({k: v for k, v in r.items() if k in ('em', 'f1')} for r in rs)
+            print(f"   {m:8} {s['em']:6.1f} {s['f1']:6.1f} {statistics.median(r['seconds'] for r in rs):7.2f}")
+        snap = job.snapshot()
+        print(f"   ingest: {snap['upserted']} documents written, {snap['dead_lettered']} dead-lettered; "
+              f"{len(early)} articles stored in {ingest_s:.1f}s with 1 encoder worker")
+        stop.set()
+        supervisor.join(5)
+        job.stop()
+    print(f"\ndone in {time.monotonic() - t_start:.0f}s; broker, Ray and Serve are shut down.")
+    print("""
+Run each part alone (see README):
+  macstream broker --port 9092                              # local Kafka-protocol broker
+  macstream produce --topic news synthetic --split test     # publish a news stream
+  macstream ingest --topic news --workers 2                 # Kafka -> Ray encoder workers -> Qdrant
+  macstream serve --port 8000                               # HTTP API on Ray Serve
+  curl -s localhost:8000/v1/answer -d '{"question": "...", "mode": "mac+rag"}' -H 'content-type: application/json'
+  macstream eval --data DIR --modes base,mac,rag,mac+rag    # quality;  macstream bench all  # the benchmark report""")
 
 
 if __name__ == "__main__":
