@@ -89,7 +89,7 @@ class Gateway:
         self.pending += 1
         t0 = time.perf_counter()
         try:
-            out = await self.model.answer.remote(job)
+            out = await self.model.submit.remote(job)
         finally:
             self.pending -= 1
         if "error" in out:

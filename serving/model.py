@@ -20,6 +20,7 @@ from pipeline.memory import Hit
 from pipeline.store import SearchFilter, collection_name
 
 log = logging.getLogger(__name__)
+PEAK_WINDOW_S = 2.0  # how long the replica remembers its peak concurrency when sizing batches
 
 
 class NotReady(RuntimeError):
@@ -48,6 +49,7 @@ class MACServer:
         self.store = connect_store(store)
         self.loaded: _Loaded | None = None
         self.error: str | None = None
+        self.max_batch_size, self.inflight, self.peak, self.peak_at = max_batch_size, 0, 0, 0.0
         self.answer.set_max_batch_size(max_batch_size)
         self.answer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._lock = threading.Lock()
@@ -119,9 +121,34 @@ class MACServer:
                  "published_at": d.document.published_at.isoformat() if d.document.published_at else None,
                  "score": round(d.score, 4), "weight": weights.get(d.document.id)} for d in best.values()]
 
+    async def submit(self, job: dict) -> dict:
+        """One /v1/answer request into the batcher, with a load-adaptive batch size.
+
+        A batch closes when it holds as many requests as this replica had in flight at its recent peak (capped at
+        max_batch_size), or when the wait timeout passes. A lone client therefore never waits for a batch that cannot
+        fill, while concurrent clients are answered together. Without this, a closed loop of 8 clients settles into
+        alternating half-batches of 4: each batch starts with whatever queued while the last one ran. (Serve reads
+        the size when a batch starts.)
+        """
+        self.inflight += 1
+        now = time.monotonic()
+        if self.inflight >= self.peak or now - self.peak_at > PEAK_WINDOW_S:  # recent peak concurrency
+            self.peak, self.peak_at = self.inflight, now
+        try:
+            self.answer.set_max_batch_size(max(1, min(self.max_batch_size, self.peak)))
+            return await self.answer(job)
+        finally:
+            self.inflight -= 1
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def answer(self, jobs: list[dict]) -> list[dict]:
-        """jobs: {question, mode, top_k, max_new_tokens, filter}. One generation per (mode, length) group."""
+        """jobs: {question, mode, top_k, max_new_tokens, filter}. The compute runs on the event loop on purpose: Serve
+        forms the next batch while one runs, so a free loop would close small batches on the wait timeout; with the loop
+        busy, everything that queued during a generation forms the next batch."""
+        return self._answer_batch(jobs)
+
+    def _answer_batch(self, jobs: list[dict]) -> list[dict]:
+        """One generation per (mode, length) group."""
         from pipeline.answering import answer
 
         try:
