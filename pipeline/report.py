@@ -60,6 +60,10 @@ def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questi
     return out
 
 
+def _command(result: dict, fallback: str) -> str:
+    return result.get("how", {}).get("command") or f"macstream bench {fallback}"
+
+
 def _plot(path: Path, draw) -> str:
     import matplotlib
 
@@ -82,7 +86,8 @@ def _quality(d: Path, q: dict) -> list[str]:
     import numpy as np
 
     lines = ["## Quality by mode", "", f"How: {q['how']['method']}. Checkpoint `{q['how']['checkpoint']}`, top-k "
-             f"{q['how']['top_k']}. Command: `macstream bench quality`.", ""]
+             f"{q['how']['top_k']}. s/question: wall time per question in 16-question batches on one thread (eval's "
+             f"batching, not the HTTP path: see the serving section for latency). Command: `{_command(q, 'quality')}`.", ""]
     for name, rep in q["datasets"].items():
         lines += [f"### {name}: {rep['documents']} documents, {rep['questions']} questions", "",
                   "| mode | EM | lenient EM | F1 | MC accuracy | selection | retriever top-1 | prompt tokens | s/question |",
@@ -172,7 +177,7 @@ def _ingest(d: Path, ing: dict) -> list[str]:
     runs = ing["runs"]
     lines = ["## Ingest throughput by encoder workers", "", f"How: {ing['how']['method']}", "",
              f"{ing['how']['documents']} documents, batch size {ing['how']['batch_size']}, {ing['how']['partitions']} "
-             "partitions. Command: `macstream bench ingest --workers " + " ".join(str(r["workers"]) for r in runs) + "`.", "",
+             f"partitions. Command: `{_command(ing, 'ingest --workers ' + ' '.join(str(r['workers']) for r in runs))}`.", "",
              "| workers | documents | seconds | docs/s | batch latency p50 s |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['workers']} | {r['documents']} | {r['seconds']:.1f} | {r['docs_per_s']:.2f} | "
               f"{r['batch_latency_p50_s']:.2f} |" for r in runs]
@@ -197,7 +202,7 @@ def _serve(d: Path, sv: dict) -> list[str]:
              f"{how['documents']} documents in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
              f"{how['requests_per_mode']} requests per mode, {how['replicas']} replica × {how['replica_threads']} "
              f"thread(s), batch ≤ {how['max_batch_size']}, batch wait {how['batch_wait_s']} s. Command: "
-             f"`macstream bench serve --batch-wait {how['batch_wait_s']}`.", "", table(sv), ""]
+             f"`{_command(sv, 'serve')}`.", "", table(sv), ""]
     if all("latencies_s" in r for r in sv["modes"].values()):
         def draw(ax):
             modes = list(sv["modes"])
@@ -224,8 +229,7 @@ def write_report(directory: str | Path) -> Path:
     if sv:
         lines += _serve(d, sv)
     if bl and (d / "baselines.md").exists():
-        lines += ["## MAC versus online fine-tuning", "", "Command: `macstream bench baselines`.", "",
-                  (d / "baselines.md").read_text(), ""]
+        lines += [(d / "baselines.md").read_text(), ""]
     missing = [n for n, v in (("quality", q), ("ingest", ing), ("serve", sv), ("baselines", bl)) if not v]
     if missing:
         lines += [f"Not measured in this report: {', '.join(missing)}.", ""]

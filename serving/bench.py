@@ -137,6 +137,7 @@ def table(result: dict) -> str:
     lines.append("")
     for k, v in result["throughput"].items():
         lines.append(f"- {k.replace('_', ' ')}: {v:.2f}")
+    lines.append("- (mean batch size: over requests, the size of the batch each request was answered in)")
     for k, v in result["ratios"].items():
         lines.append(f"- {k}: {v:.2f}")
     for k, v in result["targets"].items():
