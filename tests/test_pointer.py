@@ -87,3 +87,24 @@ def test_pointer_loss_targets_the_answer_tokens(tiny_llama: FrozenLM, minilm) ->
     on[0, :, pos] = 1.0 / len(pos)
     off = torch.full((1, 4, S), 1.0 / S)
     assert float(pointer_loss(mac, pool, ["d-a0"], on)) + 1.0 < float(pointer_loss(mac, pool, ["d-a0"], off))
+
+
+def test_diagnose_measures_document_dependence(tiny_llama: FrozenLM, minilm) -> None:
+    """A pointer memory depends on its document (gap != 0); one whose modulations ignore the document has gap 0."""
+    import math
+
+    from pipeline.diagnose import diagnose
+
+    mac = make_tiny_mac(tiny_llama, minilm, **POINTER)
+    out = diagnose(mac, entities=3, questions=6)
+    assert out["questions"] == 6 and math.isfinite(out["nll_gold_memory"])
+    assert out["nll_gap"] == out["nll_other_memory"] - out["nll_gold_memory"] and out["nll_gap"] != 0.0
+    assert {"f1", "em"} <= set(out["gold_only_mac"]) and {"f1", "em"} <= set(out["gold_only_rag"])
+    original = mac.amortize
+
+    def blind(windows, with_attention=False):  # every document gets the same modulation
+        mods, vecs = original(windows)
+        return torch.zeros_like(mods), vecs
+
+    mac.amortize = blind
+    assert diagnose(mac, entities=3, questions=6)["nll_gap"] == 0.0
