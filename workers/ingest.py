@@ -28,6 +28,7 @@ from .runtime import init_ray
 from .store_actor import connect_store
 
 log = logging.getLogger(__name__)
+UNASSIGNED_GIVE_UP_S = 60.0
 
 
 class IngestJob:
@@ -107,9 +108,14 @@ class IngestJob:
                     acc[part][k] = acc[part].get(k, 0) + v
 
     def idle(self) -> bool:
+        """Backfill done: every member has nothing in flight and saw no record for exit_when_idle seconds *while it
+        held partitions*. A member still waiting for its group assignment (a slow rebalance) is not idle, unless it
+        waited UNASSIGNED_GIVE_UP_S (the broker never assigned it: stop rather than hang)."""
         if len(self.last) < len(self.members):
             return False
-        return all(s["in_flight"] == 0 and s["idle_s"] >= self.cfg.exit_when_idle for s in self.last.values())
+        wait = self.cfg.exit_when_idle
+        return all(s["in_flight"] == 0 and s["idle_s"] >= (wait if s["assigned"] else max(UNASSIGNED_GIVE_UP_S, wait))
+                   for s in self.last.values())
 
     def run(self, timeout: float | None = None) -> dict:
         """Supervise until stopped (Ctrl-C), idle (backfill mode) or ``timeout``; return the final snapshot."""
