@@ -46,8 +46,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from .config import StrictModel
 from .lm import FrozenLM, pad_batch
 from .prompts import answer_continuation, document_text, prompt_for
 from .schemas import Document, Question
@@ -56,11 +57,9 @@ FT_MODES = ("ft-uniform", "ft-salient")
 RETENTION_GROWTH = (1, 2, 4, 8)
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(StrictModel):
     """Online fine-tuning of the whole LM (full FT) on each incoming document. Pick the values with :func:`tune`
     on the validation split."""
-
-    model_config = ConfigDict(extra="forbid")
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser. One instance lives for the whole stream, so AdamW's moments carry over from one document to the next.")
     lr: float = Field(3e-5, gt=0.0, le=1.0, description="Learning rate, constant. No warm-up: a stream has no known length.")

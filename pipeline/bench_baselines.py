@@ -19,7 +19,6 @@ The ft hyperparameters come from ``baselines.tune`` on the synthetic **validatio
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from datetime import date
@@ -32,6 +31,7 @@ from .baselines import FT_MODES, PeakRSS, FinetuneConfig, release_memory, retent
 from .evaluate import EvalSettings, evaluate
 from .mac import MACModel, checkpoint_dir
 from .prompts import document_text
+from .report import cpu_name
 from .schemas import Document, Question
 
 MODES = ("base", "rag", "mac") + FT_MODES
@@ -40,16 +40,6 @@ COLORS = {"base": "#777777", "rag": "#1f77b4", "mac": "#d62728", "ft-uniform": "
 
 def _log(msg: str) -> None:
     print(f"[bench baselines {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _per_document(docs: list[Document], adapt) -> dict:
@@ -275,7 +265,7 @@ def run(out: str | Path, checkpoint: str | None = None, entities: int = 40, rtqa
     settings.finetune = {m: FinetuneConfig.model_validate(tuned["chosen"][m]) for m in FT_MODES}
     result = {"how": {"command": command or " ".join(["macstream"] + sys.argv[1:]), "date": date.today().isoformat(),
                       "lm": model.cfg.lm, "checkpoint": f"{checkpoint_dir(checkpoint)} ({model.version})",
-                      "top_k": top_k, "max_new_tokens": max_new_tokens, "threads": threads, "cpu": _cpu(),
+                      "top_k": top_k, "max_new_tokens": max_new_tokens, "threads": threads, "cpu": cpu_name(),
                       "torch": torch.__version__},
               "tuning": tuned | {"file": str(tuning_path)}, "datasets": {}}
     for name, (docs, qs) in (data or datasets(entities, rtqa_docs)).items():

@@ -242,13 +242,12 @@ def cmd_bench(args) -> None:
     """Run one benchmark (or all of them, one after the other, never overlapping) and rewrite the report."""
     from datetime import date
 
-    from .report import run_benchmark, write_report
-
     import torch
+
+    from .report import run_benchmark, write_report
 
     torch.set_num_threads(args.threads)  # this process's share; Ray actors set their own
     out_dir = Path(args.out_dir or f"benchmarks/results/{date.today().isoformat()}")
-    args.argv = sys.argv[2:] if len(sys.argv) > 2 else [args.what]
     for what in BENCHMARKS if args.what == "all" else (args.what,):
         print(f"== bench {what}", file=sys.stderr, flush=True)
         result = run_benchmark(what, out_dir, args)
@@ -403,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
     bn.add_argument("--requests", type=_positive, default=40, help="requests per mode")
     bn.add_argument("--clients", type=_positive, default=8)
-    bn.add_argument("--top-k", dest="top_k", type=_positive, default=8)
+    bn.add_argument("--top-k", dest="top_k", type=_positive, default=8, help="serve: retrieved chunks")
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
     bn.add_argument("--batch-wait", dest="batch_wait", type=float, default=0.01, help="serve: seconds a replica waits to fill a batch")
     bn.add_argument("--baseline-entities", dest="baseline_entities", type=_positive, default=16,
@@ -435,7 +434,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv[1:]  # after the subcommand: benchmarks record the exact command that produced them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         args.fn(args)

@@ -202,6 +202,9 @@ def reference_markdown() -> str:
                 (StageConfig, "train.stages[]", "one curriculum stage"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
+    from .baselines import FinetuneConfig  # defined beside the baselines it configures
+
+    sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
     out = []
     for cls, key, where in sections:
         out += [f"#### `{key}` ({cls.__name__}: {where})", "", (cls.__doc__ or "").strip().replace("\n", " "), "",

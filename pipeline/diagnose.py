@@ -32,8 +32,10 @@ def diagnose(model: MACModel, split: str = "validation", entities: int = 30, que
     items = random.Random(seed).sample(items, min(questions, len(items)))
     chunks = {c.modulation.doc_id: c for c in model.encode_documents(docs) if c.modulation.chunk == 0}
     entity = lambda doc_id: doc_id.rsplit("-", 1)[0]  # noqa: E731
-    others = [next(d for d in docs[i + 1:] + docs[:i] if entity(d.id) != entity(doc.id))
-              for i, doc in ((docs.index(doc), doc) for _, doc in items)]
+    others = []  # for each question: the next article in the split about another company
+    for _, doc in items:
+        i = docs.index(doc)
+        others.append(next(d for d in docs[i + 1:] + docs[:i] if entity(d.id) != entity(doc.id)))
     out: dict = {"split": split, "questions": len(items), "checkpoint": model.version}
     nll = {}
     for name, mem_docs in (("gold", [d for _, d in items]), ("other", others)):

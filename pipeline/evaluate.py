@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .answering import MODES, answer, prepare
-from .baselines import FT_MODES, config_for, finetune_eval
+from .baselines import FT_MODES, config_for, finetune_eval, retention_block
 from .mac import MACModel
 from .memory import Hit, MemoryBank
 from .metrics import score_answer
@@ -164,6 +164,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
         "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
+            "bytes_per_retrieval_vector": model.encoder.width * 4,
             "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_tokens * model.lm.num_kv_heads * model.lm.head_dim * 2,
             "encode_seconds_per_document": encode_s / max(1, len(docs)),
         },
@@ -190,9 +191,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
 
 def retention(model: MACModel, docs: list[Document], questions: list[Question], settings: EvalSettings) -> dict:
     """F1 of the first eighth's questions with memory = first n·g documents, g = 1, 2, 4, 8 (stream order)."""
-    n0 = max(1, len(docs) // 8)
-    first = {d.id for d in docs[:n0]}
-    qs = [q for q in questions if q.doc_ids and set(q.doc_ids) <= first]
+    n0, qs = retention_block(docs, questions)
     modes = [m for m in settings.modes if m != "base"]
     if not qs or not modes:
         return {}

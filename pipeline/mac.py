@@ -63,7 +63,7 @@ class MACModel(nn.Module):
             self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(
                 D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
         self.version = "untrained"
-        if calibrate and self.lm.tokenizer is not None:
+        if calibrate and self.lm.tokenizer is not None and cfg.expander != "lm":  # the LM expander needs no scale
             self._calibrate_expander()
         if cfg.doc_states == "lm" and cfg.standardize_states:
             self._state_stats()  # fixed statistics, recomputed on load (deterministic), never stored

@@ -18,17 +18,21 @@ from pathlib import Path
 MODE_ORDER = ("base", "rag", "mac", "mac+rag", "ft-uniform", "ft-salient")
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import torch
+
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}, no GPU"
 
@@ -157,10 +161,10 @@ def _bytes(d: Path, q: dict | None) -> list[str]:
     from .data import synthetic
     from .prompts import document_text
 
-    docs, _ = synthetic.generate("test", 20, seed=0)
+    docs, _ = synthetic.generate("test", q["how"]["synthetic_entities"], seed=0)  # the benchmarked split (deterministic)
     text = sum(len(document_text(x).encode()) for x in docs) / len(docs)
     cost = next(iter(q["datasets"].values()))["cost"]
-    vec = 384 * 4  # the MiniLM retrieval vector, float32
+    vec = cost.get("bytes_per_retrieval_vector", 384 * 4)  # older reports: the default MiniLM's 384 float32
 
     def draw(ax):
         parts = {"document text": text, "modulation (fp16)": cost["bytes_per_modulation"], "retrieval vector": vec}

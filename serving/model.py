@@ -144,11 +144,7 @@ class MACServer:
     async def answer(self, jobs: list[dict]) -> list[dict]:
         """jobs: {question, mode, top_k, max_new_tokens, filter}. The compute runs on the event loop on purpose: Serve
         forms the next batch while one runs, so a free loop would close small batches on the wait timeout; with the loop
-        busy, everything that queued during a generation forms the next batch."""
-        return self._answer_batch(jobs)
-
-    def _answer_batch(self, jobs: list[dict]) -> list[dict]:
-        """One generation per (mode, length) group."""
+        busy, everything that queued during a generation forms the next batch. One generation per (mode, length) group."""
         from pipeline.answering import answer
 
         try:

@@ -32,7 +32,7 @@ def _quality(mods):
     growth = {f"{g}x": {"documents": 10 * g, **{m: 50.0 / g for m in mods if m != "base"}} for g in (1, 2, 4, 8)}
     rep = {"documents": 40, "questions": 80, "metrics": metrics, "retention": {"questions": 9, "growth": growth},
            "cost": {"bytes_per_modulation": 13824, "bytes_per_expanded_prefix": 46080, "encode_seconds_per_document": 0.05}}
-    return {"datasets": {"synthetic-test": rep}, "how": {"method": "m", "checkpoint": "abc", "top_k": 4}}
+    return {"datasets": {"synthetic-test": rep}, "how": {"method": "m", "checkpoint": "abc", "top_k": 4, "synthetic_entities": 5}}
 
 
 def test_report_has_tables_and_plots(tmp_path):
