@@ -177,7 +177,7 @@ class ServeConfig(StrictModel):
     autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description="Turn on autoscaling between 1 and this many model replicas.")
     replica_threads: int = Field(1, ge=1, le=64, description="torch threads per model replica (= its CPU reservation).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Most /v1/answer requests one replica answers in one batched generation.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=5.0, description="How long a replica waits to fill a batch: latency traded for throughput.")
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="Longest a replica waits to fill a batch. It waits only while more requests are in flight than the batch holds (batches are sized to the recent peak load), so a lone request is never delayed; under load it covers the round trip of the clients of the last batch.")
     max_pending: int = Field(64, ge=1, le=100000, description="Requests in the service at once; more get 503 with Retry-After.")
     default_top_k: int = Field(8, ge=1, le=64, description="Retrieved chunks per question when the request does not say.")
     default_max_new_tokens: int = Field(24, ge=1, le=256, description="Answer length when the request does not say.")

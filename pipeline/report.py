@@ -234,6 +234,8 @@ def write_report(directory: str | Path) -> Path:
         lines += _serve(d, sv)
     if bl and (d / "baselines.md").exists():
         lines += [(d / "baselines.md").read_text(), ""]
+    if (d / "notes.md").exists():  # hand-written: e.g. a rerun check, what the machine was doing
+        lines += [(d / "notes.md").read_text(), ""]
     missing = [n for n, v in (("quality", q), ("ingest", ing), ("serve", sv), ("baselines", bl)) if not v]
     if missing:
         lines += [f"Not measured in this report: {', '.join(missing)}.", ""]

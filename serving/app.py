@@ -61,7 +61,8 @@ class Gateway:
         self.model = model
         self.stream_model = model.options(stream=True)
         self.cfg = cfg
-        self.pending = 0
+        self.pending = 0  # requests in flight through this gateway (admission control)
+        self.batchable = 0  # of which batched answers (not streams): the load the model replicas batch
         self.metrics = METRICS
 
     # ---- plumbing ----------------------------------------------------------------------------------------------------
@@ -87,11 +88,14 @@ class Gateway:
     async def _answer(self, job: dict, endpoint: str) -> dict:
         self._admit()
         self.pending += 1
+        self.batchable += 1
         t0 = time.perf_counter()
         try:
-            out = await self.model.submit.remote(job)
+            # the replicas size their batches from this count: theirs undercounts while a generation blocks their loop
+            out = await self.model.submit.remote({**job, "load": self.batchable})
         finally:
             self.pending -= 1
+            self.batchable -= 1
         if "error" in out:
             raise ApiError(503, out["message"], "not_ready", headers={"Retry-After": "2"})
         self.metrics.observe(endpoint, job["mode"], time.perf_counter() - t0, out["timings"], out.pop("batch_size"))

@@ -15,12 +15,21 @@ import time
 from collections import defaultdict
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from pipeline.memory import Hit
 from pipeline.store import SearchFilter, collection_name
 
 log = logging.getLogger(__name__)
 PEAK_WINDOW_S = 2.0  # how long the replica remembers its peak concurrency when sizing batches
+
+
+def _replicas() -> int:
+    """Replicas of this deployment (1 outside a replica)."""
+    try:
+        return max(1, serve.get_replica_context().world_size)
+    except RayServeException:  # not in a replica
+        return 1
 
 
 class NotReady(RuntimeError):
@@ -124,16 +133,22 @@ class MACServer:
     async def submit(self, job: dict) -> dict:
         """One /v1/answer request into the batcher, with a load-adaptive batch size.
 
-        A batch closes when it holds as many requests as this replica had in flight at its recent peak (capped at
-        max_batch_size), or when the wait timeout passes. A lone client therefore never waits for a batch that cannot
-        fill, while concurrent clients are answered together. Without this, a closed loop of 8 clients settles into
-        alternating half-batches of 4: each batch starts with whatever queued while the last one ran. (Serve reads
-        the size when a batch starts.)
+        A batch closes when it holds as many requests as are in flight for this replica at their recent peak (capped
+        at max_batch_size), or when the wait timeout passes. A lone client therefore never waits for a batch that
+        cannot fill, while concurrent clients are answered together. Without this, a closed loop of 8 clients
+        settles into alternating half-batches of 4: each batch starts with whatever queued while the last one ran.
+        (Serve reads the size when a batch starts.)
+
+        The load is the larger of this replica's own count and the gateway's (``job["load"]``: batched requests in
+        flight through the gateway, over the deployment's replicas). The replica's own count alone is not enough: a
+        generation blocks its loop, so requests that arrive meanwhile are counted only after the batch ends, and a
+        half-batch pattern would look like a load of 4 and keep itself going.
         """
+        gateway_load = -(-int(job.pop("load", 1)) // _replicas())  # ceil: several gateways would undercount (safe)
         self.inflight += 1
-        now = time.monotonic()
-        if self.inflight >= self.peak or now - self.peak_at > PEAK_WINDOW_S:  # recent peak concurrency
-            self.peak, self.peak_at = self.inflight, now
+        load, now = max(self.inflight, gateway_load), time.monotonic()
+        if load >= self.peak or now - self.peak_at > PEAK_WINDOW_S:  # recent peak concurrency
+            self.peak, self.peak_at = load, now
         try:
             self.answer.set_max_batch_size(max(1, min(self.max_batch_size, self.peak)))
             return await self.answer(job)
