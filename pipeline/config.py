@@ -124,7 +124,7 @@ class TrainConfig(StrictModel):
     synthetic_entities: int = Field(600, ge=1, description="Entities in the synthetic train split.")
     realtimeqa_years: list[int] = Field(default_factory=lambda: [2022, 2023], description="RealTimeQA years mixed into training (2024 is held out).")
     realtimeqa_share: float = Field(0.2, ge=0.0, le=1.0, description="Share of steps drawn from RealTimeQA (when present).")
-    eval_every: int = Field(250, ge=1, description="Validate (EM/F1, selection accuracy) every this many steps.")
+    eval_every: int = Field(250, ge=1, description="Validate every this many steps: EM/F1 and selection accuracy with a memory of 8, and EM/F1 with the gold document alone.")
     eval_questions: int = Field(120, ge=1, description="Validation questions per validation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
 

@@ -248,12 +248,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         seen += int(res["questions"])
-        vals = {k: float(v) for k, v in res.items() if k != "questions"}
+        vals = {k: float(v.detach()) for k, v in res.items() if k != "questions"}
         ema = vals if ema is None else {k: 0.95 * ema[k] + 0.05 * vals[k] for k in vals}
         bar.set_postfix(mem=stage.memory_size, nll=f"{ema['nll']:.3f}", sel=f"{ema['sel_acc']:.2f}", pt=f"{ema['point_loss']:.2f}",
                         gn=f"{float(gnorm):.1f}", qps=f"{seen / (time.time() - t0):.1f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
             metrics = validate(model, val_pool, cfg.eval_questions, memory_size=8)
+            # with the gold document alone: does the modulation carry the facts at all (apart from selection)?
+            gold = validate(model, val_pool, cfg.eval_questions, memory_size=1)
+            metrics.update(gold_only_em=gold["em"], gold_only_f1=gold["f1"])
             metrics.update(step=step + 1, memory_size=stage.memory_size, train_nll=ema["nll"], train_sel=ema["sel_acc"])
             log.info("validation @%d: %s", step + 1, json.dumps(metrics))
             bar.write(f"validation @{step + 1}: " + json.dumps({k: round(v, 2) for k, v in metrics.items()}))
