@@ -51,7 +51,7 @@ def _fill(location: str, checkpoint: str | None, entities: int) -> tuple[list[st
     return [q.question for q in questions], len(docs)
 
 
-def _batch_counts(base: str) -> tuple[float, float]:
+def batch_counts(base: str) -> tuple[float, float]:
     """(sum, count) of the gateway's macstream_batch_size histogram."""
     text = requests.get(base + "/metrics", timeout=30).text
     vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("macstream_batch_size_")}
@@ -106,12 +106,12 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99), "requests_per_s": len(lat) / wall,
                                  "requests": len(lat), "server_seconds": server, "latencies_s": lat}
     for n in (1, clients):
-        s0, c0 = _batch_counts(base)
+        s0, c0 = batch_counts(base)
         t = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(lambda q: ask(q, "mac"), qs * THROUGHPUT_ROUNDS))
         result["throughput"][f"{n}_clients_requests_per_s"] = THROUGHPUT_ROUNDS * len(qs) / (time.perf_counter() - t)
-        s1, c1 = _batch_counts(base)
+        s1, c1 = batch_counts(base)
         result["throughput"][f"{n}_clients_mean_batch_size"] = (s1 - s0) / max(1.0, c1 - c0)
     serve.shutdown()
     m = result["modes"]

@@ -27,6 +27,7 @@ from pipeline.config import ServeConfig  # noqa: E402
 from pipeline.messages import content_hash  # noqa: E402
 from pipeline.schemas import Document  # noqa: E402
 from pipeline.store import collection_name  # noqa: E402
+from serving.bench import batch_counts  # noqa: E402
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 H1 = {"Authorization": "Bearer key-one"}
@@ -234,12 +235,6 @@ def test_concurrent_load_completes_without_errors(server) -> None:
     assert sizes and float(sizes[0].split()[-1]) >= 200
 
 
-def _batch_totals(server) -> tuple[float, float]:
-    text = requests.get(server["base"] + "/metrics", timeout=10).text
-    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("macstream_batch_size_")}
-    return vals["macstream_batch_size_sum"], vals["macstream_batch_size_count"]
-
-
 def test_concurrent_clients_share_batches(server) -> None:
     """Batching works: 8 closed-loop clients are answered in shared batches (a mean of 1 means no batching, 4 the
     half-batch pattern that the gateway's load count prevents)."""
@@ -248,10 +243,10 @@ def test_concurrent_clients_share_batches(server) -> None:
             assert _post(server, "/v1/answer", {"question": f"Who leads Acme{(i + r) % 12}?", "mode": "mac",
                                                 "max_new_tokens": 4}).status_code == 200
 
-    s0, c0 = _batch_totals(server)
+    s0, c0 = batch_counts(server["base"])
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(client, range(8)))
-    s1, c1 = _batch_totals(server)
+    s1, c1 = batch_counts(server["base"])
     assert c1 - c0 == 48
     assert (s1 - s0) / (c1 - c0) > 4.5, f"mean batch size {(s1 - s0) / (c1 - c0):.2f} for 8 concurrent clients"
 
