@@ -404,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--clients", type=_positive, default=8)
     bn.add_argument("--top-k", dest="top_k", type=_positive, default=8, help="serve: retrieved chunks")
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
-    bn.add_argument("--batch-wait", dest="batch_wait", type=float, default=0.1, help="serve: longest a replica waits to fill a batch (s)")
+    bn.add_argument("--batch-wait", dest="batch_wait", type=float, help="serve: longest a replica waits to fill a batch (s; default: serve's)")
     bn.add_argument("--baseline-entities", dest="baseline_entities", type=_positive, default=16,
                     help="baselines: synthetic test entities of the stream")
     bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=48,

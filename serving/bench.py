@@ -59,7 +59,8 @@ def batch_counts(base: str) -> tuple[float, float]:
 
 
 def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: int = 40, clients: int = 8,
-        top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float = 0.1, replica_threads: int = 1) -> dict:
+        top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float | None = None, replica_threads: int = 1) -> dict:
+    """``batch_wait_s`` None: the ServeConfig default."""
     from ray import serve
 
     from pipeline.broker import free_port
@@ -70,9 +71,9 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray()
     store_dir = tempfile.mkdtemp(prefix="macstream-bench-")
+    wait = {} if batch_wait_s is None else {"batch_wait_timeout_s": batch_wait_s}
     cfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=str(Path(store_dir) / "store"),
-                      max_batch_size=clients, batch_wait_timeout_s=batch_wait_s, max_pending=1000,
-                      replica_threads=replica_threads)
+                      max_batch_size=clients, max_pending=1000, replica_threads=replica_threads, **wait)
     t0 = time.perf_counter()
     questions, n_docs = _fill(cfg.store_location(), checkpoint, entities)
     fill_s = time.perf_counter() - t0
@@ -128,7 +129,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         f"{os.cpu_count()} cores, {platform.system()}", "checkpoint": checkpoint or "shipped", "documents": n_docs,
         "store": "embedded qdrant-client (local mode) via the store-owner actor", "top_k": top_k,
         "max_new_tokens": max_new_tokens, "requests_per_mode": len(qs), "clients": clients,
-        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size, "batch_wait_s": batch_wait_s,
+        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size, "batch_wait_s": cfg.batch_wait_timeout_s,
         "fill_seconds": fill_s, "method": __doc__.split("How it is measured (printed with the results): ")[1].strip(),
     }
     return result
