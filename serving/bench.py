@@ -11,7 +11,6 @@ HTTP connection, in the benchmark's process. Warm-up requests are not counted.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -65,6 +64,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
 
     from pipeline.broker import free_port
     from pipeline.config import ServeConfig
+    from pipeline.report import machine
     from serving.app import start
     from workers.runtime import init_ray
 
@@ -125,8 +125,7 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
                          "mac_p50 <= 1.3 x base_p50": result["ratios"]["mac_p50_over_base_p50"] <= 1.3,
                          f"throughput {clients} clients >= 2 x 1 client": result["ratios"][f"throughput_{clients}_clients_over_1"] >= 2}
     result["how"] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, {platform.system()}", "checkpoint": checkpoint or "shipped", "documents": n_docs,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "checkpoint": checkpoint or "shipped", "documents": n_docs,
         "store": "embedded qdrant-client (local mode) via the store-owner actor", "top_k": top_k,
         "max_new_tokens": max_new_tokens, "requests_per_mode": len(qs), "clients": clients,
         "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size, "batch_wait_s": cfg.batch_wait_timeout_s,

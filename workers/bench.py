@@ -9,7 +9,6 @@ commit (model loading and the idle wait excluded). Each run starts a fresh Ray c
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, .
     from pipeline import kafka_io
     from pipeline.broker import LocalBroker
     from pipeline.config import IngestConfig
+    from pipeline.report import machine
     from pipeline.data.synthetic import generate
     from workers.ingest import IngestJob
     from workers.runtime import init_ray
@@ -58,7 +58,7 @@ def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, .
                                 "docs_per_s": snap["upserted"] / secs if secs else None,
                                 "batch_latency_p50_s": snap["batch_latency_p50_s"]})
     out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores", "checkpoint": checkpoint or "shipped",
+                  "machine": machine(), "checkpoint": checkpoint or "shipped",
                   "documents": len(docs), "batch_size": batch_size, "partitions": 4,
                   "method": __doc__.split("How it is measured (printed with the results): ")[1].strip()}
     return out
