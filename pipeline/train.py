@@ -29,7 +29,7 @@ from .config import ModelConfig, TrainConfig
 from .data import realtimeqa, synthetic
 from .mac import MACModel
 from .metrics import aggregate, score_answer
-from .prompts import MAC_PROMPT, document_text
+from .prompts import MAC_PROMPT, RECALL_PROMPT, document_text
 from .schemas import Document, Question
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def pointer_loss(model: MACModel, pool: Pool, doc_ids: list[str], attn: torch.Te
 
 def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int, select_weight: float,
               backprop_fraction: float, questions_per_doc: int, rng: random.Random,
-              pointer_weight: float = 0.0) -> dict[str, torch.Tensor]:
+              pointer_weight: float = 0.0, reconstruct_weight: float = 0.0) -> dict[str, torch.Tensor]:
     docs = [pool.docs[i] for i in doc_ids]
     pieces = [model.windows(document_text(d))[0] for d in docs]  # training docs fit one window
     n_grad = max(1, round(backprop_fraction * len(docs)))
@@ -158,9 +158,22 @@ def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int,
     loss = nll + select_weight * sel if select_weight > 0 else nll
     if point is not None:
         loss = loss + pointer_weight * point
-    return {"loss": loss, "nll": nll.detach(), "sel_loss": sel.detach(),
+    rec = torch.tensor(0.0)
+    if reconstruct_weight > 0:
+        rec = reconstruct_loss(model, [docs[i] for i in order[:n_grad]], mods_g)
+        loss = loss + reconstruct_weight * rec
+    return {"loss": loss, "nll": nll.detach(), "sel_loss": sel.detach(), "rec": rec.detach(),
             "point_loss": point.detach() if point is not None else torch.tensor(0.0),
             "sel_acc": (mass.argmax(1) == gp).float().mean(), "questions": torch.tensor(len(qs))}
+
+
+def reconstruct_loss(model: MACModel, docs: list[Document], mods: torch.Tensor) -> torch.Tensor:
+    """Autoencoding: each document's text from a memory holding only its own modulation. mods: (N, T, D) in ``docs``
+    order. Returns the mean per-token NLL (scalar)."""
+    q_tokens, _ = model.encode_questions([RECALL_PROMPT] * len(docs))  # (N, T, D)
+    prefix, _ = model.prefix(q_tokens, mods[:, None], None, torch.ones(len(docs), 1))  # memory of one: (N, 1, T, D)
+    lp = model.answer_logprobs([RECALL_PROMPT] * len(docs), [document_text(d) for d in docs], prefix)
+    return -lp.mean()
 
 
 @torch.no_grad()
@@ -242,7 +255,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
             g["lr"] = lr_at(step, total, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             res = step_loss(model, pool, ids, stage.memory_size, stage.select_weight, cfg.backprop_fraction,
-                            cfg.questions_per_doc, rng, stage.pointer_weight)
+                            cfg.questions_per_doc, rng, stage.pointer_weight, stage.reconstruct_weight)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -250,7 +263,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
         seen += int(res["questions"])
         vals = {k: float(v.detach()) for k, v in res.items() if k != "questions"}
         ema = vals if ema is None else {k: 0.95 * ema[k] + 0.05 * vals[k] for k in vals}
-        bar.set_postfix(mem=stage.memory_size, nll=f"{ema['nll']:.3f}", sel=f"{ema['sel_acc']:.2f}", pt=f"{ema['point_loss']:.2f}",
+        bar.set_postfix(mem=stage.memory_size, nll=f"{ema['nll']:.3f}", sel=f"{ema['sel_acc']:.2f}", pt=f"{ema['point_loss']:.2f}", rec=f"{ema['rec']:.2f}",
                         gn=f"{float(gnorm):.1f}", qps=f"{seen / (time.time() - t0):.1f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
             metrics = validate(model, val_pool, cfg.eval_questions, memory_size=8)

@@ -4,6 +4,7 @@ of trainable weights only, and resume from ``last`` at the step it stopped."""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -30,10 +31,35 @@ def test_train_validates_saves_and_resumes(tiny_checkpoint, tmp_path) -> None:
     assert json.loads((out / "last" / "metrics.json").read_text())["step"] == 4
 
     # resume: a longer curriculum continues from step 4 (no validation is repeated), and the weights move on
-    more = cfg.model_copy(update={"stages": [*cfg.stages, StageConfig(steps=2, memory_size=2, select_weight=1.0)]})
+    # (the added stage also trains with the autoencoding loss)
+    more = cfg.model_copy(update={"stages": [*cfg.stages, StageConfig(steps=2, memory_size=2, select_weight=1.0,
+                                                                      reconstruct_weight=1.0)]})
     train(model_cfg, more, out)
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     after = MACModel.load(out / "last")
     moved = [n for n, t in after.trainable_state().items() if not torch.equal(t, first.trainable_state()[n])]
     assert moved, "resumed training did not change any trainable weight"
+
+
+def test_reconstruct_loss_reads_the_document_through_its_modulation(tiny_llama, minilm) -> None:
+    """Autoencoding: the document's text is scored from its own modulation, so the gradient reaches the amortizer,
+    and the loss depends on which modulation is in memory (a different document's one scores the text differently)."""
+    from pipeline.data import synthetic
+    from pipeline.prompts import document_text
+    from pipeline.train import reconstruct_loss
+    from tests.conftest import make_tiny_mac
+
+    model = make_tiny_mac(tiny_llama, minilm, aggregator_output="mixture")
+    docs, _ = synthetic.generate("train", 2)
+    docs = docs[:2]
+    mods, _ = model.amortize([model.windows(document_text(d))[0] for d in docs])  # (2, T, D)
+    loss = reconstruct_loss(model, docs, mods)
+    value = float(loss.detach())
+    assert loss.ndim == 0 and math.isfinite(value) and value > 0
+    loss.backward()
+    grads = [p.grad for p in model.amortizer.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    with torch.no_grad():
+        swapped = reconstruct_loss(model, docs, mods.flip(0))  # each text read from the other document's memory
+    assert abs(float(swapped) - value) > 1e-6
