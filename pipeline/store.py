@@ -95,16 +95,18 @@ class Store(ABC):
         """vectors (B, d_enc), unit norm → per row the k best chunks passing ``flt``, best first, cosine scores."""
 
     @abstractmethod
-    def counts(self, collection: str) -> dict[str, int]:
-        """{"documents": distinct documents, "chunks": points}; zeros for an absent collection."""
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        """{"documents": distinct documents, "chunks": points}; zeros for an absent collection. With ``tenant``: only
+        that tenant's documents (what an API key may see)."""
 
     @abstractmethod
     def collections(self) -> list[str]:
         """Names of the macstream collections, sorted."""
 
     @abstractmethod
-    def newest_published(self, collection: str) -> datetime | None:
-        """The latest ``published_at`` in the collection (UTC), None when no document has one."""
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
+        """The latest ``published_at`` in the collection (UTC), None when no document has one; with ``tenant``: among
+        that tenant's documents only."""
 
     def stats(self) -> dict:
         return {c: self.counts(c) for c in self.collections()}
@@ -150,17 +152,21 @@ class InMemoryStore(Store):
             return [[] for _ in range(len(vectors))]
         return self._banks[collection].search(np.asarray(vectors, np.float32), k, flt.matches if flt else None)
 
-    def counts(self, collection: str) -> dict[str, int]:
+    def _doc_ids(self, collection: str, tenant: str | None) -> list[str]:
         bank = self._banks.get(collection)
-        return {"documents": len(bank) if bank else 0, "chunks": bank.num_chunks if bank else 0}
+        ids = bank.document_ids() if bank else []
+        return ids if tenant is None else [d for d in ids if bank.document(d).tenant == tenant]
+
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        ids = self._doc_ids(collection, tenant)
+        return {"documents": len(ids), "chunks": sum(len(self._banks[collection].chunks(d)) for d in ids)}
 
     def collections(self) -> list[str]:
         return sorted(c for c, b in self._banks.items() if len(b))
 
-    def newest_published(self, collection: str) -> datetime | None:
-        bank = self._banks.get(collection)
-        times = [_utc(bank.document(d).published_at) for d in (bank.document_ids() if bank else [])
-                 if bank.document(d).published_at is not None]
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
+        docs = [self._banks[collection].document(d) for d in self._doc_ids(collection, tenant)]
+        times = [_utc(d.published_at) for d in docs if d.published_at is not None]
         return max(times) if times else None
 
 
@@ -280,24 +286,27 @@ class QdrantStore(Store):
                                with_vector=True) for v in vectors]
         return [[self._hit(p) for p in r.points] for r in self.client.query_batch_points(collection, requests=reqs)]
 
-    def counts(self, collection: str) -> dict[str, int]:
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
         if not self._exists(collection):
             return {"documents": 0, "chunks": 0}
         m = self._m
-        chunks = self.client.count(collection, exact=True).count
-        docs = self.client.count(collection, count_filter=m.Filter(
-            must=[m.FieldCondition(key="chunk", match=m.MatchValue(value=0))]), exact=True).count
+        scope = self._filter(SearchFilter(tenant=tenant))  # None without a tenant
+        first = m.FieldCondition(key="chunk", match=m.MatchValue(value=0))
+        chunks = self.client.count(collection, count_filter=scope, exact=True).count
+        docs = self.client.count(collection, count_filter=m.Filter(must=[first, *(scope.must if scope else [])]),
+                                 exact=True).count
         return {"documents": docs, "chunks": chunks}
 
     def collections(self) -> list[str]:
         names = [c.name for c in self.client.get_collections().collections if c.name.startswith("macstream-")]
         return sorted(n for n in names if self.counts(n)["chunks"])
 
-    def newest_published(self, collection: str) -> datetime | None:
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
         if not self._exists(collection):
             return None
         m = self._m
-        points, _ = self.client.scroll(collection, limit=1, with_payload=["published_ts"], with_vectors=False,
+        points, _ = self.client.scroll(collection, scroll_filter=self._filter(SearchFilter(tenant=tenant)), limit=1,
+                                       with_payload=["published_ts"], with_vectors=False,
                                        order_by=m.OrderBy(key="published_ts", direction=m.Direction.DESC))
         if not points or points[0].payload.get("published_ts") is None:
             return None

@@ -126,11 +126,11 @@ class Gateway:
 
     @api.get("/v1/memory/stats")
     async def memory_stats(self, request: Request):
-        self._tenant(request, MemoryControls())  # same auth as the data endpoints
+        tenant = self._tenant(request, MemoryControls())  # same auth as the data endpoints; scopes the counts
         status = await self.model.status.remote()
         if not status["ready"]:
             raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
-        return await self.model.memory_stats.remote()
+        return await self.model.memory_stats.remote(tenant)
 
     @api.post("/v1/answer", response_model=AnswerResponse)
     async def answer(self, body: AnswerRequest, request: Request):

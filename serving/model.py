@@ -91,10 +91,12 @@ class MACServer:
         return {"ready": cur is not None, "checkpoint": cur.model.version if cur else None,
                 "collection": cur.collection if cur else None, "error": self.error}
 
-    def memory_stats(self) -> dict:
+    def memory_stats(self, tenant: str | None = None) -> dict:
+        """Counts and newest publication time of the served collection; with ``tenant`` (an API key's), only that
+        tenant's documents: a key never learns how much another tenant stored."""
         cur = self._current()
-        newest = self.store.newest_published(cur.collection)
-        return {"checkpoint": cur.model.version, "collection": cur.collection, **self.store.counts(cur.collection),
+        newest = self.store.newest_published(cur.collection, tenant)
+        return {"checkpoint": cur.model.version, "collection": cur.collection, **self.store.counts(cur.collection, tenant),
                 "newest_published_at": newest.isoformat() if newest else None}
 
     def _current(self) -> _Loaded:

@@ -164,8 +164,11 @@ def test_filters_restrict_sources(server) -> None:
 
 
 def test_memory_stats_models_and_metrics(server) -> None:
+    # each key sees its own tenant's share of the collection (t1: s0..s7, t2: s8..s11), never the other's
     stats = requests.get(server["base"] + "/v1/memory/stats", headers=H1, timeout=10).json()
-    assert stats["documents"] == 12 and stats["newest_published_at"].startswith("2025-12-05")
+    assert stats["documents"] == 8 and stats["newest_published_at"].startswith("2025-08-05")
+    stats = requests.get(server["base"] + "/v1/memory/stats", headers=H2, timeout=10).json()
+    assert stats["documents"] == 4 and stats["newest_published_at"].startswith("2025-12-05")
     models = requests.get(server["base"] + "/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["macstream"]
     text = requests.get(server["base"] + "/metrics", timeout=10).text

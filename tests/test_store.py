@@ -64,6 +64,8 @@ def _run_ops(store: Store) -> dict:
     out["payload"] = (hit.document.model_dump(), hit.chunk.modulation.tokens.tolist(), hit.chunk.modulation.checkpoint)
     out["collections"] = store.collections()
     out["newest"] = (store.newest_published(COLL), store.newest_published("macstream-none"))
+    out["tenant"] = (store.counts(COLL, "t2"), store.counts(COLL, "nobody"), store.newest_published(COLL, "t2"),
+                     store.newest_published(COLL, "nobody"), store.counts("macstream-none", "t2"))
     out["absent"] = (store.counts("macstream-none"), store.search("macstream-none", q, 3), store.content_hashes("macstream-none", ["d1"]))
     return out
 
@@ -80,6 +82,9 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["deleted"] == [True, False, False]
     assert ref["hashes"] == {"d4": "h4b", "d5": "h5"}
     assert ref["newest"] == (datetime(2024, 1, 12, tzinfo=timezone.utc), None)
+    # a tenant's view: t2 owns d0 (2 chunks), d3, d6, d9; nothing of the others leaks into its counts
+    assert ref["tenant"] == ({"documents": 4, "chunks": 5}, {"documents": 0, "chunks": 0},
+                             datetime(2024, 1, 10, tzinfo=timezone.utc), None, {"documents": 0, "chunks": 0})
     for name, r in results.items():
         assert r == ref, name
 
