@@ -3,6 +3,11 @@
 Modes (same frozen LM, greedy decoding, stop at newline): ``base`` (the LM alone), ``rag`` (the retrieved document
 texts in the prompt), ``mac`` (the aggregated modulations of the retrieved chunks as the prefix), ``mac+rag`` (both).
 Citation weights: for the MAC modes, the aggregator's attention mass per document (its chunks' mass summed).
+
+``rag@N`` and ``mac+rag@N`` put only N of the retrieved documents' texts in the prompt: for ``rag@N`` the retriever's
+best N, for ``mac+rag@N`` the N the aggregator weighs most (heaviest first) — the learned, question-conditioned
+re-ranking decides what the LM reads, and a small LM reads one document far better than four. Every retrieved chunk
+still enters the aggregation (the prefix is the same as in ``mac``).
 """
 
 from __future__ import annotations
@@ -39,18 +44,39 @@ def unique_docs(hits: list[Hit]) -> list[Document]:
     return out
 
 
+def parse_mode(mode: str) -> tuple[str, int | None]:
+    """``"mac+rag@2"`` → ("mac+rag", 2); ``"mac"`` → ("mac", None). N: how many documents' texts enter the prompt."""
+    base, at, n = mode.partition("@")
+    if base not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}, or rag@N / mac+rag@N")
+    if at and (base not in ("rag", "mac+rag") or not n.isdigit() or int(n) < 1):
+        raise ValueError(f"mode {mode!r}: @N (N >= 1 documents' texts in the prompt) applies to rag and mac+rag only")
+    return base, int(n) if at else None
+
+
+def uses_mac(mode: str) -> bool:
+    return parse_mode(mode)[0] in ("mac", "mac+rag")
+
+
 @torch.no_grad()
 def prepare(model: MACModel, mode: str, questions: list[str], hits: list[list[Hit]]) -> tuple[list[str], Prefix | None, torch.Tensor | None]:
     """Prompts, and for the MAC modes the aggregated prefix and per-chunk attention mass (B, K)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
-    use_mac, use_text = mode in ("mac", "mac+rag"), mode in ("rag", "mac+rag")
+    base, n_docs = parse_mode(mode)
+    use_mac, use_text = base in ("mac", "mac+rag"), base in ("rag", "mac+rag")
     if (use_mac or use_text) and not all(hits):
         raise ValueError(f"mode {mode!r} needs a non-empty memory for every question")
-    prompts = [prompt_for(mode, q, unique_docs(h) if use_text else ()) for q, h in zip(questions, hits)]
-    if not use_mac:
-        return prompts, None, None
-    prefix, mass = model.memory_prefix(questions, [[(x.chunk.modulation, x.score) for x in h] for h in hits])
+    prefix = mass = None
+    if use_mac:
+        prefix, mass = model.memory_prefix(questions, [[(x.chunk.modulation, x.score) for x in h] for h in hits])
+    prompts = []
+    for i, (q, h) in enumerate(zip(questions, hits)):
+        docs = unique_docs(h) if use_text else []
+        if n_docs is not None:
+            if mass is not None:  # the documents the aggregator weighs most, heaviest first
+                weight = citation_weights(h, mass[i])
+                docs = sorted(docs, key=lambda d: -weight[d.id])
+            docs = docs[:n_docs]
+        prompts.append(prompt_for(base, q, docs))
     return prompts, prefix, mass
 
 

@@ -100,6 +100,7 @@ class StageConfig(StrictModel):
     memory_size: int = Field(ge=1, le=64, description="Documents in each question's memory: the gold one + (memory_size-1) in-batch distractors.")
     select_weight: float = Field(0.0, ge=0.0, description="λ of the selection loss −log(attention mass on the gold document).")
     pointer_weight: float = Field(0.0, ge=0.0, description="λ of the pointer coverage loss (amortizer='pointer'): −log of the slots' mean attention on each token of the document's known answers that occurs in its text. Training only: the amortizer stays question-independent.")
+    rag_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of questions trained in the mac+rag format: the gold document and one distractor of its memory as text in the prompt, besides the prefix. Teaches the prefix not to disturb the LM's reading of a context (mac+rag).")
     reconstruct_weight: float = Field(0.0, ge=0.0, description="λ of the autoencoding loss: mean NLL of the whole document text, generated from its own modulation alone after RECALL_PROMPT. A dense signal (every token, every name of the article) that teaches the amortizer to write unseen names into the prefix; training only.")
 
 

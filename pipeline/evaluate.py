@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .answering import MODES, answer, prepare
+from .answering import MODES, answer, parse_mode, prepare, uses_mac
 from .baselines import FT_MODES, config_for, finetune_eval, retention_block
 from .mac import MACModel
 from .memory import Hit, MemoryBank
@@ -84,7 +84,7 @@ def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: li
     for i, (q, a) in enumerate(zip(questions, answers)):
         row = {"id": q.id, "prediction": a.text, **score_answer(a.text, q.answers), "prompt_tokens": a.prompt_tokens,
                "seconds": t_total / len(questions), "aggregate_seconds": a.seconds["aggregate"]}
-        if mode in ("mac", "mac+rag"):
+        if uses_mac(mode):
             row["weights"] = a.weights
         gold = set(q.doc_ids or ())
         if gold and hits[i]:
@@ -137,8 +137,8 @@ def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], 
 def evaluate(model: MACModel, docs: list[Document], questions: list[Question], settings: EvalSettings) -> dict:
     """Full evaluation; returns a JSON-able report (per-mode metrics, retention, costs, per-question rows)."""
     for m in settings.modes:
-        if m not in MODES and m not in FT_MODES:
-            raise ValueError(f"unknown mode {m!r}; expected some of {list(MODES) + list(FT_MODES)}")
+        if m not in FT_MODES:
+            parse_mode(m)  # raises with the valid choices
     if not settings.top_k >= 1:
         raise ValueError("top_k must be >= 1")
     model.eval()
@@ -160,7 +160,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
     report = {
         "documents": len(docs), "chunks": bank.num_chunks if bank is not None else None, "questions": len(qs),
         "top_k": settings.top_k, "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
-        "prompts": {m: PROMPTS["base" if m in FT_MODES else m] for m in settings.modes},
+        "prompts": {m: PROMPTS["base" if m in FT_MODES else parse_mode(m)[0]] for m in settings.modes},
         "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,

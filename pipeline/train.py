@@ -29,7 +29,7 @@ from .config import ModelConfig, TrainConfig
 from .data import realtimeqa, synthetic
 from .mac import MACModel
 from .metrics import aggregate, score_answer
-from .prompts import MAC_PROMPT, RECALL_PROMPT, document_text
+from .prompts import MAC_PROMPT, RECALL_PROMPT, document_text, prompt_for
 from .schemas import Document, Question
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def pointer_loss(model: MACModel, pool: Pool, doc_ids: list[str], attn: torch.Te
 
 def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int, select_weight: float,
               backprop_fraction: float, questions_per_doc: int, rng: random.Random,
-              pointer_weight: float = 0.0, reconstruct_weight: float = 0.0) -> dict[str, torch.Tensor]:
+              pointer_weight: float = 0.0, reconstruct_weight: float = 0.0, rag_share: float = 0.0) -> dict[str, torch.Tensor]:
     docs = [pool.docs[i] for i in doc_ids]
     pieces = [model.windows(document_text(d))[0] for d in docs]  # training docs fit one window
     n_grad = max(1, round(backprop_fraction * len(docs)))
@@ -150,7 +150,17 @@ def step_loss(model: MACModel, pool: Pool, doc_ids: list[str], memory_size: int,
     q_tokens, q_vecs = model.encode_questions([q.question for q in qs])  # (Q, T, D), (Q, d_enc)
     scores = torch.einsum("qe,qme->qm", q_vecs, vecs[mem])  # retriever cosine per memory slot
     prefix, mass = model.prefix(q_tokens, mods[mem], None, scores)  # mass: (Q, m)
-    lp = model.answer_logprobs([MAC_PROMPT.format(question=q.question) for q in qs], [q.answers[0] for q in qs], prefix)
+    # mac+rag: a share of the questions also read the gold document and one distractor of their memory as text, so the
+    # prefix learns to leave the LM's reading of a context intact instead of being tuned for the bare prompt only
+    prompts = []
+    for q, g, row in zip(qs, gold, memory):
+        if rag_share > 0 and rng.random() < rag_share:
+            context = [docs[g]] + [docs[k] for k in row if k != g][:1]
+            rng.shuffle(context)
+            prompts.append(prompt_for("mac+rag", q.question, context))
+        else:
+            prompts.append(MAC_PROMPT.format(question=q.question))
+    lp = model.answer_logprobs(prompts, [q.answers[0] for q in qs], prefix)
     gp = torch.tensor(gold_pos)
     gold_mass = mass.float()[torch.arange(len(qs)), gp]
     nll = -lp.mean()
@@ -255,7 +265,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
             g["lr"] = lr_at(step, total, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             res = step_loss(model, pool, ids, stage.memory_size, stage.select_weight, cfg.backprop_fraction,
-                            cfg.questions_per_doc, rng, stage.pointer_weight, stage.reconstruct_weight)
+                            cfg.questions_per_doc, rng, stage.pointer_weight, stage.reconstruct_weight,
+                            stage.rag_share)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

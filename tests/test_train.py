@@ -31,9 +31,9 @@ def test_train_validates_saves_and_resumes(tiny_checkpoint, tmp_path) -> None:
     assert json.loads((out / "last" / "metrics.json").read_text())["step"] == 4
 
     # resume: a longer curriculum continues from step 4 (no validation is repeated), and the weights move on
-    # (the added stage also trains with the autoencoding loss)
+    # (the added stage also trains with the autoencoding loss and mac+rag prompts)
     more = cfg.model_copy(update={"stages": [*cfg.stages, StageConfig(steps=2, memory_size=2, select_weight=1.0,
-                                                                      reconstruct_weight=1.0)]})
+                                                                      reconstruct_weight=1.0, rag_share=0.5)]})
     train(model_cfg, more, out)
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
@@ -63,3 +63,26 @@ def test_reconstruct_loss_reads_the_document_through_its_modulation(tiny_llama, 
     with torch.no_grad():
         swapped = reconstruct_loss(model, docs, mods.flip(0))  # each text read from the other document's memory
     assert abs(float(swapped) - value) > 1e-6
+
+
+def test_rag_share_puts_the_gold_document_in_the_prompt(tiny_llama, minilm) -> None:
+    """rag_share=1: every question is trained in the mac+rag format, its gold document's text among the context."""
+    import random
+
+    from pipeline.data import synthetic
+    from pipeline.prompts import document_text
+    from pipeline.train import Pool, sample_batch, step_loss
+    from tests.conftest import make_tiny_mac
+
+    model = make_tiny_mac(tiny_llama, minilm)
+    pool = Pool.build(*synthetic.generate("train", 4))
+    seen = []
+    real = model.answer_logprobs
+    model.answer_logprobs = lambda prompts, answers, prefix: seen.append(prompts) or real(prompts, answers, prefix)
+    rng = random.Random(0)
+    step_loss(model, pool, sample_batch(pool, 4, 2, rng), 3, 1.0, 1.0, 1, rng, rag_share=1.0)
+    gold_of = {q.question: q.doc_ids[0] for qs in pool.questions.values() for q in qs}
+    assert seen and all(p.count("Question:") == 2 for p in seen[0])  # the one-shot example + the question
+    for p in seen[0]:
+        question = p.rsplit("Question: ", 1)[1].split("\n")[0]
+        assert document_text(pool.docs[gold_of[question]]) in p

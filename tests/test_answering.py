@@ -1,0 +1,45 @@
+"""Mode specs and which document texts each mode puts in the prompt (tiny real model, real memory bank)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+import torch
+
+from pipeline.answering import parse_mode, prepare
+from pipeline.memory import MemoryBank
+from pipeline.prompts import document_text
+from pipeline.schemas import Document
+
+
+def test_parse_mode() -> None:
+    assert parse_mode("mac") == ("mac", None) and parse_mode("mac+rag@2") == ("mac+rag", 2)
+    assert parse_mode("rag@1") == ("rag", 1)
+    for bad in ("mac@1", "base@2", "rag@0", "rag@x", "rag@", "nope", "mac+rag@-1"):
+        with pytest.raises(ValueError, match="mode"):
+            parse_mode(bad)
+
+
+def test_context_docs_follow_retriever_for_rag_and_aggregator_for_mac_rag(tiny_mac) -> None:
+    docs = [Document(id=f"d{i}", text=f"Company {i} moved its headquarters to City{i}.", title=f"Story {i}",
+                     published_at=datetime(2024, 1, 1 + i, tzinfo=timezone.utc)) for i in range(4)]
+    bank = MemoryBank()
+    for d, c in zip(docs, tiny_mac.encode_documents(docs)):
+        bank.upsert(d, [c])
+    q = "Where did Company 2 move its headquarters?"
+    hits = bank.search(tiny_mac.encoder.embed([q]).numpy(), 4)
+    texts = {d.id: document_text(d) for d in docs}
+
+    (full,), _, _ = prepare(tiny_mac, "rag", [q], hits)
+    assert all(t in full for t in texts.values())
+    (one,), prefix, _ = prepare(tiny_mac, "rag@1", [q], hits)
+    assert prefix is None and texts[hits[0][0].document.id] in one  # the retriever's best, alone
+    assert sum(t in one for t in texts.values()) == 1
+
+    (two,), prefix, mass = prepare(tiny_mac, "mac+rag@2", [q], hits)
+    assert prefix is not None
+    order = [hits[0][int(k)].document.id for k in torch.argsort(mass[0], descending=True)]
+    # the two documents the aggregator weighs most, heaviest first; the other two are not in the prompt
+    assert two.index(texts[order[0]]) < two.index(texts[order[1]])
+    assert texts[order[2]] not in two and texts[order[3]] not in two
