@@ -232,15 +232,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    start, best = 0, {"f1": -1.0}
+    start, best, lineage = 0, {"f1": -1.0}, None
     if resume and (out / "last" / "trainer.pt").exists():
         model = MACModel.load(out / "last")
         state = torch.load(out / "last" / "trainer.pt", weights_only=False)
-        start, best = state["step"], state["best"]
+        start, best, lineage = state["step"], state["best"], state.get("init")
         rng.setstate(state["rng"])
         log.info("resuming from step %d", start)
     elif init is not None:
         model = MACModel.load(init)
+        # what the weights were trained on before this run: saved with every checkpoint of it
+        lineage = {"checkpoint": model.version, "train": json.loads((Path(init) / "config.json").read_text()).get("train", {})}
         state = None
     else:
         model = MACModel(model_cfg)
@@ -252,6 +254,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
     train_pool, rtqa_pool, val_pool = load_training_data(cfg)
     log.info("train: %d synthetic docs, %d RealTimeQA docs, %d validation docs",
              len(train_pool), len(rtqa_pool) if rtqa_pool else 0, len(val_pool))
+    saved_cfg = cfg.model_dump() | ({"init": lineage} if lineage else {})
     total = sum(s.steps for s in cfg.stages)
     bounds = [sum(s.steps for s in cfg.stages[: i + 1]) for i in range(len(cfg.stages))]
     model.train()
@@ -289,8 +292,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
             # the best is judged on the final curriculum stage only: earlier stages see an easier memory
             if stage is cfg.stages[-1] and metrics["f1"] > best["f1"]:
                 best = metrics
-                model.save(out / "best", cfg.model_dump(), best)
-            model.save(out / "last", cfg.model_dump(), metrics)
-            torch.save({"step": step + 1, "best": best, "rng": rng.getstate(), "opt": opt.state_dict()},
+                model.save(out / "best", saved_cfg, best)
+            model.save(out / "last", saved_cfg, metrics)
+            torch.save({"step": step + 1, "best": best, "rng": rng.getstate(), "opt": opt.state_dict(), "init": lineage},
                        out / "last" / "trainer.pt")
     return best

@@ -41,6 +41,13 @@ def test_train_validates_saves_and_resumes(tiny_checkpoint, tmp_path) -> None:
     moved = [n for n, t in after.trainable_state().items() if not torch.equal(t, first.trainable_state()[n])]
     assert moved, "resumed training did not change any trainable weight"
 
+    # fine-tuning from a checkpoint records, with every checkpoint it writes, where its weights came from
+    train(model_cfg, cfg.model_copy(update={"stages": [StageConfig(steps=2, memory_size=1)]}), tmp_path / "ft",
+          init=out / "last")
+    meta = json.loads((tmp_path / "ft" / "last" / "config.json").read_text())
+    assert meta["train"]["init"]["checkpoint"] == after.version
+    assert len(meta["train"]["init"]["train"]["stages"]) == 3
+
 
 def test_reconstruct_loss_reads_the_document_through_its_modulation(tiny_llama, minilm) -> None:
     """Autoencoding: the document's text is scored from its own modulation, so the gradient reaches the amortizer,
