@@ -15,7 +15,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-MODE_ORDER = ("base", "rag", "mac", "mac+rag", "ft-uniform", "ft-salient")
+MODE_ORDER = ("base", "rag", "rag@1", "mac", "mac+rag", "mac+rag@1", "ft-uniform", "ft-salient")
+# the four modes, plus one document's text in the prompt: the retriever's best (rag@1) or the aggregator's (mac+rag@1)
+QUALITY_MODES = ("base", "rag", "rag@1", "mac", "mac+rag", "mac+rag@1")
 
 
 def cpu_name() -> str:
@@ -51,7 +53,8 @@ def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questi
     for name, (docs, questions, retention) in sets.items():
         t0 = time.perf_counter()
         limit = rtqa_questions if name.startswith("realtimeqa") else None
-        rep = evaluate(model, docs, questions, EvalSettings(top_k=top_k, retention=retention, limit=limit))
+        rep = evaluate(model, docs, questions, EvalSettings(modes=QUALITY_MODES, top_k=top_k, retention=retention,
+                                                           limit=limit))
         rep.pop("rows")
         rep["seconds"] = time.perf_counter() - t0
         out["datasets"][name] = rep

@@ -5,7 +5,9 @@ distractors) and up to ``questions_per_doc`` of their questions. Each question's
 ``memory_size - 1`` distractors from the batch, in random order. Backpropagation dropout: only a random share of the
 batch's documents is amortized with gradients; the rest are encoded under no_grad but still sit in the memory.
 The selection loss −log(attention mass on the gold document) gives the aggregator the routing signal that the answer
-loss alone does not (DESIGN.md §8). Curriculum: stages of growing memory size.
+loss alone does not (DESIGN.md §8). Curriculum: stages of growing memory size. Per stage, optionally: the autoencoding
+loss (``reconstruct_weight``: each article's text from its own modulation) and ``rag_share`` (questions trained in the
+mac+rag format, with the gold article and a distractor as text in the prompt, so the prefix cooperates with a context).
 
 Checkpoints: ``<out>/last`` (every validation, with optimiser state for resume) and ``<out>/best`` (best validation
 F1; trainable weights only, fp16, what ships).
