@@ -77,7 +77,7 @@ class Gateway:
 
     def _job(self, question: str, c: MemoryControls, max_new_tokens: int | None, tenant: str | None) -> dict:
         flt = {k: v for k, v in {"since": c.since, "until": c.until, "source": c.source, "tenant": tenant}.items() if v is not None}
-        return {"question": question, "mode": c.mode, "top_k": c.top_k or self.cfg.default_top_k,
+        return {"question": question, "mode": c.mode, "context_docs": c.context_docs, "top_k": c.top_k or self.cfg.default_top_k,
                 "max_new_tokens": max_new_tokens or self.cfg.default_max_new_tokens, "filter": flt}
 
     def _admit(self) -> None:

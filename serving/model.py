@@ -32,6 +32,15 @@ def _replicas() -> int:
         return 1
 
 
+def _mode_spec(job: dict) -> str:
+    """The answering mode of a job: ``mac+rag`` with ``context_docs`` 1 → ``mac+rag@1`` (see pipeline.answering)."""
+    return f"{job['mode']}@{job['context_docs']}" if job.get("context_docs") else job["mode"]
+
+
+def _fallback(used: str, job: dict) -> str | None:
+    return "no document matched the filters" if used == "base" and job["mode"] != "base" else None
+
+
 class NotReady(RuntimeError):
     """The replica has not loaded its model yet (→ 503)."""
 
@@ -171,7 +180,7 @@ class MACServer:
         hits, t_ret = self._retrieve(cur, jobs)
         groups = defaultdict(list)
         for i, j in enumerate(jobs):
-            mode = j["mode"] if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: answer without memory
+            mode = _mode_spec(j) if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: no memory
             groups[(mode, j["max_new_tokens"])].append(i)
         out: list[dict] = [{} for _ in jobs]
         for (mode, max_new), idx in groups.items():
@@ -179,7 +188,7 @@ class MACServer:
             for i, a in zip(idx, answers):
                 out[i] = {"answer": a.text, "mode": jobs[i]["mode"], "checkpoint": cur.model.version,
                           "sources": self._sources(hits[i], a.weights),
-                          "fallback": None if mode == jobs[i]["mode"] else "no document matched the filters",
+                          "fallback": _fallback(mode, jobs[i]),
                           "timings": {"retrieve": t_ret, **a.seconds}, "batch_size": len(jobs)}
         return out
 
@@ -190,11 +199,11 @@ class MACServer:
 
         cur = self._current()
         hits, _ = self._retrieve(cur, [job])
-        mode = job["mode"] if (job["mode"] == "base" or hits[0]) else "base"
+        mode = _mode_spec(job) if (job["mode"] == "base" or hits[0]) else "base"
         prompts, prefix, mass = prepare(cur.model, mode, [job["question"]], hits)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
-               "fallback": None if mode == job["mode"] else "no document matched the filters"}
+               "fallback": _fallback(mode, job)}
         tok = cur.model.lm.tokenizer
         ids, sent = [], ""
         for t in cur.model.lm.stream(tok(prompts[0])["input_ids"], prefix, job["max_new_tokens"]):

@@ -32,10 +32,13 @@ class MemoryControls(BaseModel):
     until: datetime | None = Field(None, description="Only documents published at or before (ISO-8601).")
     source: str | None = Field(None, max_length=200, description="Only documents of this source.")
     tenant: str | None = Field(None, max_length=200, description="Only this tenant's documents; with API keys it must be the key's tenant.")
+    context_docs: int | None = Field(None, ge=1, le=MAX_TOP_K, description="rag and mac+rag: put only this many retrieved documents' texts in the prompt — the retriever's best for rag, the ones the aggregator weighs most for mac+rag (default: all retrieved).")
 
     @model_validator(mode="after")
     def _range(self):
         SearchFilter(since=self.since, until=self.until)  # since ≤ until, with the store's own message
+        if self.context_docs is not None and self.mode not in ("rag", "mac+rag"):
+            raise ValueError(f"context_docs applies to the rag and mac+rag modes, not {self.mode!r}")
         return self
 
 

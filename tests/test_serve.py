@@ -138,6 +138,18 @@ def test_answer_in_every_mode_with_sources(server, mode) -> None:
         assert weights == [None] * len(weights)
 
 
+@pytest.mark.parametrize("mode", ["rag", "mac+rag"])
+def test_context_docs_keeps_every_source_and_its_weight(server, mode) -> None:
+    """Only one text enters the prompt, but all retrieved documents stay sources (and, for mac+rag, in the prefix)."""
+    r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "mode": mode, "top_k": 4, "context_docs": 1,
+                                      "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["mode"] == mode and out["fallback"] is None and len(out["sources"]) == 4
+    if mode == "mac+rag":
+        assert abs(sum(s["weight"] for s in out["sources"]) - 1) < 1e-3
+
+
 def test_tenant_isolation_and_auth(server) -> None:
     t1 = {f"s{i}" for i in range(8)}
     for _ in range(3):
@@ -204,6 +216,8 @@ BAD = [
     ({"question": "q", "since": "2025-02-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}, "until"),
     ({"question": 5}, "question"), ({"question": "q", "max_new_tokens": 0}, "max_new_tokens"),
     ({"question": "q", "colour": "red"}, "colour"), ({}, "question"), ([1, 2], None),
+    ({"question": "q", "mode": "mac", "context_docs": 1}, "context_docs"),
+    ({"question": "q", "mode": "rag", "context_docs": 0}, "context_docs"),
 ]
 
 
