@@ -41,6 +41,8 @@ def machine() -> str:
 
 def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questions: int = 200, top_k: int = 4) -> dict:
     """``macstream eval`` on the synthetic test split (unseen entities) and on RealTimeQA 2024 (when present)."""
+    import torch
+
     from .data import realtimeqa, synthetic
     from .evaluate import EvalSettings, evaluate
     from .mac import MACModel, checkpoint_dir
@@ -59,6 +61,7 @@ def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questi
         rep["seconds"] = time.perf_counter() - t0
         out["datasets"][name] = rep
     out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                  "threads": torch.get_num_threads(),
                   "checkpoint": model.version, "top_k": top_k, "synthetic_entities": entities,
                   "realtimeqa_questions": rtqa_questions,
                   "method": "every document of the dataset streamed into an in-process memory in published_at order "
@@ -93,7 +96,8 @@ def _quality(d: Path, q: dict) -> list[str]:
     import numpy as np
 
     lines = ["## Quality by mode", "", f"How: {q['how']['method']}. Checkpoint `{q['how']['checkpoint']}`, top-k "
-             f"{q['how']['top_k']}. s/question: wall time per question in 16-question batches on one thread (eval's "
+             f"{q['how']['top_k']}. s/question: wall time per question in 16-question batches on "
+             f"{q['how'].get('threads', 1)} torch thread(s) (eval's "
              f"batching, not the HTTP path: see the serving section for latency). Command: `{_command(q, 'quality')}`.", ""]
     for name, rep in q["datasets"].items():
         lines += [f"### {name}: {rep['documents']} documents, {rep['questions']} questions", "",
