@@ -122,3 +122,18 @@ def test_upsert_refuses_inconsistent_chunks(store: Store) -> None:
 def test_filter_validation() -> None:
     with pytest.raises(ValueError, match="after until"):
         SearchFilter(since=datetime(2024, 2, 1), until=datetime(2024, 1, 1))
+
+
+def test_every_backend_keeps_the_store_interface() -> None:
+    """A backend (or the Ray-actor proxy) whose method drops a parameter of the interface fails at call time in
+    production (a tenant-scoped count reaching the proxy was a 500): check the signatures here."""
+    import inspect
+
+    from workers.store_actor import RemoteStore
+
+    names = [n for n, f in vars(Store).items() if callable(f) and not n.startswith("_")]
+    assert {"counts", "newest_published", "search", "upsert"} <= set(names)
+    for cls in (InMemoryStore, QdrantStore, RemoteStore):
+        for name in names:
+            want = list(inspect.signature(getattr(Store, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)

@@ -49,14 +49,14 @@ class RemoteStore(Store):
     def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
         return self._call("search", collection, vectors, k, flt)
 
-    def counts(self, collection: str) -> dict[str, int]:
-        return self._call("counts", collection)
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        return self._call("counts", collection, tenant)
 
     def collections(self) -> list[str]:
         return self._call("collections")
 
-    def newest_published(self, collection: str):
-        return self._call("newest_published", collection)
+    def newest_published(self, collection: str, tenant: str | None = None):
+        return self._call("newest_published", collection, tenant)
 
     def stats(self) -> dict:
         return self._call("stats")
