@@ -54,6 +54,11 @@ def parse_mode(mode: str) -> tuple[str, int | None]:
     return base, int(n) if at else None
 
 
+def mode_spec(mode: str, context_docs: int | None) -> str:
+    """The inverse of :func:`parse_mode`: ("mac+rag", 1) → ``"mac+rag@1"``; (mode, None) → mode."""
+    return f"{mode}@{context_docs}" if context_docs else mode
+
+
 def uses_mac(mode: str) -> bool:
     return parse_mode(mode)[0] in ("mac", "mac+rag")
 

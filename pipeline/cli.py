@@ -283,6 +283,16 @@ def _positive(v: str) -> int:
     return n
 
 
+def _mode(v: str) -> str:
+    from .answering import parse_mode
+
+    try:
+        parse_mode(v)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return v
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="macstream", description="Keep a frozen LM up to date from news streams (MAC).")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -313,7 +323,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--data", required=True)
             s.add_argument("--modes", default="base,mac,rag,mac+rag",
-                           help="comma-separated: base, rag, mac, mac+rag, ft-uniform, ft-salient")
+                           help="comma-separated: base, rag, mac, mac+rag, rag@N, mac+rag@N (only N texts in the prompt; "
+                                "for mac+rag the ones the aggregator weighs most), ft-uniform, ft-salient")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
             s.add_argument("--limit", type=_positive)
@@ -330,7 +341,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("question")
             s.add_argument("--memory", required=True, help="file written by `macstream encode`")
-            s.add_argument("--mode", default="mac", choices=["base", "rag", "mac", "mac+rag"])
+            s.add_argument("--mode", default="mac", type=_mode, help="base, rag, mac, mac+rag, or rag@N / mac+rag@N (N texts in the prompt)")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
     b = sub.add_parser("broker", help="run the local Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C")

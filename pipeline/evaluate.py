@@ -80,11 +80,11 @@ def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: li
     t0 = time.perf_counter()
     answers = answer(model, mode, [q.question for q in questions], hits, settings.max_new_tokens)
     t_total = time.perf_counter() - t0
-    rows = []
+    rows, with_weights = [], uses_mac(mode)
     for i, (q, a) in enumerate(zip(questions, answers)):
         row = {"id": q.id, "prediction": a.text, **score_answer(a.text, q.answers), "prompt_tokens": a.prompt_tokens,
                "seconds": t_total / len(questions), "aggregate_seconds": a.seconds["aggregate"]}
-        if uses_mac(mode):
+        if with_weights:
             row["weights"] = a.weights
         gold = set(q.doc_ids or ())
         if gold and hits[i]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, TrainConfig
 from .data import realtimeqa, synthetic
-from .mac import MACModel
+from .mac import CONFIG, MACModel
 from .metrics import aggregate, score_answer
 from .prompts import MAC_PROMPT, RECALL_PROMPT, document_text, prompt_for
 from .schemas import Document, Question
@@ -244,7 +244,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool = Tr
     elif init is not None:
         model = MACModel.load(init)
         # what the weights were trained on before this run: saved with every checkpoint of it
-        lineage = {"checkpoint": model.version, "train": json.loads((Path(init) / "config.json").read_text()).get("train", {})}
+        lineage = {"checkpoint": model.version, "train": json.loads((Path(init) / CONFIG).read_text()).get("train", {})}
         state = None
     else:
         model = MACModel(model_cfg)

@@ -32,11 +32,6 @@ def _replicas() -> int:
         return 1
 
 
-def _mode_spec(job: dict) -> str:
-    """The answering mode of a job: ``mac+rag`` with ``context_docs`` 1 → ``mac+rag@1`` (see pipeline.answering)."""
-    return f"{job['mode']}@{job['context_docs']}" if job.get("context_docs") else job["mode"]
-
-
 def _fallback(used: str, job: dict) -> str | None:
     return "no document matched the filters" if used == "base" and job["mode"] != "base" else None
 
@@ -171,7 +166,7 @@ class MACServer:
         """jobs: {question, mode, top_k, max_new_tokens, filter}. The compute runs on the event loop on purpose: Serve
         forms the next batch while one runs, so a free loop would close small batches on the wait timeout; with the loop
         busy, everything that queued during a generation forms the next batch. One generation per (mode, length) group."""
-        from pipeline.answering import answer
+        from pipeline.answering import answer, mode_spec
 
         try:
             cur = self._current()
@@ -180,7 +175,7 @@ class MACServer:
         hits, t_ret = self._retrieve(cur, jobs)
         groups = defaultdict(list)
         for i, j in enumerate(jobs):
-            mode = _mode_spec(j) if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: no memory
+            mode = mode_spec(j["mode"], j.get("context_docs")) if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: no memory
             groups[(mode, j["max_new_tokens"])].append(i)
         out: list[dict] = [{} for _ in jobs]
         for (mode, max_new), idx in groups.items():
@@ -195,11 +190,11 @@ class MACServer:
     async def stream(self, job: dict):
         """Yield the sources first, then the answer text piece by piece (greedy, one request, unbatched). The pieces
         concatenate to what :meth:`answer` returns for the same request."""
-        from pipeline.answering import citation_weights, prepare
+        from pipeline.answering import citation_weights, mode_spec, prepare
 
         cur = self._current()
         hits, _ = self._retrieve(cur, [job])
-        mode = _mode_spec(job) if (job["mode"] == "base" or hits[0]) else "base"
+        mode = mode_spec(job["mode"], job.get("context_docs")) if (job["mode"] == "base" or hits[0]) else "base"
         prompts, prefix, mass = prepare(cur.model, mode, [job["question"]], hits)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from pipeline.answering import parse_mode, prepare
+from pipeline.answering import mode_spec, parse_mode, prepare
 from pipeline.memory import MemoryBank
 from pipeline.prompts import document_text
 from pipeline.schemas import Document
@@ -16,6 +16,8 @@ from pipeline.schemas import Document
 def test_parse_mode() -> None:
     assert parse_mode("mac") == ("mac", None) and parse_mode("mac+rag@2") == ("mac+rag", 2)
     assert parse_mode("rag@1") == ("rag", 1)
+    for mode, n in (("mac+rag", 3), ("rag", None), ("base", None)):  # what serve builds from mode + context_docs
+        assert parse_mode(mode_spec(mode, n)) == (mode, n)
     for bad in ("mac@1", "base@2", "rag@0", "rag@x", "rag@", "nope", "mac+rag@-1"):
         with pytest.raises(ValueError, match="mode"):
             parse_mode(bad)

@@ -81,3 +81,10 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--out", str(tmp_path / "o"), "--config", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "stepz" in r.stderr and "unknown key" in r.stderr
+
+
+def test_ask_mode_is_validated_before_anything_loads(tmp_path):
+    """`ask --mode` takes the eval modes, @N included; a wrong one exits 2 naming the rule."""
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "ask", "q", "--memory", str(tmp_path / "m"), "--mode", "mac@1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "rag and mac+rag only" in r.stderr
