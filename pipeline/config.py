@@ -121,7 +121,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     warmup_frac: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps of linear warm-up, then cosine decay.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm.")
-    bf16: bool = Field(True, description="bf16 autocast on CPU (the frozen LM's forward/backward). With torch 2.13 on this AMD EPYC (AVX2) a default-config step took 2.9 s in bf16 vs 5.8 s in fp32, interleaved side by side (an older measurement, 61 s in bf16, no longer holds).")
+    bf16: bool = Field(True, description="bf16 autocast on CPU (the frozen LM's forward/backward). With torch 2.13 on this AMD EPYC (AVX2) a default-config step took 1.63 s in bf16 vs 3.60 s in fp32, interleaved side by side (benchmarks/train_step_dtype.py; an older measurement, 61 s in bf16, no longer holds).")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     synthetic_entities: int = Field(600, ge=1, description="Entities in the synthetic train split.")
     realtimeqa_years: list[int] = Field(default_factory=lambda: [2022, 2023], description="RealTimeQA years mixed into training (2024 is held out).")
