@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m macstream.demo
 
 test: install
 	$(BIN)/python -m pytest -q tests

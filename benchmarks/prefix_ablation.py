@@ -14,12 +14,12 @@ import random
 
 import torch
 
+from benchmarks.machine import machine
 from pipeline.answering import prepare
 from pipeline.data import synthetic
 from pipeline.evaluate import build_memory
-from pipeline.mac import MACModel, checkpoint_dir
 from pipeline.metrics import aggregate, score_answer
-from pipeline.report import machine
+from pipeline.model.mac import MACModel, checkpoint_dir
 
 
 @torch.no_grad()

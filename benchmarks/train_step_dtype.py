@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from benchmarks.machine import machine
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.mac import MACModel
-from pipeline.report import machine
+from pipeline.model.mac import MACModel
 from pipeline.train import load_training_data, sample_batch, step_loss
 
 

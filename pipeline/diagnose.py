@@ -15,12 +15,12 @@ import random
 
 import torch
 
-from .answering import answer
-from .data import synthetic
-from .mac import MACModel
-from .memory import Hit
-from .metrics import aggregate, score_answer
-from .prompts import MAC_PROMPT
+from pipeline.answering import answer
+from pipeline.data import synthetic
+from pipeline.metrics import aggregate, score_answer
+from pipeline.model.mac import MACModel
+from pipeline.prompts import MAC_PROMPT
+from pipeline.schemas import Hit
 
 
 @torch.no_grad()

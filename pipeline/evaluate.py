@@ -5,7 +5,7 @@ Modes (all with the same frozen LM, greedy decoding, stop at newline):
 - ``rag``: the top-k retrieved document texts in the prompt (one-shot prompt);
 - ``mac``: the aggregated modulations of the top-k retrieved chunks as the prefix (bare prompt, as trained);
 - ``mac+rag``: both;
-- ``ft-uniform`` / ``ft-salient``: online fine-tuning baselines (``pipeline/baselines.py``): a private copy of the
+- ``ft-uniform`` / ``ft-salient``: online fine-tuning baselines (:mod:`pipeline.baselines`): a private copy of the
   LM takes K gradient steps on each document in stream order (loss on every token / on salient spans only), then
   answers with the ``base`` prompt. They need the document stream, not the memory bank.
 Scores: strict EM, the MAC paper's lenient EM, token F1; multiple-choice accuracy where questions have choices (the
@@ -19,32 +19,18 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from .answering import MODES, answer, parse_mode, prepare, uses_mac
-from .baselines import FT_MODES, config_for, finetune_eval, retention_block
-from .mac import MACModel
-from .memory import Hit, MemoryBank
-from .metrics import score_answer
-from .prompts import PROMPTS, answer_continuation
-from .schemas import Document, Question
-
-
-@dataclass
-class EvalSettings:
-    modes: tuple[str, ...] = MODES
-    top_k: int = 4
-    max_new_tokens: int = 16
-    batch_size: int = 16
-    retention: bool = True
-    multiple_choice: bool = True
-    limit: int | None = None  # evaluate only the first N questions (answerable ones first)
-    progress: bool = True
-    finetune: object = None  # ft modes: a baselines.FinetuneConfig for both, or {mode: config}; None: defaults
+from pipeline.baselines import config_for, finetune_eval
+from pipeline.model.mac import MACModel
+from pipeline.modes import FT_MODES, Mode
+from pipeline.prompts import PROMPTS
+from pipeline.schemas import Document, Question
+from pipeline.scoring import RETENTION_GROWTH, EvalSettings, answer_batch, retention_block, stream_order, summarize
+from pipeline.store.bank import MemoryBank
 
 
 def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -> MemoryBank:
@@ -59,68 +45,6 @@ def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -
         for d in part:
             bank.upsert(d, by_doc[d.id])
     return bank
-
-
-def summarize(rows: list[dict]) -> dict[str, float]:
-    """Per-mode means in percent of every 0/1-or-fraction score, each over the rows that carry it (e.g. selection
-    only over questions with a gold document, mc_accuracy only over questions with choices), with its count."""
-    scores = ("em", "lenient_em", "f1", "mc_accuracy", "selection", "retriever_top1", "recall_at_k")
-    out: dict[str, float] = {}
-    for key in scores:
-        vals = [r[key] for r in rows if key in r]
-        if vals:
-            out[key] = 100.0 * float(np.mean(vals))
-            out[f"n_{key}"] = len(vals)
-    return out
-
-
-@torch.no_grad()
-def answer_batch(model: MACModel, mode: str, questions: list[Question], hits: list[list[Hit]], settings: EvalSettings) -> list[dict]:
-    """Answer one batch in one mode; return per-question rows (prediction, scores, costs)."""
-    t0 = time.perf_counter()
-    answers = answer(model, mode, [q.question for q in questions], hits, settings.max_new_tokens)
-    t_total = time.perf_counter() - t0
-    rows, with_weights = [], uses_mac(mode)
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        row = {"id": q.id, "prediction": a.text, **score_answer(a.text, q.answers), "prompt_tokens": a.prompt_tokens,
-               "seconds": t_total / len(questions), "aggregate_seconds": a.seconds["aggregate"]}
-        if with_weights:
-            row["weights"] = a.weights
-        gold = set(q.doc_ids or ())
-        if gold and hits[i]:
-            row["retriever_top1"] = float(hits[i][0].document.id in gold)
-            row["recall_at_k"] = float(any(h.document.id in gold for h in hits[i]))
-            if a.weights:
-                row["selection"] = float(max(a.weights, key=a.weights.get) in gold)
-        rows.append(row)
-    if settings.multiple_choice and any(q.choices for q in questions):
-        prompts, prefix, _ = prepare(model, mode, [q.question for q in questions], hits)
-        for row, q, acc in zip(rows, questions, choice_accuracy(model, questions, prompts, prefix)):
-            if q.choices:
-                row["mc_accuracy"] = acc
-    return rows
-
-
-@torch.no_grad()
-def choice_accuracy(model: MACModel, questions: list[Question], prompts: list[str], prefix) -> list[float]:
-    """1.0 where the gold answer's choice has the highest mean per-token log-likelihood, else 0.0.
-
-    Questions are grouped by their number of choices so each prompt is read once (its cache serves every choice).
-    """
-    tok = model.lm.tokenizer
-    out = [0.0] * len(questions)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, q in enumerate(questions):
-        if q.choices:
-            groups[len(q.choices)].append(i)
-    for idx in groups.values():
-        p_ids = [tok(prompts[i])["input_ids"] for i in idx]
-        c_ids = [[tok(answer_continuation(c), add_special_tokens=False)["input_ids"] for c in questions[i].choices] for i in idx]
-        pre = prefix.index(torch.tensor(idx)) if prefix is not None else None
-        scores = model.lm.choice_logprobs(p_ids, c_ids, pre)  # (n, C)
-        for row, i in enumerate(idx):
-            out[i] = float(questions[i].choices[int(scores[row].argmax())] == questions[i].answers[0])
-    return out
 
 
 def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], modes, settings: EvalSettings, desc: str) -> dict[str, list[dict]]:
@@ -138,11 +62,11 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
     """Full evaluation; returns a JSON-able report (per-mode metrics, retention, costs, per-question rows)."""
     for m in settings.modes:
         if m not in FT_MODES:
-            parse_mode(m)  # raises with the valid choices
+            Mode.parse(m)  # raises with the valid choices
     if not settings.top_k >= 1:
         raise ValueError("top_k must be >= 1")
     model.eval()
-    docs = sorted(docs, key=lambda d: (d.published_at is None, d.published_at or 0, d.id))  # stream order
+    docs = stream_order(docs)
     qs = sorted(questions, key=lambda q: not q.doc_ids)  # answerable first
     if settings.limit:
         qs = qs[: settings.limit]
@@ -160,7 +84,7 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
     report = {
         "documents": len(docs), "chunks": bank.num_chunks if bank is not None else None, "questions": len(qs),
         "top_k": settings.top_k, "checkpoint": model.version, "lm": model.cfg.lm, "encoder": model.cfg.encoder,
-        "prompts": {m: PROMPTS["base" if m in FT_MODES else parse_mode(m)[0]] for m in settings.modes},
+        "prompts": {m: PROMPTS["base" if m in FT_MODES else Mode.parse(m).kind] for m in settings.modes},
         "metrics": {m: summarize(rs) for m, rs in rows.items() if rs},
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
@@ -196,7 +120,7 @@ def retention(model: MACModel, docs: list[Document], questions: list[Question], 
     if not qs or not modes:
         return {}
     out = {"questions": len(qs), "growth": {}}
-    for g in (1, 2, 4, 8):
+    for g in RETENTION_GROWTH:
         bank = build_memory(model, docs[: n0 * g], progress=False)
         rows = run_questions(model, bank, qs, modes, settings, f"retention {g}x")
         out["growth"][f"{g}x"] = {"documents": len(bank), **{m: summarize(rs)["f1"] for m, rs in rows.items()}}

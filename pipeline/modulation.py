@@ -10,7 +10,6 @@ import base64
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 class CheckpointMismatch(ValueError):
@@ -44,7 +43,10 @@ class Modulation:
     def decode_tokens(b64: str, num_tokens: int) -> np.ndarray:
         return np.frombuffer(base64.b64decode(b64), dtype="<f2").reshape(num_tokens, -1)
 
-    def tensor(self) -> torch.Tensor:
+    def tensor(self):
+        """The tokens as a float32 torch tensor (T, d_LM). torch is imported here only: the record stays light."""
+        import torch
+
         return torch.from_numpy(self.tokens.astype(np.float32))
 
 

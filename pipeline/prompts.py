@@ -7,7 +7,7 @@ one-shot example; every mode stops at the first newline. Reports name the prompt
 
 from __future__ import annotations
 
-from .schemas import Document
+from pipeline.schemas import Document
 
 MAC_PROMPT = "Question: {question}\nAnswer:"
 ONE_SHOT = "Question: What is the capital of Italy?\nAnswer: Rome\n"

@@ -1,4 +1,9 @@
-"""Records of the portable evaluation format (DESIGN.md §3); every loader converts to these.
+"""The records the pipeline flows on. Light on purpose (pydantic, numpy; no torch), so the HTTP gateway and the store
+owner can import them without loading a model.
+
+:class:`Document` and :class:`Question` are the portable evaluation format (docs/design.md, "Data"); every loader
+converts to these. :class:`EncodedChunk` is what amortizing one document window yields; :class:`Hit` is what a store
+search returns.
 
 A portable dataset is a directory with ``documents.jsonl`` (one :class:`Document` per line) and
 ``questions.jsonl`` (one :class:`Question` per line). Unknown keys are rejected so typos surface at the edge.
@@ -6,9 +11,13 @@ A portable dataset is a directory with ``documents.jsonl`` (one :class:`Document
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.modulation import Modulation
 
 
 class Document(BaseModel):
@@ -43,3 +52,29 @@ class Question(BaseModel):
     doc_ids: list[str] | None = Field(default=None, description="Ids of the documents that contain the answer.")
     choices: list[str] | None = Field(default=None, description="Multiple-choice options; the gold answer is among them.")
     asked_at: datetime | None = Field(default=None, description="When the question is asked, ISO-8601.")
+
+
+@dataclass
+class EncodedChunk:
+    """One document window after amortization: its modulation and its retrieval vector (unit norm, d_enc)."""
+
+    modulation: Modulation
+    vector: np.ndarray  # (d_enc,) float32
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk, with the document it belongs to."""
+
+    chunk: EncodedChunk
+    document: Document
+    score: float  # cosine similarity of question and chunk vectors
+
+
+@dataclass(frozen=True)
+class EncodeFailure:
+    """One document the model could not encode (an ingest consumer dead-letters it with this reason; the rest of
+    its batch goes on)."""
+
+    doc_id: str
+    error: str  # "<ExceptionType>: <message>", at most 500 characters

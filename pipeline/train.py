@@ -5,7 +5,7 @@ distractors) and up to ``questions_per_doc`` of their questions. Each question's
 ``memory_size - 1`` distractors from the batch, in random order. Backpropagation dropout: only a random share of the
 batch's documents is amortized with gradients; the rest are encoded under no_grad but still sit in the memory.
 The selection loss −log(attention mass on the gold document) gives the aggregator the routing signal that the answer
-loss alone does not (DESIGN.md §8). Curriculum: stages of growing memory size. Per stage, optionally: the autoencoding
+loss alone does not (docs/design.md §5). Curriculum: stages of growing memory size. Per stage, optionally: the autoencoding
 loss (``reconstruct_weight``: each article's text from its own modulation) and ``rag_share`` (questions trained in the
 mac+rag format, with the gold article and a distractor as text in the prompt, so the prefix cooperates with a context).
 
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig, TrainConfig
-from .data import realtimeqa, synthetic
-from .mac import CONFIG, MACModel
-from .metrics import aggregate, score_answer
-from .prompts import MAC_PROMPT, RECALL_PROMPT, document_text, prompt_for
-from .schemas import Document, Question
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.data import realtimeqa, synthetic
+from pipeline.metrics import aggregate, score_answer
+from pipeline.model.mac import CONFIG, MACModel
+from pipeline.prompts import MAC_PROMPT, RECALL_PROMPT, document_text, prompt_for
+from pipeline.schemas import Document, Question
 
 log = logging.getLogger(__name__)
 

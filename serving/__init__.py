@@ -1,1 +1,2 @@
-"""Ray Serve application: HTTP API, batching, auth, metrics (issue [serve]; not built yet)."""
+"""The HTTP API on Ray Serve: the gateway (validation, auth, admission), the model deployment (retrieve → aggregate →
+generate, batched), request/response schemas, metrics. Imports :mod:`workers` and :mod:`pipeline` only."""

@@ -1,203 +1,15 @@
-"""The HTTP API (FastAPI ingress on Ray Serve) and the builder that turns a :class:`ServeConfig` into an app.
+"""The builder that turns a :class:`ServeConfig` into a Serve application (gateway + model deployment), and
+:func:`start`, which runs it on this process's Ray cluster. ``serving.app:build_app`` is also the import path a Serve
+config file (KubeRay ``RayService``) names."""
 
-Every error is JSON ``{"error": {"message", "type", "param"}}`` (OpenAI's shape): validation → 400/422 naming the
-field, bad key → 401, foreign tenant → 403, unknown model → 404, too many requests in the service → 503 with
-Retry-After, model still loading → 503. Nothing invalid reaches the model deployment.
-"""
-
-
-import json
-import time
-import uuid
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+# no `from __future__ import annotations` here: Serve validates an application builder's args by its real type hint
 from ray import serve
 
+from pipeline.cluster import init_ray
 from pipeline.config import ServeConfig
-
-from .auth import AuthError, tenant_for
-from .metrics import ServeMetrics
-from .model import MACServer
-from .schemas import MODEL_NAME, AnswerRequest, AnswerResponse, ChatRequest, CompletionRequest, MemoryControls
-
-METRICS = ServeMetrics()  # one per gateway process; error handlers count into it too
-api = FastAPI(title="macstream", version="0.1.0",
-              description="Answers from a frozen LM kept up to date by MAC memory of streamed news.")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict | None = None):
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
-
-
-def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status, headers=headers)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
-    METRICS.errors.labels(str(err.status)).inc()
-    return _error(err.status, err.message, err.kind, err.param, err.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    status = 400 if first.get("type") == "json_invalid" else 422
-    METRICS.errors.labels(str(status)).inc()
-    msg = first.get("msg", "invalid request")
-    return _error(status, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-@serve.ingress(api)
-class Gateway:
-    def __init__(self, model, cfg: ServeConfig):
-        self.model = model
-        self.stream_model = model.options(stream=True)
-        self.cfg = cfg
-        self.pending = 0  # requests in flight through this gateway (admission control)
-        self.batchable = 0  # of which batched answers (not streams): the load the model replicas batch
-        self.metrics = METRICS
-
-    # ---- plumbing ----------------------------------------------------------------------------------------------------
-    def _tenant(self, request: Request, controls: MemoryControls) -> str | None:
-        try:
-            tenant = tenant_for(request.headers.get("authorization"), self.cfg.api_keys)
-        except AuthError as err:
-            raise ApiError(401, str(err), "authentication_error", headers={"WWW-Authenticate": "Bearer"}) from None
-        if tenant is not None and controls.tenant not in (None, tenant):
-            raise ApiError(403, "tenant: this API key may only read its own tenant's documents", "permission_error", "tenant")
-        return tenant if tenant is not None else controls.tenant
-
-    def _job(self, question: str, c: MemoryControls, max_new_tokens: int | None, tenant: str | None) -> dict:
-        flt = {k: v for k, v in {"since": c.since, "until": c.until, "source": c.source, "tenant": tenant}.items() if v is not None}
-        return {"question": question, "mode": c.mode, "context_docs": c.context_docs, "top_k": c.top_k or self.cfg.default_top_k,
-                "max_new_tokens": max_new_tokens or self.cfg.default_max_new_tokens, "filter": flt}
-
-    def _admit(self) -> None:
-        if self.pending >= self.cfg.max_pending:
-            raise ApiError(503, f"the service has {self.pending} requests in flight (limit {self.cfg.max_pending}); retry shortly",
-                           "overloaded", headers={"Retry-After": "1"})
-
-    async def _answer(self, job: dict, endpoint: str) -> dict:
-        self._admit()
-        self.pending += 1
-        self.batchable += 1
-        t0 = time.perf_counter()
-        try:
-            # the replicas size their batches from this count: theirs undercounts while a generation blocks their loop
-            out = await self.model.submit.remote({**job, "load": self.batchable})
-        finally:
-            self.pending -= 1
-            self.batchable -= 1
-        if "error" in out:
-            raise ApiError(503, out["message"], "not_ready", headers={"Retry-After": "2"})
-        self.metrics.observe(endpoint, job["mode"], time.perf_counter() - t0, out["timings"], out.pop("batch_size"))
-        return out
-
-    def _model_name(self, name: str) -> None:
-        if name != MODEL_NAME:
-            raise ApiError(404, f"model: unknown model {name!r}; this server has {MODEL_NAME!r}", "model_not_found", "model")
-
-    # ---- endpoints -----------------------------------------------------------------------------------------------
-    @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
-
-    @api.get("/ready")
-    async def ready(self):
-        status = await self.model.status.remote()
-        return JSONResponse(status, status_code=200 if status["ready"] else 503)
-
-    @api.get("/metrics")
-    async def metrics_text(self):
-        body, ctype = self.metrics.render()
-        return PlainTextResponse(body, media_type=ctype)
-
-    @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "macstream"}]}
-
-    @api.get("/v1/memory/stats")
-    async def memory_stats(self, request: Request):
-        tenant = self._tenant(request, MemoryControls())  # same auth as the data endpoints; scopes the counts
-        status = await self.model.status.remote()
-        if not status["ready"]:
-            raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
-        return await self.model.memory_stats.remote(tenant)
-
-    @api.post("/v1/answer", response_model=AnswerResponse)
-    async def answer(self, body: AnswerRequest, request: Request):
-        tenant = self._tenant(request, body)
-        return await self._answer(self._job(body.question, body, body.max_new_tokens, tenant), "answer")
-
-    @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request):
-        self._model_name(body.model)
-        try:
-            question = body.question()
-        except ValueError as err:
-            raise ApiError(422, str(err), param="messages") from None
-        job = self._job(question, body.macstream, body.new_tokens(), self._tenant(request, body.macstream))
-        return await self._openai(job, chat=True, stream=body.stream)
-
-    @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._model_name(body.model)
-        job = self._job(body.prompt, body.macstream, body.new_tokens(), self._tenant(request, body.macstream))
-        return await self._openai(job, chat=False, stream=body.stream)
-
-    # ---- OpenAI shapes -------------------------------------------------------------------------------------------
-    async def _openai(self, job: dict, chat: bool, stream: bool):
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        if not stream:
-            out = await self._answer(job, "chat" if chat else "completions")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": out["answer"]}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": out["answer"], "finish_reason": "stop"})
-            return {"id": rid, "object": kind, "created": created, "model": MODEL_NAME, "choices": [choice],
-                    "macstream": {k: out[k] for k in ("sources", "checkpoint", "fallback", "timings", "mode")}}
-        self._admit()
-        status = await self.model.status.remote()
-        if not status["ready"]:
-            raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
-        return StreamingResponse(self._sse(job, rid, created, chat), media_type="text/event-stream")
-
-    async def _sse(self, job: dict, rid: str, created: int, chat: bool):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        self.pending += 1
-        t0 = time.perf_counter()
-
-        def event(delta: str | None, finish: str | None, extra: dict | None = None) -> str:
-            if chat:
-                choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
-                if extra is not None:
-                    choice["delta"]["role"] = "assistant"
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish}
-            body = {"id": rid, "object": kind, "created": created, "model": MODEL_NAME, "choices": [choice]}
-            if extra is not None:
-                body["macstream"] = extra
-            return f"data: {json.dumps(body)}\n\n"
-
-        try:
-            async for piece in self.stream_model.stream.remote(job):
-                if "sources" in piece:
-                    yield event(None if chat else "", None, piece)
-                else:
-                    yield event(piece["delta"], None)
-            yield event(None, "stop")
-            yield "data: [DONE]\n\n"
-            self.metrics.observe("stream", job["mode"], time.perf_counter() - t0, None, 1)
-        finally:
-            self.pending -= 1
+from pipeline.store.actor import ensure_store_free
+from serving.gateway import Gateway
+from serving.model import MACServer
 
 
 def build_app(cfg: ServeConfig):
@@ -225,8 +37,7 @@ def build_app(cfg: ServeConfig):
 def start(cfg: ServeConfig, name: str = "macstream", route_prefix: str = "/", blocking: bool = False):
     """Start (or update in place) the app on cfg.host:cfg.port; returns when the deployments are up (the model
     replicas may still be loading: see /ready)."""
-    from workers.runtime import init_ray
-
     init_ray()
+    ensure_store_free(cfg.store_location())  # fail here, not as a replica that is never ready
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)

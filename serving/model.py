@@ -8,17 +8,22 @@ loads the new model beside the old one and swaps them between batches, so no req
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import defaultdict
 
+import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from pipeline.memory import Hit
-from pipeline.store import SearchFilter, collection_name
+from pipeline.answering import answer, citation_weights, prepare
+from pipeline.model.mac import MACModel, QuestionEncoding, checkpoint_dir
+from pipeline.modes import BASE, Mode
+from pipeline.schemas import Hit
+from pipeline.store import collection_name
+from pipeline.store.actor import StoreBusy, connect_store
+from serving.schemas import AnswerJob
 
 log = logging.getLogger(__name__)
 PEAK_WINDOW_S = 2.0  # how long the replica remembers its peak concurrency when sizing batches
@@ -32,20 +37,36 @@ def _replicas() -> int:
         return 1
 
 
-def _fallback(used: str, job: dict) -> str | None:
-    return "no document matched the filters" if used == "base" and job["mode"] != "base" else None
+def _fallback(used: Mode, job: AnswerJob) -> str | None:
+    return "no document matched the filters" if used == BASE and job.mode != BASE else None
+
+
+class _Unreachable:
+    """Stands in for a store this replica could not connect to: every call raises with the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __getattr__(self, name: str):
+        def fail(*_args, **_kwargs):
+            raise RuntimeError(self.reason)
+
+        return fail
 
 
 class NotReady(RuntimeError):
-    """The replica has not loaded its model yet (→ 503)."""
+    """The replica cannot answer yet: its model is loading or failed to load, or its store does not answer (→ 503)."""
+
+
+def _reason(err: BaseException) -> str:
+    """One line for a client: the innermost cause's message, without a Ray traceback."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "store " in ln or "Error" in ln.split(":")[0]]
+    return (named or lines or [type(err).__name__])[-1][:500]
 
 
 class _Loaded:
     def __init__(self, checkpoint: str | None, threads: int):
-        import torch
-
-        from pipeline.mac import MACModel, checkpoint_dir
-
         torch.set_num_threads(threads)
         self.model = MACModel.load(checkpoint_dir(checkpoint)).eval()
         self.checkpoint = checkpoint
@@ -56,10 +77,12 @@ class _Loaded:
 class MACServer:
     def __init__(self, store: str, threads: int, max_batch_size: int, batch_wait_timeout_s: float):
         """Only what the replica needs: gateway settings (keys, limits) can change without restarting replicas."""
-        from workers.store_actor import connect_store
-
         self.threads = threads
-        self.store = connect_store(store)
+        self.location = store
+        try:
+            self.store = connect_store(store)
+        except StoreBusy as err:  # up, never ready: /ready and every request say why (503), no crash loop
+            self.store = _Unreachable(str(err))
         self.loaded: _Loaded | None = None
         self.error: str | None = None
         self.max_batch_size, self.inflight, self.peak, self.peak_at = max_batch_size, 0, 0, 0.0
@@ -90,17 +113,34 @@ class MACServer:
             self._load(checkpoint)
 
     # ---- status ---------------------------------------------------------------------------------------------------
+    def _store_error(self) -> str | None:
+        """None when the store answers a cheap call; else why not (e.g. the embedded store is owned by another
+        process), for /ready and every 503."""
+        try:
+            self.store.collections()
+            return None
+        except Exception as err:  # noqa: BLE001 - any failure to reach the store makes the replica not ready
+            return f"store {self.location} does not answer: {_reason(err)}"
+
     def status(self) -> dict:
+        """Ready only when the model is loaded *and* the store answers."""
         cur = self.loaded
-        return {"ready": cur is not None, "checkpoint": cur.model.version if cur else None,
-                "collection": cur.collection if cur else None, "error": self.error}
+        error = self.error or (None if cur is None else self._store_error())
+        return {"ready": cur is not None and error is None, "checkpoint": cur.model.version if cur else None,
+                "collection": cur.collection if cur else None, "error": error}
 
     def memory_stats(self, tenant: str | None = None) -> dict:
         """Counts and newest publication time of the served collection; with ``tenant`` (an API key's), only that
-        tenant's documents: a key never learns how much another tenant stored."""
-        cur = self._current()
-        newest = self.store.newest_published(cur.collection, tenant)
-        return {"checkpoint": cur.model.version, "collection": cur.collection, **self.store.counts(cur.collection, tenant),
+        tenant's documents: a key never learns how much another tenant stored. ``{"error": ...}`` when it cannot."""
+        try:
+            cur = self._current()
+            newest = self.store.newest_published(cur.collection, tenant)
+            counts = self.store.counts(cur.collection, tenant)
+        except NotReady as err:
+            return {"error": "not_ready", "message": str(err)}
+        except Exception as err:  # noqa: BLE001 - the store failed: the client gets a 503 with the reason
+            return {"error": "store_unavailable", "message": f"store {self.location}: {_reason(err)}"}
+        return {"checkpoint": cur.model.version, "collection": cur.collection, **counts,
                 "newest_published_at": newest.isoformat() if newest else None}
 
     def _current(self) -> _Loaded:
@@ -110,22 +150,31 @@ class MACServer:
         return cur
 
     # ---- answering -------------------------------------------------------------------------------------------------
-    def _retrieve(self, cur: _Loaded, jobs: list[dict]) -> tuple[list[list[Hit]], float]:
-        """Embed every question at once; one store query per distinct (filter, top_k), not per request."""
+    def _retrieve(self, cur: _Loaded, jobs: list[AnswerJob]) -> tuple[list[list[Hit]], dict[int, QuestionEncoding], float]:
+        """Encode every question that uses memory once (MiniLM + the question head): the retrieval vectors query the
+        store, and the same encoding later conditions the aggregator. One store query per distinct (filter, top_k).
+        Returns per-job hits, per-job encodings (memory jobs only) and the per-job share of the time."""
         t0 = time.perf_counter()
-        need = [i for i, j in enumerate(jobs) if j["mode"] != "base"]
+        need = [i for i, j in enumerate(jobs) if j.mode.uses_memory]
         hits: list[list[Hit]] = [[] for _ in jobs]
+        encoded: dict[int, QuestionEncoding] = {}
         if need:
-            vecs = cur.model.encoder.embed([jobs[i]["question"] for i in need]).numpy()
+            with torch.no_grad():
+                enc = cur.model.encode_questions([jobs[i].question for i in need])  # tokens (N, T, D), vectors (N, d_enc)
+            vecs = enc.vectors.numpy()
+            encoded = {i: enc.select([row]) for row, i in enumerate(need)}
             groups: dict[str, list[int]] = defaultdict(list)
             for row, i in enumerate(need):
-                groups[json.dumps([jobs[i]["filter"], jobs[i]["top_k"]], sort_keys=True, default=str)].append(row)
+                groups[jobs[i].group_key()].append(row)
             for rows in groups.values():
                 first = jobs[need[rows[0]]]
-                flt = SearchFilter(**first["filter"]) if first["filter"] else None
-                for row, h in zip(rows, self.store.search(cur.collection, vecs[rows], first["top_k"], flt)):
+                for row, h in zip(rows, self.store.search(cur.collection, vecs[rows], first.top_k, first.filter)):
                     hits[need[row]] = h
-        return hits, (time.perf_counter() - t0) / max(1, len(jobs))
+        return hits, encoded, (time.perf_counter() - t0) / max(1, len(jobs))
+
+    @staticmethod
+    def _merge(parts: list[QuestionEncoding]) -> QuestionEncoding:
+        return QuestionEncoding(torch.cat([p.tokens for p in parts]), torch.cat([p.vectors for p in parts]))
 
     @staticmethod
     def _sources(hits: list[Hit], weights: dict[str, float]) -> list[dict]:
@@ -136,7 +185,7 @@ class MACServer:
                  "published_at": d.document.published_at.isoformat() if d.document.published_at else None,
                  "score": round(d.score, 4), "weight": weights.get(d.document.id)} for d in best.values()]
 
-    async def submit(self, job: dict) -> dict:
+    async def submit(self, job: AnswerJob) -> dict:
         """One /v1/answer request into the batcher, with a load-adaptive batch size.
 
         A batch closes when it holds as many requests as are in flight for this replica at their recent peak (capped
@@ -145,12 +194,12 @@ class MACServer:
         settles into alternating half-batches of 4: each batch starts with whatever queued while the last one ran.
         (Serve reads the size when a batch starts.)
 
-        The load is the larger of this replica's own count and the gateway's (``job["load"]``: batched requests in
+        The load is the larger of this replica's own count and the gateway's (``job.load``: batched requests in
         flight through the gateway, over the deployment's replicas). The replica's own count alone is not enough: a
         generation blocks its loop, so requests that arrive meanwhile are counted only after the batch ends, and a
         half-batch pattern would look like a load of 4 and keep itself going.
         """
-        gateway_load = -(-int(job.pop("load", 1)) // _replicas())  # ceil: several gateways would undercount (safe)
+        gateway_load = -(-job.load // _replicas())  # ceil: several gateways would undercount (safe)
         self.inflight += 1
         load, now = max(self.inflight, gateway_load), time.monotonic()
         if load >= self.peak or now - self.peak_at > PEAK_WINDOW_S:  # recent peak concurrency
@@ -162,46 +211,48 @@ class MACServer:
             self.inflight -= 1
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def answer(self, jobs: list[dict]) -> list[dict]:
-        """jobs: {question, mode, top_k, max_new_tokens, filter}. The compute runs on the event loop on purpose: Serve
-        forms the next batch while one runs, so a free loop would close small batches on the wait timeout; with the loop
-        busy, everything that queued during a generation forms the next batch. One generation per (mode, length) group."""
-        from pipeline.answering import answer, mode_spec
-
+    async def answer(self, jobs: list[AnswerJob]) -> list[dict]:
+        """The compute runs on the event loop on purpose: Serve forms the next batch while one runs, so a free loop would
+        close small batches on the wait timeout; with the loop busy, everything that queued during a generation forms
+        the next batch. One generation per (mode, length) group; a job whose retrieval found nothing is answered by
+        the LM alone and says so (``fallback``)."""
         try:
             cur = self._current()
         except NotReady as err:
             return [{"error": "not_ready", "message": str(err)}] * len(jobs)
-        hits, t_ret = self._retrieve(cur, jobs)
-        groups = defaultdict(list)
+        try:
+            hits, encoded, t_ret = self._retrieve(cur, jobs)
+        except Exception as err:  # noqa: BLE001 - the store failed: every request of the batch gets a 503 with why
+            log.warning("retrieval failed: %s", err)
+            return [{"error": "store_unavailable", "message": f"store {self.location}: {_reason(err)}"}] * len(jobs)
+        groups: dict[tuple[Mode, int], list[int]] = defaultdict(list)
         for i, j in enumerate(jobs):
-            mode = mode_spec(j["mode"], j.get("context_docs")) if (j["mode"] == "base" or hits[i]) else "base"  # nothing matched: no memory
-            groups[(mode, j["max_new_tokens"])].append(i)
+            used = j.mode if (j.mode == BASE or hits[i]) else BASE  # nothing matched: no memory
+            groups[(used, j.max_new_tokens)].append(i)
         out: list[dict] = [{} for _ in jobs]
         for (mode, max_new), idx in groups.items():
-            answers = answer(cur.model, mode, [jobs[i]["question"] for i in idx], [hits[i] for i in idx], max_new)
+            enc = self._merge([encoded[i] for i in idx]) if mode.uses_mac else None
+            answers = answer(cur.model, mode, [jobs[i].question for i in idx], [hits[i] for i in idx], max_new, enc)
             for i, a in zip(idx, answers):
-                out[i] = {"answer": a.text, "mode": jobs[i]["mode"], "checkpoint": cur.model.version,
+                out[i] = {"answer": a.text, "mode": str(jobs[i].mode), "checkpoint": cur.model.version,
                           "sources": self._sources(hits[i], a.weights),
                           "fallback": _fallback(mode, jobs[i]),
                           "timings": {"retrieve": t_ret, **a.seconds}, "batch_size": len(jobs)}
         return out
 
-    async def stream(self, job: dict):
+    async def stream(self, job: AnswerJob):
         """Yield the sources first, then the answer text piece by piece (greedy, one request, unbatched). The pieces
         concatenate to what :meth:`answer` returns for the same request."""
-        from pipeline.answering import citation_weights, mode_spec, prepare
-
         cur = self._current()
-        hits, _ = self._retrieve(cur, [job])
-        mode = mode_spec(job["mode"], job.get("context_docs")) if (job["mode"] == "base" or hits[0]) else "base"
-        prompts, prefix, mass = prepare(cur.model, mode, [job["question"]], hits)
+        hits, encoded, _ = self._retrieve(cur, [job])
+        mode = job.mode if (job.mode == BASE or hits[0]) else BASE
+        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.get(0) if mode.uses_mac else None)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
                "fallback": _fallback(mode, job)}
         tok = cur.model.lm.tokenizer
         ids, sent = [], ""
-        for t in cur.model.lm.stream(tok(prompts[0])["input_ids"], prefix, job["max_new_tokens"]):
+        for t in cur.model.lm.stream(tok(prompts[0])["input_ids"], prefix, job.max_new_tokens):
             ids.append(t)
             full = tok.decode(ids).lstrip()
             # hold back a piece that ends inside a multi-byte character (decoded as U+FFFD until complete)

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.modes import TEXT_KINDS, Kind, Mode
 from pipeline.store import SearchFilter
 
-Mode = Literal["mac", "rag", "mac+rag", "base"]
 MAX_QUESTION_CHARS = 4000
 MAX_TOP_K = 64
 MAX_NEW_TOKENS = 256
@@ -26,7 +26,7 @@ class MemoryControls(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Mode = Field("mac", description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, or base (no memory).")
+    mode: Kind | None = Field(None, description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, or base (no memory). Default: the server's best measured mode (GET /health names it; out of the box mac+rag with context_docs 1).")
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Chunks retrieved (default: the server's).")
     since: datetime | None = Field(None, description="Only documents published at or after (ISO-8601).")
     until: datetime | None = Field(None, description="Only documents published at or before (ISO-8601).")
@@ -36,8 +36,9 @@ class MemoryControls(BaseModel):
 
     @model_validator(mode="after")
     def _range(self):
+        # context_docs without a mode applies to the server's default mode: checked by the gateway, which knows it
         SearchFilter(since=self.since, until=self.until)  # since ≤ until, with the store's own message
-        if self.context_docs is not None and self.mode not in ("rag", "mac+rag"):
+        if self.context_docs is not None and self.mode is not None and self.mode not in TEXT_KINDS:
             raise ValueError(f"context_docs applies to the rag and mac+rag modes, not {self.mode!r}")
         return self
 
@@ -66,7 +67,7 @@ class Source(BaseModel):
 
 class AnswerResponse(BaseModel):
     answer: str
-    mode: Mode
+    mode: str = Field(description="The mode that answered, as MODE or MODE@context_docs (e.g. mac+rag@1).")
     sources: list[Source]
     checkpoint: str
     fallback: str | None = Field(None, description="Set when the answer could not use memory (e.g. no document matched the filters).")
@@ -109,3 +110,22 @@ class CompletionRequest(_OpenAIBase):
     prompt: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
 
     _q = field_validator("prompt")(_question)
+
+
+class AnswerJob(BaseModel):
+    """What the gateway hands a model replica for one question: validated, defaults filled in, the tenant resolved from
+    the API key. Immutable: the replica reads it and never changes it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    question: str
+    mode: Mode
+    top_k: int = Field(ge=1, le=MAX_TOP_K)
+    max_new_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS)
+    filter: SearchFilter | None = None
+    load: int = Field(1, ge=1, description="Batched requests in flight through the gateway when this one was sent: "
+                      "the replica sizes its batches from it (its own count lags while a generation blocks its loop).")
+
+    def group_key(self) -> str:
+        """Jobs with equal keys share one store query (same filter and top_k)."""
+        return f"{self.top_k}|{self.filter.model_dump_json() if self.filter else ''}"

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import DEFAULT_ENCODER, DEFAULT_LM, ModelConfig  # noqa: E402
-from pipeline.lm import FrozenLM  # noqa: E402
+from pipeline.model.lm import FrozenLM  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting against another
 # busy process made a 3-token forward ~15x slower (0.25 s vs 6 ms). MACSTREAM_TEST_THREADS overrides.
@@ -48,7 +48,7 @@ def tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (49,152 tokens)."""
     from transformers import AutoTokenizer
 
-    from pipeline.weights import resolve_lm
+    from pipeline.model.weights import resolve_lm
 
     return AutoTokenizer.from_pretrained(resolve_lm(DEFAULT_LM))
 
@@ -105,7 +105,7 @@ def any_lm(request, tokenizer) -> FrozenLM:
 @pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 encoder (frozen), default window 256 tokens / overlap 32."""
-    from pipeline.encoder import TextEncoder
+    from pipeline.model.encoder import TextEncoder
 
     return TextEncoder(DEFAULT_ENCODER)
 
@@ -121,7 +121,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def make_tiny_mac(frozen_lm: FrozenLM, encoder, **overrides):
     """A tiny MAC model; ``overrides`` are ModelConfig fields."""
-    from pipeline.mac import MACModel
+    from pipeline.model.mac import MACModel
 
     torch.manual_seed(99)
     return MACModel(tiny_config(**overrides), lm=frozen_lm, encoder=encoder)
@@ -139,7 +139,7 @@ def tiny_checkpoint(tokenizer, minilm) -> Path:
     processes (Ray encoder actors) by path. Untrained: for pipeline semantics, not for answers."""
     import shutil
 
-    from pipeline.mac import MACModel
+    from pipeline.model.mac import MACModel
 
     root = TEST_HOME / "tiny-checkpoint"
     ckpt = root / "ckpt"

@@ -7,20 +7,31 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from pipeline.answering import mode_spec, parse_mode, prepare
-from pipeline.memory import MemoryBank
+from pipeline.answering import prepare
+from pipeline.model.lm import FrozenLM
+from pipeline.modes import Mode
 from pipeline.prompts import document_text
 from pipeline.schemas import Document
+from pipeline.store.bank import MemoryBank
 
 
-def test_parse_mode() -> None:
-    assert parse_mode("mac") == ("mac", None) and parse_mode("mac+rag@2") == ("mac+rag", 2)
-    assert parse_mode("rag@1") == ("rag", 1)
+def test_mode_parse_and_str_are_inverse() -> None:
+    assert Mode.parse("mac") == Mode("mac") and Mode.parse("mac+rag@2") == Mode("mac+rag", 2)
+    assert Mode.parse("rag@1") == Mode("rag", 1) and Mode.parse(Mode("rag", 1)) == Mode("rag", 1)
     for mode, n in (("mac+rag", 3), ("rag", None), ("base", None)):  # what serve builds from mode + context_docs
-        assert parse_mode(mode_spec(mode, n)) == (mode, n)
+        assert Mode.parse(str(Mode(mode, n))) == Mode(mode, n)
+    assert Mode("mac").uses_mac and not Mode("mac").uses_text and Mode("mac+rag", 1).uses_text
+    assert not Mode("base").uses_memory and Mode("rag").uses_memory and not Mode("rag").uses_mac
     for bad in ("mac@1", "base@2", "rag@0", "rag@x", "rag@", "nope", "mac+rag@-1"):
         with pytest.raises(ValueError, match="mode"):
-            parse_mode(bad)
+            Mode.parse(bad)
+
+
+def test_mac_modes_refuse_a_bare_lm(tiny_mac) -> None:
+    """The text modes answer through a bare FrozenLM (the fine-tuning baselines do); a MAC mode needs the MACModel."""
+    assert isinstance(tiny_mac.lm, FrozenLM)
+    with pytest.raises(TypeError, match="MACModel"):
+        prepare(tiny_mac.lm, "mac", ["q"], [[object()]])
 
 
 def test_context_docs_follow_retriever_for_rag_and_aggregator_for_mac_rag(tiny_mac) -> None:

@@ -8,14 +8,23 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
-
-from pipeline import baselines
-from pipeline.baselines import FinetuneConfig, OnlineFinetuner, document_tokens, finetune_eval, run_stream, salient_spans
-from pipeline.cli import main
-from pipeline.evaluate import EvalSettings
-from pipeline.schemas import Document, Question
-
 from conftest import make_tiny_llama
+
+from macstream.cli import main
+from pipeline import baselines
+from pipeline.baselines import (
+    OnlineFinetuner,
+    document_tokens,
+    finetune_eval,
+    run_stream,
+    salient_spans,
+    tuning,
+)
+from pipeline.config import FinetuneConfig
+from pipeline.modes import FT_MODES
+from pipeline.prompts import prompt_for
+from pipeline.schemas import Document, Question
+from pipeline.scoring import EvalSettings
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 SENTENCE = ("On March 19, 2023, Lopeth Robotics moved its headquarters to Gresiport and said revenue rose 12% to "
@@ -135,7 +144,7 @@ def test_retention_checkpoints_at_the_right_stream_positions(lm, monkeypatch):
         return [{"id": q.id, "f1": len(adapted) / 16, "em": 0.0} for q in questions]
 
     monkeypatch.setattr(OnlineFinetuner, "adapt", spy_adapt)
-    monkeypatch.setattr(baselines, "answer_with", spy_answer)
+    monkeypatch.setattr(tuning, "answer_with", spy_answer)
     res = finetune_eval(lm, "ft-uniform", docs, qs, FinetuneConfig(), EvalSettings(progress=False))
     assert adapted == [f"d{i:02d}" for i in range(16)]  # stream (published_at) order
     assert calls == [(2, ["q0", "q1"], False), (4, ["q0", "q1"], False), (8, ["q0", "q1"], False),
@@ -157,8 +166,8 @@ def test_tuning_picks_the_best_validation_f1_and_breaks_ties(lm, monkeypatch):
             f1, lp = 0.0, {(1e-3, 1): -3.0, (1e-3, 2): -1.5, (1e-2, 1): -2.0, (1e-2, 2): -1.5}[(cfg.lr, cfg.steps)]
         return {"rows": [{"f1": f1, "em": 0.0, "gold_logprob": lp} for _ in questions], "cost": {"seconds_per_document": 0.1}}
 
-    monkeypatch.setattr(baselines, "finetune_eval", fake_eval)
-    monkeypatch.setattr(baselines, "answer_with", lambda v, qs, s: [{"f1": 0.05, "em": 0.0} for _ in qs])
+    monkeypatch.setattr(tuning, "finetune_eval", fake_eval)
+    monkeypatch.setattr(tuning, "answer_with", lambda v, qs, s: [{"f1": 0.05, "em": 0.0} for _ in qs])
     qs = [Question(id="q", question="Who?", answers=["x"])]
     rep = baselines.tune(lm, [_doc(0)], qs, EvalSettings(progress=False), grid={"lr": [1e-3, 1e-2], "steps": [1, 2]})
     assert len(rep["results"]) == 8 and rep["base"]["f1"] == pytest.approx(5.0) and rep["base"]["gold_logprob"] < 0
@@ -175,7 +184,7 @@ def test_gold_logprobs_match_continuation_scoring(lm):
     tok = lm.tokenizer
     for q, lp in zip(qs, got):
         a = tok(" " + q.answers[0] + "\n", add_special_tokens=False)["input_ids"]
-        s, n = lm.continuation_logprobs([tok(baselines.prompt_for("base", q.question))["input_ids"]], [a])
+        s, n = lm.continuation_logprobs([tok(prompt_for("base", q.question))["input_ids"]], [a])
         assert lp == pytest.approx(float(s[0] / n[0]), abs=1e-5) and lp < 0
     assert got == pytest.approx(baselines.gold_logprobs(lm, qs, batch_size=2), abs=1e-5)  # padding changes nothing
 
@@ -209,15 +218,15 @@ def test_eval_cli_runs_the_ft_modes(tiny_checkpoint, tiny_data, tmp_path, capsys
 
 
 def test_bench_writes_table_and_plots_for_every_mode(tiny_checkpoint, tmp_path):
-    from pipeline.bench_baselines import MODES, run
+    from benchmarks.baselines import MODES, run
     from pipeline.data.synthetic import generate
 
     tuning = tmp_path / "tuning.json"
     chosen = {"optimizer": "adamw", "lr": 1e-3, "steps": 1}
     tuning.write_text(json.dumps({"grid": {}, "documents": 1, "questions": 1, "base": {"f1": 0.0, "em": 0.0},
                                   "results": [{"mode": m, "config": FinetuneConfig(**chosen).model_dump(), "f1": 0.0, "em": 0.0}
-                                              for m in baselines.FT_MODES],
-                                  "chosen": {m: chosen for m in baselines.FT_MODES}}))
+                                              for m in FT_MODES],
+                                  "chosen": {m: chosen for m in FT_MODES}}))
     docs, qs = generate("test", 3)
     res = run(tmp_path / "b.json", checkpoint=str(tiny_checkpoint), tuning=tuning, top_k=2, max_new_tokens=2,
               progress=False, data={"tiny": (docs, qs[:6])}, command="test")

@@ -27,7 +27,7 @@ def _running() -> dict[str, int]:
 def test_demo_end_to_end():
     before = _running()
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo"], cwd=REPO_ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "macstream.demo"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, f"demo failed:\n{out[-3000:]}\n{proc.stderr[-3000:]}"

@@ -128,16 +128,16 @@ def _cli_args(service: dict) -> list[str]:
 
 def _parse_cli(argv: list[str], capsys):
     """Parse with the real `macstream` parser (pipeline/cli.py); an unknown flag or a bad value fails the test."""
-    from pipeline.cli import parser
+    from macstream.cli import parser
 
     try:
         return parser().parse_args(argv)
     except SystemExit:
-        pytest.fail(f"`macstream {' '.join(argv)}` is rejected by pipeline.cli: {capsys.readouterr().err.strip()}")
+        pytest.fail(f"`macstream {' '.join(argv)}` is rejected by macstream.cli: {capsys.readouterr().err.strip()}")
 
 
 def _parse_cli_quiet(argv: list[str]):
-    from pipeline.cli import parser
+    from macstream.cli import parser
 
     return parser().parse_args(argv)
 
@@ -159,7 +159,7 @@ def _ray_flag(cmd: list[str], flag: str, default: int | None = None) -> int | No
 def _bound_ports(services: dict, name: str) -> set[int] | None:
     """Ports on which the service's own command listens beyond loopback, derived from the command (not from what
     `expose` claims); None for third-party images whose commands this does not model."""
-    from pipeline.cli import _ingest_config, _serve_config
+    from macstream.cli import _ingest_config, _serve_config
 
     svc = services[name]
     cmd = svc.get("command")
@@ -253,7 +253,7 @@ def test_env_example_values_give_the_same_file(raw_compose):
 
 
 def test_ingest_command_uses_real_flags_and_valid_settings(compose, capsys):
-    from pipeline.cli import _ingest_config
+    from macstream.cli import _ingest_config
 
     services = compose["services"]
     args = _parse_cli(_cli_args(services["ingest"]), capsys)
@@ -291,7 +291,7 @@ def test_no_metrics_forwarder_comes_back(compose):
 
 
 def test_serve_command_uses_real_flags_and_valid_settings(compose, capsys, monkeypatch):
-    from pipeline.cli import _serve_config
+    from macstream.cli import _serve_config
 
     monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
     services = compose["services"]
@@ -313,7 +313,7 @@ SERVE_KNOBS = {"MACSTREAM_MAX_BATCH_SIZE": ("max_batch_size", "5"), "MACSTREAM_B
 
 
 def test_serve_knobs_come_from_the_environment_with_the_code_defaults(raw_compose, capsys, monkeypatch):
-    from pipeline.cli import _serve_config
+    from macstream.cli import _serve_config
     from pipeline.config import ServeConfig
 
     monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
@@ -327,7 +327,7 @@ def test_serve_knobs_come_from_the_environment_with_the_code_defaults(raw_compos
 
 
 def test_default_replicas_and_encoders_fit_the_default_workers(compose, capsys, monkeypatch):
-    from pipeline.cli import _ingest_config, _serve_config
+    from macstream.cli import _ingest_config, _serve_config
 
     monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
     services = compose["services"]
@@ -419,7 +419,7 @@ def test_dockerignore_keeps_the_build_inputs_out_of_the_junk():
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
     for junk in (".venv/bin/python", ".cache/test-home/x", "runs/a/last", ".git/HEAD"):
         assert _dockerignored(junk, patterns), f"{junk} would be sent to the build"
-    needed = ["requirements.txt", "pyproject.toml", "pipeline/cli.py", "workers/ingest.py", "serving/app.py",
+    needed = ["requirements.txt", "pyproject.toml", "macstream/cli.py", "workers/ingest.py", "serving/app.py", "benchmarks/report.py",
               "infra/docker/entrypoint.sh", *(str(p.relative_to(REPO)) for p in (REPO / "checkpoints").rglob("*") if p.is_file())]
     assert len(needed) > 6, "the shipped checkpoint is missing from the repo"
     kept_out = [p for p in needed if _dockerignored(p, patterns)]
@@ -449,7 +449,7 @@ def test_prometheus_targets_are_compose_services(compose):
     serve = _parse_cli_quiet(_cli_args(services["serve"]))
     serve_targets = [t for sc in jobs["macstream-serve"]["static_configs"] for t in sc["targets"]]
     assert serve_targets == [f"ray-head:{serve.port}"] and jobs["macstream-serve"].get("metrics_path", "/metrics") == "/metrics"
-    from pipeline.cli import _ingest_config
+    from macstream.cli import _ingest_config
 
     ingest = _ingest_config(_parse_cli_quiet(_cli_args(services["ingest"])))
     ingest_targets = [t for sc in jobs["macstream-ingest"]["static_configs"] for t in sc["targets"]]
@@ -599,7 +599,7 @@ def test_rayservice_runs_the_serve_app_with_autoscaling_cpu_and_gpu_groups():
 
 
 def test_ingest_job_runs_the_cli_with_addresses_from_the_configmap(capsys):
-    from pipeline.cli import _ingest_config
+    from macstream.cli import _ingest_config
 
     docs = {d["kind"]: d for d in _docs(INGEST_JOB)}
     config = docs["ConfigMap"]["data"]

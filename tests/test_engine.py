@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_mac, tiny_config
 from safetensors.torch import load_file
 
-from conftest import make_tiny_mac, tiny_config
-from pipeline.aggregator import Aggregator
-from pipeline.amortizer import QueryHead
 from pipeline.config import ModelConfig, TrainConfig, load_config
-from pipeline.lm import FrozenLM
-from pipeline.mac import CONFIG, WEIGHTS, MACModel
+from pipeline.model.aggregator import Aggregator
+from pipeline.model.amortizer import QueryHead
+from pipeline.model.lm import FrozenLM
+from pipeline.model.mac import CONFIG, WEIGHTS, MACModel
 from pipeline.modulation import CheckpointMismatch, Modulation, ensure_compatible
 from pipeline.prompts import document_text
 from pipeline.schemas import Document
@@ -292,7 +292,7 @@ def test_checkpoint_stores_only_trainable_tensors(tmp_path: Path, tiny_llama: Fr
 
 
 def test_checkpoint_with_unfrozen_encoder_layer_stores_only_that_layer(tmp_path: Path, tiny_llama: FrozenLM) -> None:
-    from pipeline.encoder import TextEncoder
+    from pipeline.model.encoder import TextEncoder
 
     enc = TextEncoder("all-minilm-l6-v2", unfreeze=1)
     mac = make_tiny_mac(tiny_llama, enc, unfreeze_encoder_layers=1)
@@ -503,7 +503,7 @@ def test_lm_state_amortizer_windows_gradients_and_layer_check(tiny_llama: Frozen
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_token_expander_gives_each_aggregated_token_its_own_prefix_slot(family: str, tiny_llama: FrozenLM, tiny_gpt2: FrozenLM, minilm) -> None:
-    from pipeline.expander import TokenExpander
+    from pipeline.model.expander import TokenExpander
 
     lm = tiny_llama if family == "llama" else tiny_gpt2
     mac = make_tiny_mac(lm, minilm, expander="tokens", prefix_len=T)

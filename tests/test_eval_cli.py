@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import ModelConfig
+from macstream.cli import main
+from pipeline.config import DEFAULT_MODE, ModelConfig
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from pipeline.mac import MACModel
+    from pipeline.model.mac import MACModel
 
     d = tmp_path_factory.mktemp("ckpt")
     MACModel(ModelConfig(num_tokens=4)).save(d)  # untrained but real LM/encoder: exercises every path
@@ -56,12 +56,12 @@ def test_encode_then_ask_cites_sources(checkpoint, dataset, tmp_path, capsys):
     main(["ask", "Who did the company name as chief executive?", "--memory", str(mem), "--checkpoint",
           str(checkpoint), "--top-k", "2", "--max-new-tokens", "3"])
     ans = json.loads(capsys.readouterr().out)
-    assert ans["mode"] == "mac" and len(ans["sources"]) == 2
+    assert ans["mode"] == DEFAULT_MODE == "mac+rag@1" and len(ans["sources"]) == 2  # the best measured mode by default
     assert sum(s["weight"] for s in ans["sources"]) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_memory_from_another_checkpoint_is_refused(checkpoint, dataset, tmp_path):
-    from pipeline.mac import MACModel
+    from pipeline.model.mac import MACModel
 
     other = tmp_path / "other"
     MACModel(ModelConfig(num_tokens=4)).save(other)  # fresh random init: another version
@@ -73,18 +73,18 @@ def test_memory_from_another_checkpoint_is_refused(checkpoint, dataset, tmp_path
 
 
 def test_bad_arguments_exit_2_with_a_message(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--data", str(tmp_path), "--top-k", "0"],
+    r = subprocess.run([sys.executable, "-m", "macstream.cli", "eval", "--data", str(tmp_path), "--top-k", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "top-k" in r.stderr
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"train": {"stepz": 3}}))
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--out", str(tmp_path / "o"), "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "macstream.cli", "train", "--out", str(tmp_path / "o"), "--config", str(cfg)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "stepz" in r.stderr and "unknown key" in r.stderr
 
 
 def test_ask_mode_is_validated_before_anything_loads(tmp_path):
     """`ask --mode` takes the eval modes, @N included; a wrong one exits 2 naming the rule."""
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "ask", "q", "--memory", str(tmp_path / "m"), "--mode", "mac@1"],
+    r = subprocess.run([sys.executable, "-m", "macstream.cli", "ask", "q", "--memory", str(tmp_path / "m"), "--mode", "mac@1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "rag and mac+rag only" in r.stderr

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
-from pipeline import kafka_io  # noqa: E402
-from pipeline.broker import LocalBroker  # noqa: E402
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import IngestConfig  # noqa: E402
-from pipeline.messages import encode  # noqa: E402
 from pipeline.schemas import Document  # noqa: E402
+from workers import kafka_io  # noqa: E402
+from workers.broker import LocalBroker  # noqa: E402
 from workers.ingest import IngestJob  # noqa: E402
-from workers.runtime import init_ray  # noqa: E402
+from workers.messages import encode  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_poison_messages_go_to_the_dlq_and_good_ones_flow(cluster, broker, tiny_
 
 
 def test_durable_broker_restart_mid_stream(cluster, tiny_checkpoint, tmp_path) -> None:
-    from pipeline.broker import s3rver_binary
+    from workers.broker import s3rver_binary
 
     try:
         s3rver_binary()

@@ -11,15 +11,15 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipeline.broker import LocalBroker
 from pipeline.schemas import Document
+from workers.broker import LocalBroker
 
 pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, timeout: float = 300) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-m", "macstream.cli", *args], capture_output=True, text=True, env=env,
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     try:
@@ -58,11 +58,11 @@ def test_produce_ingest_stats_replay(tiny_checkpoint, tmp_path) -> None:
 
 def test_bad_ingest_flags_exit_2_naming_the_field(tmp_path) -> None:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--topic", "t", "--batch-size", "0"],
+    out = subprocess.run([sys.executable, "-m", "macstream.cli", "ingest", "--topic", "t", "--batch-size", "0"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and "batch-size" in out.stderr
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"max_in_flihgt": 3}))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--topic", "t", "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "macstream.cli", "ingest", "--topic", "t", "--config", str(cfg)],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and "max_in_flihgt" in out.stderr

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from pipeline.lm import FrozenLM, Prefix
+from pipeline.model.lm import FrozenLM, Prefix
 
 P = 3  # prefix length of the real-token reference prefixes
 TOL = 1e-4  # logit tolerance for "is an argmax" (float reordering between cached and uncached paths)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.mac import EncodedChunk
-from pipeline.memory import MemoryBank, load_bank, save_bank
 from pipeline.modulation import Modulation
-from pipeline.schemas import Document
+from pipeline.schemas import Document, EncodedChunk
+from pipeline.store.bank import MemoryBank, load_bank, save_bank
 
 
 def _chunks(doc_id: str, vectors: list[list[float]], ckpt: str = "v1") -> list[EncodedChunk]:

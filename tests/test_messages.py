@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.messages import Delete, PoisonMessage, Upsert, content_hash, encode, parse
 from pipeline.schemas import Document
+from workers.messages import Delete, PoisonMessage, Upsert, content_hash, encode, parse
 
 
 def _v(obj) -> bytes:

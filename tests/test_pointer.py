@@ -7,11 +7,10 @@ import itertools
 
 import pytest
 import torch
-
-from pipeline.lm import FrozenLM, Prefix
-
 from conftest import make_tiny_mac
 from test_lm_injection import naive_logprob_sum, rand_ids
+
+from pipeline.model.lm import FrozenLM, Prefix
 
 POINTER = dict(doc_states="lm", amortizer="pointer", expander="lm", aggregator_output="mixture", standardize_states=True)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from benchmarks.report import write_report
 from pipeline.config import README_MARKERS, REPO_ROOT, reference_markdown
-from pipeline.report import write_report
 
 
 def test_readme_configuration_reference_is_current():

@@ -22,12 +22,12 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
-from pipeline.broker import free_port  # noqa: E402
+from benchmarks.serve import batch_counts  # noqa: E402
 from pipeline.config import ServeConfig  # noqa: E402
-from pipeline.messages import content_hash  # noqa: E402
 from pipeline.schemas import Document  # noqa: E402
 from pipeline.store import collection_name  # noqa: E402
-from serving.bench import batch_counts  # noqa: E402
+from workers.broker import free_port  # noqa: E402
+from workers.messages import content_hash  # noqa: E402
 
 KEYS = {"key-one": "t1", "key-two": "t2"}
 H1 = {"Authorization": "Bearer key-one"}
@@ -45,7 +45,7 @@ def _docs() -> list[Document]:
 
 
 def _fill(store, checkpoint) -> None:
-    from pipeline.mac import MACModel
+    from pipeline.model.mac import MACModel
 
     model = MACModel.load(checkpoint)
     coll = collection_name(model.version)
@@ -60,9 +60,9 @@ def _fill(store, checkpoint) -> None:
 def server(tiny_checkpoint, tmp_path_factory):
     from ray import serve
 
+    from pipeline.cluster import init_ray
+    from pipeline.store.actor import connect_store
     from serving.app import start
-    from workers.runtime import init_ray
-    from workers.store_actor import connect_store
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(num_cpus=2)
@@ -102,7 +102,8 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
 
     seen = server["ready_seen"]
     assert seen[-1] == 200 and set(seen) <= {200, 503}
-    assert requests.get(server["base"] + "/health", timeout=10).json() == {"status": "ok"}
+    health = requests.get(server["base"] + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["default_mode"] == server["cfg"].default_mode
     ready = requests.get(server["base"] + "/ready", timeout=10).json()
     assert ready["ready"] and ready["checkpoint"]
     # a replica whose model never loads: up (/health), not ready (/ready 503 with the reason), requests 503, never 500
@@ -118,6 +119,54 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
         assert r.status_code == 503 and r.headers["Retry-After"] and "no checkpoint" in r.json()["error"]["message"]
     finally:
         serve.delete("broken")
+
+
+def test_a_store_owned_by_another_process_is_a_503_with_the_reason(server, tmp_path) -> None:
+    """Serve started on an embedded store that another process holds open: up, never ready, and every data endpoint
+    answers 503 JSON naming the cause (it used to say ready and then 500 on every request)."""
+    from qdrant_client import QdrantClient
+    from ray import serve
+
+    from pipeline.store.actor import StoreBusy
+    from serving.app import build_app, start
+
+    held = QdrantClient(path=str(tmp_path / "held"))  # this process owns the directory now
+    cfg = server["cfg"].model_copy(update={"store": str(tmp_path / "held")})
+    try:
+        with pytest.raises(StoreBusy, match="macstream up"):  # `serve` refuses at once, naming the fixes
+            start(cfg, name="held", route_prefix="/held")
+        serve.run(build_app(cfg), name="held", route_prefix="/held", blocking=False)  # past the check: the replica
+        base = server["base"] + "/held"
+        deadline = time.monotonic() + 60
+        while (r := requests.get(base + "/ready", timeout=30)).json()["error"] is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 503 and not r.json()["ready"] and "another process" in r.json()["error"]
+        for path, body in (("/v1/answer", {"question": "Who leads Acme3?"}), ("/v1/memory/stats", None)):
+            r = (requests.post(base + path, json=body, headers=H1, timeout=60) if body
+                 else requests.get(base + path, headers=H1, timeout=60))
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert "another process" in r.json()["error"]["message"] and r.headers["Retry-After"]
+    finally:
+        serve.delete("held")
+        held.close()
+
+
+def test_default_mode_is_the_configured_best_mode(server) -> None:
+    r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4})
+    assert r.status_code == 200 and r.json()["mode"] == server["cfg"].default_mode == "mac+rag@1"
+    r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4, "context_docs": 2})
+    assert r.status_code == 200 and r.json()["mode"] == "mac+rag@2"  # the request's context_docs, the default's kind
+    r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4, "mode": "mac"})
+    assert r.status_code == 200 and r.json()["mode"] == "mac"
+    r = _post(server, "/v1/chat/completions", {"model": "macstream", "max_tokens": 4,
+                                               "messages": [{"role": "user", "content": "Who leads Acme3?"}]})
+    assert r.status_code == 200 and r.json()["macstream"]["mode"] == "mac+rag@1"
+
+
+def test_a_bad_default_mode_is_refused_at_the_edge() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        ServeConfig(default_mode="mac@1")
+    assert ServeConfig(default_mode="rag@2").default_mode == "rag@2"
 
 
 @pytest.mark.parametrize("mode", ["mac", "rag", "mac+rag", "base"])
@@ -145,7 +194,7 @@ def test_context_docs_keeps_every_source_and_its_weight(server, mode) -> None:
                                       "max_new_tokens": 6})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["mode"] == mode and out["fallback"] is None and len(out["sources"]) == 4
+    assert out["mode"] == f"{mode}@1" and out["fallback"] is None and len(out["sources"]) == 4
     if mode == "mac+rag":
         assert abs(sum(s["weight"] for s in out["sources"]) - 1) < 1e-3
 
@@ -285,10 +334,10 @@ def test_fuzz_never_5xx(server, body, path) -> None:
 
 
 def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny_checkpoint, tmp_path, tokenizer, minilm) -> None:
-    from serving.app import start
-
     # overload: a service that admits 1 request at a time (its own app, beside the main one) turns the rest away
     from ray import serve
+
+    from serving.app import start
 
     small = server["cfg"].model_copy(update={"max_pending": 1})
     start(small, name="small", route_prefix="/small")
@@ -302,9 +351,10 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
     assert all(r.headers.get("Retry-After") for r in rs if r.status_code == 503)
 
     # rollout: a second checkpoint goes live in place while a client keeps asking; every request succeeds
-    from pipeline.mac import MACModel
     from conftest import tiny_config
-    from workers.store_actor import connect_store
+
+    from pipeline.model.mac import MACModel
+    from pipeline.store.actor import connect_store
 
     old = requests.get(server["base"] + "/ready", timeout=10).json()["checkpoint"]
     import torch

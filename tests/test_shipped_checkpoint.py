@@ -29,8 +29,9 @@ def test_checkpoint_is_small_and_versioned():
 
 def test_checkpoint_answers_with_citation_weights():
     from pipeline.data import synthetic
-    from pipeline.evaluate import EvalSettings, build_memory, run_questions
-    from pipeline.mac import MACModel
+    from pipeline.evaluate import build_memory, run_questions
+    from pipeline.model.mac import MACModel
+    from pipeline.scoring import EvalSettings
 
     model = MACModel.load(SHIPPED_CHECKPOINT)
     docs, questions = synthetic.generate("test", 3, seed=3)
@@ -47,8 +48,9 @@ def test_aggregator_selects_at_least_as_well_as_the_retriever():
     """On unseen companies (synthetic test split, fixed seed): the document the aggregator weighs most is the gold one
     at least as often as the retriever's top hit is. The issue's condition "it re-ranks, it must not lose"."""
     from pipeline.data import synthetic
-    from pipeline.evaluate import EvalSettings, build_memory, run_questions, summarize
-    from pipeline.mac import MACModel
+    from pipeline.evaluate import build_memory, run_questions
+    from pipeline.model.mac import MACModel
+    from pipeline.scoring import EvalSettings, summarize
 
     model = MACModel.load(SHIPPED_CHECKPOINT)
     docs, questions = synthetic.generate("test", 10, seed=0)

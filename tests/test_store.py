@@ -8,10 +8,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from pipeline.mac import EncodedChunk
 from pipeline.modulation import Modulation
-from pipeline.schemas import Document
-from pipeline.store import InMemoryStore, QdrantStore, SearchFilter, Store, collection_name
+from pipeline.schemas import Document, EncodedChunk
+from pipeline.store import SearchFilter, Store, collection_name
+from pipeline.store.inmemory import InMemoryStore
+from pipeline.store.qdrant import QdrantStore
 
 COLL = collection_name("v1")
 DIM = 8
@@ -129,7 +130,7 @@ def test_every_backend_keeps_the_store_interface() -> None:
     production (a tenant-scoped count reaching the proxy was a 500): check the signatures here."""
     import inspect
 
-    from workers.store_actor import RemoteStore
+    from pipeline.store.actor import RemoteStore
 
     names = [n for n, f in vars(Store).items() if callable(f) and not n.startswith("_")]
     assert {"counts", "newest_published", "search", "upsert"} <= set(names)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from pipeline.config import StageConfig, TrainConfig
-from pipeline.mac import MACModel
+from pipeline.model.mac import MACModel
 from tests.conftest import tiny_config
 
 

@@ -27,10 +27,11 @@ import ray
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from pipeline import kafka_io
 from pipeline.config import IngestConfig
-from pipeline.messages import Delete, PoisonMessage, Upsert, parse
-from pipeline.store import Store
+from pipeline.schemas import EncodeFailure
+from pipeline.store import Store, StoreRejection
+from workers import kafka_io
+from workers.messages import Delete, PoisonMessage, Upsert, parse
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,12 @@ class ConsumerMember:
             results = ray.get(head.ref) if head.ref is not None else []
             failed = []
             for (op, r), res in zip(head.to_encode, results):
-                if isinstance(res, str):
-                    failed.append((r, PoisonMessage("encode_failed", res), "encode"))
+                if isinstance(res, EncodeFailure):
+                    failed.append((r, PoisonMessage("encode_failed", res.error), "encode"))
                     continue
                 try:
                     self.store.upsert(self.collection, op.doc, op.content_hash, res)
-                except ValueError as err:  # the store refuses this document for good: dead-letter it, keep flowing
+                except StoreRejection as err:  # the store refuses this document for good: dead-letter it, keep flowing
                     failed.append((r, PoisonMessage("store_rejected", str(err)[:500]), "store"))
                     continue
                 # any other error (store unreachable) propagates: the member dies, is replaced, and redelivers

@@ -7,12 +7,14 @@ by the actor's death is simply retried on the restarted actor (max_task_retries=
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 
 import ray
+import torch
 
-from pipeline.mac import EncodedChunk
-from pipeline.schemas import Document
+from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.schemas import Document, EncodedChunk, EncodeFailure
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +22,6 @@ log = logging.getLogger(__name__)
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class EncoderActor:
     def __init__(self, checkpoint: str | None, threads: int = 1):
-        import torch
-
-        from pipeline.mac import MACModel, checkpoint_dir
-
         torch.set_num_threads(threads)
         self.model = MACModel.load(checkpoint_dir(checkpoint)).eval()
 
@@ -31,12 +29,10 @@ class EncoderActor:
         return self.model.version, self.model.model_id
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
-    def encode(self, docs: list[Document]) -> list[list[EncodedChunk] | str]:
-        """Per document, in order: its chunks, or a one-line error (the document is then dead-lettered)."""
+    def encode(self, docs: list[Document]) -> list[list[EncodedChunk] | EncodeFailure]:
+        """Per document, in order: its chunks, or why it failed (the document is then dead-lettered)."""
         try:
             by_doc = defaultdict(list)
             for c in self.model.encode_documents(docs):
@@ -49,5 +45,5 @@ class EncoderActor:
                     out.append(self.model.encode_documents([d]))
                 except Exception as err:  # noqa: BLE001 - any failure of one document is that document's problem
                     log.warning("encode failed for %s: %s", d.id, err)
-                    out.append(f"{type(err).__name__}: {err}"[:500])
+                    out.append(EncodeFailure(d.id, f"{type(err).__name__}: {err}"[:500]))
             return out

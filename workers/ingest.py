@@ -2,7 +2,7 @@
 
 Topology (all Ray actors): ``workers`` encoder actors (model copies, ``encoder_threads`` CPUs each, restarted and
 retried by Ray when they die); ``consumers`` consumer actors (0 CPUs, one group member each, never more than the
-topic has partitions); one store owner for embedded stores (workers/store_actor.py). The driver supervises: a
+topic has partitions); one store owner for embedded stores (pipeline/store/actor.py). The driver supervises: a
 consumer that dies is replaced (its partitions are redelivered from the last commit), and it aggregates metrics.
 
 Backfill mode (``exit_when_idle``): the job stops once every member has nothing in flight and saw no record for that
@@ -17,15 +17,15 @@ import time
 
 import ray
 
-from pipeline import kafka_io
+from pipeline.cluster import init_ray
 from pipeline.config import IngestConfig
-from pipeline.mac import checkpoint_identity
+from pipeline.model.mac import checkpoint_identity
 from pipeline.store import collection_name
-
-from .consumer import ConsumerActor
-from .encoder import EncoderActor
-from .runtime import init_ray
-from .store_actor import connect_store
+from pipeline.store.actor import connect_store
+from workers import kafka_io
+from workers.consumer import ConsumerActor
+from workers.encoder import EncoderActor
+from workers.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 UNASSIGNED_GIVE_UP_S = 60.0
@@ -63,8 +63,6 @@ class IngestJob:
         for slot in range(self.n_members):
             self._spawn(slot)
         if cfg.metrics_port is not None:
-            from .metrics import serve_metrics
-
             self.metrics_server, self.metrics_port = serve_metrics(self, cfg.metrics_port, cfg.metrics_host)
         self.started = time.monotonic()  # docs/s counts from here, not from model loading
         log.info("ingest: topic %s (%d partitions) → %d consumers → %d encoders → %s [%s]", cfg.topic, n_parts,

@@ -1,4 +1,4 @@
-"""The portable evaluation format (DESIGN.md §3): a directory with ``documents.jsonl`` and ``questions.jsonl``.
+"""The portable evaluation format (docs/design.md §3): a directory with ``documents.jsonl`` and ``questions.jsonl``.
 
 One JSON record per line, serialised with ``model_dump_json(exclude_none=True)``; blank lines are ignored. Reading
 validates every line against :class:`~pipeline.schemas.Document` / :class:`~pipeline.schemas.Question`, and both

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import CrossAttentionBlock
+from pipeline.model.attention import CrossAttentionBlock
 
 
 class QueryHead(nn.Module):

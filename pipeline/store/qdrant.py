@@ -1,173 +1,18 @@
-"""The memory store: modulations + retrieval vectors + document metadata, one collection per checkpoint version.
+"""The Qdrant backend (qdrant-client): a server URL in production, a local directory (the embedded default, pure
+Python, **one process per path**: in a Ray job one actor owns it, see :mod:`pipeline.store.actor`) or ":memory:".
 
-One small interface, two backends, and congruence tests (tests/test_store.py) that run the same operations through
-each and assert equal results:
-
-- :class:`InMemoryStore`: exact numpy search over :class:`~pipeline.memory.MemoryBank` s (evaluation, unit tests);
-- :class:`QdrantStore`: ``qdrant-client`` against a server URL (production), a local path (the embedded default,
-  pure Python, **one process per path**: in a Ray job one actor owns it, see ``workers/store_actor.py``) or
-  ``":memory:"``.
-
-Semantics every backend guarantees:
-- ``upsert`` is idempotent. Point ids are deterministic (uuid5 of checkpoint version, document id, chunk index), so a
-  redelivered document overwrites itself. A new version of a document overwrites its chunks in place, *then* removes
-  the chunks past its new length: the document is never absent from retrieval while it is replaced, and chunks of
-  one document are replaced together.
-- A point is written with its modulation in the same payload: no point exists without one.
-- ``delete`` removes every chunk of the document; deleting an absent document is a no-op returning False.
-- ``content_hashes`` returns what ``upsert`` stored, so a writer can skip re-encoding unchanged content.
+Same semantics as every backend (see :mod:`pipeline.store.base`).
 """
 
 from __future__ import annotations
 
-import uuid
-from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .mac import EncodedChunk
-from .memory import Hit, MemoryBank
-from .modulation import Modulation
-from .schemas import Document
-
-_NAMESPACE = uuid.UUID("6f1d3c52-8a0e-4c55-9a43-2f6c1d0b7e11")
-
-
-def collection_name(version: str) -> str:
-    """One collection per checkpoint version: a new checkpoint writes a new collection; the old one stays."""
-    return f"macstream-{version}"
-
-
-def point_id(version: str, doc_id: str, chunk: int) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{version}/{doc_id}/{chunk}"))
-
-
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
-class SearchFilter(BaseModel):
-    """Retrieval filters, ANDed. Time bounds are inclusive; a document without ``published_at`` fails a time bound.
-    Naive datetimes are read as UTC."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    since: datetime | None = Field(None, description="Only documents published at or after this time.")
-    until: datetime | None = Field(None, description="Only documents published at or before this time.")
-    source: str | None = Field(None, description="Only documents of this source.")
-    tenant: str | None = Field(None, description="Only documents of this tenant (API keys map to a tenant).")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "SearchFilter":
-        if self.since and self.until and _utc(self.since) > _utc(self.until):
-            raise ValueError(f"since ({self.since.isoformat()}) is after until ({self.until.isoformat()})")
-        return self
-
-    def matches(self, doc: Document) -> bool:
-        if self.since or self.until:
-            if doc.published_at is None:
-                return False
-            t = _utc(doc.published_at)
-            if (self.since and t < _utc(self.since)) or (self.until and t > _utc(self.until)):
-                return False
-        return (self.source is None or doc.source == self.source) and (self.tenant is None or doc.tenant == self.tenant)
-
-
-class Store(ABC):
-    """Where modulations live. Collections are created on first upsert."""
-
-    @abstractmethod
-    def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
-        """Insert or replace ``doc`` with exactly ``chunks`` (all of it, in chunk order)."""
-
-    @abstractmethod
-    def delete(self, collection: str, doc_id: str) -> bool:
-        """Remove every chunk of the document; return whether it existed."""
-
-    @abstractmethod
-    def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
-        """Stored content hash of each of ``doc_ids`` that exists."""
-
-    @abstractmethod
-    def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
-        """vectors (B, d_enc), unit norm → per row the k best chunks passing ``flt``, best first, cosine scores."""
-
-    @abstractmethod
-    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
-        """{"documents": distinct documents, "chunks": points}; zeros for an absent collection. With ``tenant``: only
-        that tenant's documents (what an API key may see)."""
-
-    @abstractmethod
-    def collections(self) -> list[str]:
-        """Names of the macstream collections, sorted."""
-
-    @abstractmethod
-    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
-        """The latest ``published_at`` in the collection (UTC), None when no document has one; with ``tenant``: among
-        that tenant's documents only."""
-
-    def stats(self) -> dict:
-        return {c: self.counts(c) for c in self.collections()}
-
-    def close(self) -> None:
-        pass
-
-    @staticmethod
-    def check_chunks(doc: Document, chunks: list[EncodedChunk]) -> str:
-        """Validate what an upsert writes; return the checkpoint version of its modulations."""
-        if not chunks:
-            raise ValueError(f"document {doc.id!r}: no chunks to store")
-        versions = {c.modulation.checkpoint for c in chunks}
-        if len(versions) != 1 or any(c.modulation.doc_id != doc.id for c in chunks):
-            raise ValueError(f"document {doc.id!r}: chunks must all belong to it and to one checkpoint")
-        if [c.modulation.chunk for c in chunks] != list(range(len(chunks))):
-            raise ValueError(f"document {doc.id!r}: chunks must be 0..{len(chunks) - 1} in order")
-        return versions.pop()
-
-
-class InMemoryStore(Store):
-    """Exact search in process memory. Not shared between processes; lost on exit."""
-
-    def __init__(self) -> None:
-        self._banks: dict[str, MemoryBank] = {}
-        self._hashes: dict[str, dict[str, str]] = {}
-
-    def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
-        self.check_chunks(doc, chunks)
-        self._banks.setdefault(collection, MemoryBank()).upsert(doc, chunks)
-        self._hashes.setdefault(collection, {})[doc.id] = content_hash
-
-    def delete(self, collection: str, doc_id: str) -> bool:
-        self._hashes.get(collection, {}).pop(doc_id, None)
-        return collection in self._banks and self._banks[collection].delete(doc_id)
-
-    def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
-        known = self._hashes.get(collection, {})
-        return {d: known[d] for d in doc_ids if d in known}
-
-    def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
-        if collection not in self._banks:
-            return [[] for _ in range(len(vectors))]
-        return self._banks[collection].search(np.asarray(vectors, np.float32), k, flt.matches if flt else None)
-
-    def _doc_ids(self, collection: str, tenant: str | None) -> list[str]:
-        bank = self._banks.get(collection)
-        ids = bank.document_ids() if bank else []
-        return ids if tenant is None else [d for d in ids if bank.document(d).tenant == tenant]
-
-    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
-        ids = self._doc_ids(collection, tenant)
-        return {"documents": len(ids), "chunks": sum(len(self._banks[collection].chunks(d)) for d in ids)}
-
-    def collections(self) -> list[str]:
-        return sorted(c for c, b in self._banks.items() if len(b))
-
-    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
-        docs = [self._banks[collection].document(d) for d in self._doc_ids(collection, tenant)]
-        times = [_utc(d.published_at) for d in docs if d.published_at is not None]
-        return max(times) if times else None
+from pipeline.modulation import Modulation
+from pipeline.schemas import Document, EncodedChunk, Hit
+from pipeline.store.base import SearchFilter, Store, _utc, point_id
 
 
 class QdrantStore(Store):
@@ -314,8 +159,3 @@ class QdrantStore(Store):
 
     def close(self) -> None:
         self.client.close()
-
-
-def open_store(location: str) -> Store:
-    """"memory" → :class:`InMemoryStore`; anything else (URL, directory, ":memory:") → :class:`QdrantStore`."""
-    return InMemoryStore() if location == "memory" else QdrantStore(location)

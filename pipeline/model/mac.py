@@ -8,37 +8,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .aggregator import Aggregator
-from .amortizer import PointerHead, QueryHead
-from .config import ModelConfig
-from .encoder import TextEncoder, split_windows
-from .expander import Expander, LMExpander, TokenExpander
-from .lm import FrozenLM, Prefix, pad_batch
-from .modulation import Modulation, ensure_compatible
-from .prompts import answer_continuation, document_text
-from .schemas import Document
+from pipeline.config import ModelConfig
+from pipeline.model.aggregator import Aggregator
+from pipeline.model.amortizer import PointerHead, QueryHead
+from pipeline.model.encoder import TextEncoder, split_windows
+from pipeline.model.expander import Expander, LMExpander, TokenExpander
+from pipeline.model.lm import FrozenLM, Prefix, pad_batch
+from pipeline.modulation import Modulation, ensure_compatible
+from pipeline.prompts import answer_continuation, document_text
+from pipeline.schemas import Document, EncodedChunk
+
+
+class QuestionEncoding(NamedTuple):
+    """One encoder pass over a batch of questions gives both what retrieval needs and what aggregation needs."""
+
+    tokens: Tensor  # (B, T, D) query tokens for the aggregator
+    vectors: Tensor  # (B, d_enc) unit-norm retrieval vectors
+
+    def select(self, rows: list[int]) -> "QuestionEncoding":
+        idx = torch.tensor(rows, dtype=torch.long)
+        return QuestionEncoding(self.tokens[idx], self.vectors[idx])
+
 
 WEIGHTS, CONFIG, METRICS = "weights.safetensors", "config.json", "metrics.json"
 _CALIBRATION = (
     "The city council met on Tuesday to approve a new budget for public transport, after months of debate. "
     "Officials said the plan would add three bus lines and extend service hours across the northern districts."
 )
-
-
-@dataclass
-class EncodedChunk:
-    """One document window after amortization: its modulation and its retrieval vector (unit norm, d_enc)."""
-
-    modulation: Modulation
-    vector: np.ndarray
 
 
 class MACModel(nn.Module):
@@ -172,10 +176,11 @@ class MACModel(nn.Module):
             raise ValueError("with_attention needs the pointer amortizer")
         return self.amortizer(states, mask), vecs
 
-    def encode_questions(self, questions: list[str]) -> tuple[Tensor, Tensor]:
-        """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc)."""
+    def encode_questions(self, questions: list[str]) -> QuestionEncoding:
+        """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc), from one encoder pass: retrieve with
+        ``.vectors``, then hand the whole encoding to :meth:`memory_prefix` (the question is never encoded twice)."""
         states, mask = self._states([self.encoder.chunk(q)[0] for q in questions])
-        return self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+        return QuestionEncoding(self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask))
 
     @torch.no_grad()
     def encode_documents(self, docs: list[Document], batch_size: int = 32) -> list[EncodedChunk]:
@@ -216,8 +221,10 @@ class MACModel(nn.Module):
         return mods, mask, scores
 
     @torch.no_grad()
-    def memory_prefix(self, questions: list[str], memories: list[list[tuple[Modulation, float]]]) -> tuple[Prefix, Tensor]:
-        q_tokens, _ = self.encode_questions(questions)
+    def memory_prefix(self, questions: "list[str] | QuestionEncoding",
+                      memories: list[list[tuple[Modulation, float]]]) -> tuple[Prefix, Tensor]:
+        """Questions (texts, or their encoding from retrieval) + per-question memories → prefix, mass (B, K)."""
+        q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
         mods, mask, scores = self.stack_memories(memories)
         return self.prefix(q_tokens, mods, mask, scores)
 
@@ -232,7 +239,7 @@ class MACModel(nn.Module):
 
 def checkpoint_dir(path: str | Path | None = None) -> Path:
     """``path`` or the shipped checkpoint; a clear error when there is none."""
-    from .config import SHIPPED_CHECKPOINT
+    from pipeline.config import SHIPPED_CHECKPOINT
 
     d = Path(path) if path else SHIPPED_CHECKPOINT
     if not (d / WEIGHTS).exists():

@@ -27,12 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import FT_MODES, PeakRSS, FinetuneConfig, release_memory, retention_block, rss_bytes, stream_order, tune
-from .evaluate import EvalSettings, evaluate
-from .mac import MACModel, checkpoint_dir
-from .prompts import document_text
-from .report import cpu_name
-from .schemas import Document, Question
+from benchmarks.machine import cpu_name
+from pipeline.baselines import PeakRSS, release_memory, rss_bytes, tune
+from pipeline.config import FinetuneConfig
+from pipeline.data import realtimeqa, synthetic
+from pipeline.evaluate import evaluate
+from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.modes import FT_MODES
+from pipeline.prompts import document_text
+from pipeline.schemas import Document, Question
+from pipeline.scoring import EvalSettings, retention_block, stream_order
 
 MODES = ("base", "rag", "mac") + FT_MODES
 COLORS = {"base": "#777777", "rag": "#1f77b4", "mac": "#d62728", "ft-uniform": "#2ca02c", "ft-salient": "#9467bd"}
@@ -77,8 +81,6 @@ def measure_rag(model: MACModel, docs: list[Document]) -> dict:
 
 def rtqa_stream(n_docs: int) -> tuple[list[Document], list[Question]]:
     """The first ``n_docs`` RealTimeQA 2024 documents in stream order and the questions they answer."""
-    from .data import realtimeqa
-
     docs, questions = realtimeqa.load([2024])
     docs = stream_order(docs)[:n_docs]
     ids = {d.id for d in docs}
@@ -86,8 +88,6 @@ def rtqa_stream(n_docs: int) -> tuple[list[Document], list[Question]]:
 
 
 def datasets(entities: int, rtqa_docs: int) -> dict[str, tuple[list[Document], list[Question]]]:
-    from .data import realtimeqa, synthetic
-
     out = {f"synthetic-test-{entities}e": synthetic.generate("test", entities)}
     if realtimeqa.available():
         out[f"realtimeqa-2024-first{rtqa_docs}"] = rtqa_stream(rtqa_docs)
@@ -102,7 +102,6 @@ def load_or_tune(path: Path, model: MACModel, tune_entities: int, settings: Eval
         report = json.loads(path.read_text())
         _log(f"reusing ft hyperparameters from {path}: {report['chosen']}")
         return report
-    from .data import synthetic
 
     docs, qs = synthetic.generate("validation", tune_entities)
     _log(f"tuning on synthetic validation ({tune_entities} entities: {len(docs)} documents, {len(qs)} questions)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import CrossAttentionBlock
+from pipeline.model.attention import CrossAttentionBlock
 
 
 class Aggregator(nn.Module):

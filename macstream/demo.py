@@ -25,7 +25,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pipeline.cluster import init_ray
+from pipeline.config import IngestConfig, ServeConfig
+from pipeline.data import realtimeqa, synthetic
+from pipeline.metrics import aggregate, score_answer
+from serving.app import start
+from workers import kafka_io
+from workers.broker import LocalBroker, free_port
+from workers.ingest import IngestJob
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 SHOW_MODES = ("base", "rag", "mac", "mac+rag")
@@ -62,8 +70,6 @@ def _wait(what: str, check, timeout: float, total: int | None = None) -> float:
 
 def _feed(realtimeqa_weeks: int = 1):
     """(documents, questions, held-back documents): synthetic test stream + a RealTimeQA 2024 week when present."""
-    from pipeline.data import realtimeqa, synthetic
-
     docs, questions = synthetic.generate("test", 24, seed=7)
     rng = random.Random(7)
     late = rng.sample(docs, 3)
@@ -81,8 +87,6 @@ def _feed(realtimeqa_weeks: int = 1):
 
 
 def _show(q, before: dict, after: dict) -> None:
-    from pipeline.metrics import score_answer
-
     print(f"\nQ: {q.question}\n   gold answer: {q.answers[0]}")
     for mode in SHOW_MODES:
         b, a = before[mode], after[mode]
@@ -102,14 +106,6 @@ def main() -> None:
     import ray
     import requests
     from ray import serve
-
-    from pipeline import kafka_io
-    from pipeline.broker import LocalBroker, free_port
-    from pipeline.config import IngestConfig, ServeConfig
-    from pipeline.metrics import aggregate, score_answer
-    from serving.app import start
-    from workers.ingest import IngestJob
-    from workers.runtime import init_ray
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

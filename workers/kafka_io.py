@@ -19,8 +19,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetad
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from .messages import encode
-from .schemas import Document
+from pipeline.schemas import Document
+from workers.messages import encode
 
 GROUP_SETTINGS = dict(enable_auto_commit=False, session_timeout_ms=6000, heartbeat_interval_ms=1000,
                       auto_offset_reset="earliest")
@@ -50,6 +50,17 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int) -> bool:
         return True
     except TopicAlreadyExistsError:
         return False
+    finally:
+        admin.close()
+
+
+def check_reachable(bootstrap: str, timeout_s: float = 5.0) -> None:
+    """Raise (``NoBrokersAvailable`` or another ``KafkaError``) unless a broker at ``bootstrap`` answers a metadata
+    request within about ``timeout_s``."""
+    ms = int(timeout_s * 1000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+    try:
+        admin.list_topics()
     finally:
         admin.close()
 

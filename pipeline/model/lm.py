@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from .weights import resolve_lm
+from pipeline.model.weights import resolve_lm
 
 
 class _StopForward(Exception):

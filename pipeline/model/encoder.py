@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer
 
-from .lm import pad_batch
-from .weights import resolve_encoder
+from pipeline.model.lm import pad_batch
+from pipeline.model.weights import resolve_encoder
 
 
 def split_windows(ids: list[int], span: int, overlap: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .lm import Prefix
+from pipeline.model.lm import Prefix
 
 
 class Expander(nn.Module):

@@ -1,8 +1,10 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming); serve (HTTP API); bench (benchmarks and the report); demo.
+Subcommands: data, train, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
+serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
 
-Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input.
+Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
+ingest and serve flags are generated from their pydantic configs (:mod:`macstream.flags`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from macstream import flags
+from pipeline.config import DEFAULT_MODE, IngestConfig, ServeConfig
+from pipeline.store.actor import StoreBusy
+
+# Model, Ray and Kafka code is imported inside each command: `macstream --help` and a bad flag answer at once.
 
 
 def _model(args):
-    from .mac import MACModel, checkpoint_dir
+    from pipeline.model.mac import MACModel, checkpoint_dir
 
     try:
         return MACModel.load(checkpoint_dir(args.checkpoint))
@@ -28,21 +33,19 @@ def _model(args):
 
 
 def _read_config(path: str | None) -> dict:
-    if not path:
-        return {}
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"macstream: cannot read config {path}: {err}")
+        return flags.read_json(path)
+    except ValueError as err:
+        raise SystemExit(f"macstream: {err}")
 
 
 def cmd_data(args) -> None:
     if args.source == "synthetic":
-        from .data.synthetic import write_synthetic
+        from pipeline.data.synthetic import write_synthetic
 
         out = write_synthetic(args.out, args.split, args.entities, args.seed)
     else:
-        from .data import realtimeqa
+        from pipeline.data import realtimeqa
 
         if not realtimeqa.available():
             raise SystemExit(f"macstream: RealTimeQA not found at {realtimeqa.default_root()} (set MACSTREAM_RTQA_DIR)")
@@ -51,8 +54,8 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .config import ModelConfig, TrainConfig, load_config
-    from .train import train
+    from pipeline.config import ModelConfig, TrainConfig, load_config
+    from pipeline.train import train
 
     conf = _read_config(args.config)
     unknown = set(conf) - {"model", "train"}
@@ -71,8 +74,8 @@ def cmd_train(args) -> None:
 def _finetune_configs(args) -> dict:
     """Per ft mode: --ft-config (a FinetuneConfig object, {mode: object}, or the tuning report `bench baselines`
     writes, whose "chosen" is used), then the --ft-* flags on top."""
-    from .baselines import FT_MODES, FinetuneConfig
-    from .config import load_config
+    from pipeline.config import FinetuneConfig, load_config
+    from pipeline.modes import FT_MODES
 
     conf = _read_config(args.ft_config)
     conf = conf.get("chosen", conf) if isinstance(conf, dict) else conf
@@ -84,8 +87,9 @@ def _finetune_configs(args) -> dict:
 
 
 def cmd_eval(args) -> None:
-    from .data.portable import read_portable
-    from .evaluate import EvalSettings, evaluate
+    from pipeline.data.portable import read_portable
+    from pipeline.evaluate import evaluate
+    from pipeline.scoring import EvalSettings
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     docs, questions = read_portable(args.data)
@@ -101,9 +105,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    from .data.portable import read_portable
-    from .evaluate import build_memory
-    from .memory import save_bank
+    from pipeline.data.portable import read_portable
+    from pipeline.evaluate import build_memory
+    from pipeline.store.bank import save_bank
 
     docs, _ = read_portable(args.data)
     model = _model(args)
@@ -115,9 +119,9 @@ def cmd_encode(args) -> None:
 
 
 def cmd_ask(args) -> None:
-    from .evaluate import EvalSettings, answer_batch
-    from .memory import load_bank
-    from .schemas import Question
+    from pipeline.schemas import Question
+    from pipeline.scoring import EvalSettings, answer_batch
+    from pipeline.store.bank import load_bank
 
     model = _model(args)
     bank = load_bank(args.memory)
@@ -139,7 +143,7 @@ def cmd_broker(args) -> None:
     import signal
     import time
 
-    from .broker import LocalBroker
+    from workers.broker import LocalBroker
 
     with LocalBroker(args.port, args.durable) as broker:
         print(json.dumps({"bootstrap_servers": broker.bootstrap, "durable": str(args.durable) if args.durable else None}),
@@ -153,10 +157,10 @@ def cmd_broker(args) -> None:
 
 
 def cmd_produce(args) -> None:
-    from . import kafka_io
+    from workers import kafka_io
 
     if args.source == "synthetic":
-        from .data.synthetic import generate
+        from pipeline.data.synthetic import generate
 
         docs = sorted(generate(args.split, args.entities, seed=args.seed)[0], key=lambda d: (d.published_at, d.id))
     else:
@@ -169,10 +173,7 @@ def cmd_produce(args) -> None:
 
 
 def _ingest_config(args):
-    from .config import IngestConfig, load_config
-
-    fields = {k: getattr(args, k) for k in IngestConfig.model_fields if getattr(args, k, None) is not None}
-    return load_config(IngestConfig, _read_config(args.config) | fields, "ingest")
+    return flags.build(IngestConfig, "ingest", args)
 
 
 def cmd_ingest(args) -> None:
@@ -185,9 +186,17 @@ def cmd_ingest(args) -> None:
     print(json.dumps(job.run(), indent=2))
 
 
+def cmd_up(args) -> None:
+    from macstream.up import main as up
+
+    logging.getLogger("workers").setLevel(logging.INFO)
+    local_broker = not flags.given(IngestConfig, "ingest", args, "bootstrap_servers")
+    up(_ingest_config(args), _serve_config(args), local_broker, args.partitions)
+
+
 def cmd_stats(args) -> None:
-    from .config import store_location
-    from .store import open_store
+    from pipeline.config import store_location
+    from pipeline.store import open_store
 
     location = store_location(args.store)
     store = open_store(location)
@@ -198,21 +207,16 @@ def cmd_stats(args) -> None:
 
 
 def cmd_replay(args) -> None:
-    from .kafka_io import reset_group
+    from workers.kafka_io import reset_group
 
     offsets = reset_group(args.bootstrap_servers, args.topic, args.group_id, getattr(args, "from"))
     print(json.dumps({"topic": args.topic, "group_id": args.group_id, "offsets": offsets}))
 
 
 def _serve_config(args):
-    from .config import ServeConfig, load_config
-
-    conf = _read_config(args.config)
-    fields = {k: getattr(args, k) for k in ServeConfig.model_fields if getattr(args, k, None) is not None}
-    keys_file = args.api_keys or os.environ.get("MACSTREAM_API_KEYS_FILE")
-    if keys_file:
-        fields["api_keys"] = _read_config(keys_file)
-    return load_config(ServeConfig, conf | fields, "serve")
+    """Like every config, plus ``--api-keys FILE`` (or $MACSTREAM_API_KEYS_FILE): keys live in a file, never in argv."""
+    keys_file = args.api_keys_file or os.environ.get("MACSTREAM_API_KEYS_FILE")
+    return flags.build(ServeConfig, "serve", args, {"api_keys": flags.read_json(keys_file)} if keys_file else None)
 
 
 def cmd_serve(args) -> None:
@@ -244,7 +248,7 @@ def cmd_bench(args) -> None:
 
     import torch
 
-    from .report import run_benchmark, write_report
+    from benchmarks.report import run_benchmark, write_report
 
     torch.set_num_threads(args.threads)  # this process's share; Ray actors set their own
     out_dir = Path(args.out_dir or f"benchmarks/results/{date.today().isoformat()}")
@@ -252,7 +256,7 @@ def cmd_bench(args) -> None:
         print(f"== bench {what}", file=sys.stderr, flush=True)
         result = run_benchmark(what, out_dir, args)
         if what == "serve":
-            from serving.bench import table
+            from benchmarks.serve import table
 
             print(table(result))
         elif what == "baselines":
@@ -264,14 +268,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
-    from .diagnose import diagnose
+    from pipeline.diagnose import diagnose
 
     model = _model(args)
     print(json.dumps(diagnose(model, args.split, args.entities, args.questions), indent=2))
 
 
 def cmd_demo(args) -> None:
-    from .demo import main as demo
+    from macstream.demo import main as demo
 
     demo()
 
@@ -284,10 +288,10 @@ def _positive(v: str) -> int:
 
 
 def _mode(v: str) -> str:
-    from .answering import parse_mode
+    from pipeline.modes import Mode
 
     try:
-        parse_mode(v)
+        Mode.parse(v)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return v
@@ -341,7 +345,9 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("question")
             s.add_argument("--memory", required=True, help="file written by `macstream encode`")
-            s.add_argument("--mode", default="mac", type=_mode, help="base, rag, mac, mac+rag, or rag@N / mac+rag@N (N texts in the prompt)")
+            s.add_argument("--mode", default=DEFAULT_MODE, type=_mode,
+                           help=f"base, rag, mac, mac+rag, or rag@N / mac+rag@N (N texts in the prompt); default {DEFAULT_MODE}, "
+                                "the best the shipped checkpoint measures")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
     b = sub.add_parser("broker", help="run the local Kafka-protocol broker (Tansu) on 127.0.0.1 until Ctrl-C")
@@ -362,38 +368,32 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(fn=cmd_produce)
 
-    i = sub.add_parser("ingest", parents=[kafka], help="stream a topic into the store with Ray workers")
-    i.add_argument("--workers", type=_positive, help="encoder actors")
-    i.add_argument("--consumers", type=_positive, help="consumer actors (default: min(workers, partitions))")
-    i.add_argument("--group-id", dest="group_id")
-    i.add_argument("--batch-size", dest="batch_size", type=_positive)
-    i.add_argument("--max-in-flight", dest="max_in_flight", type=_positive)
-    i.add_argument("--store", help="embedded | DIR | :memory: | http(s)://qdrant:6333")
-    i.add_argument("--checkpoint")
-    i.add_argument("--exit-when-idle", dest="exit_when_idle", type=float, metavar="SECONDS")
-    i.add_argument("--metrics-port", dest="metrics_port", type=int)
-    i.add_argument("--metrics-host", dest="metrics_host", help="interface of the metrics endpoint (default 127.0.0.1)")
+    i = sub.add_parser("ingest", help="stream a topic into the store with Ray workers",
+                       epilog=f"Every setting is also read from ${flags.env_prefix('ingest')}<SETTING> (flags win).")
+    flags.add_flags(i, IngestConfig)
     i.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
-    i.add_argument("--config", help="JSON file of ingest settings (flags override it)")
+    i.add_argument("--config", help="JSON file of ingest settings (environment and flags override it)")
     i.set_defaults(fn=cmd_ingest)
+
+    u = sub.add_parser("up", help="ingest + serve in one Ray cluster until Ctrl-C/SIGTERM (the always-on path)",
+                       epilog="Without --bootstrap-servers a local broker runs too. Settings are also read from "
+                              f"${flags.env_prefix('ingest')}<SETTING> and ${flags.env_prefix('serve')}<SETTING>.")
+    flags.add_flags(u, IngestConfig)
+    flags.add_flags(u, ServeConfig, skip=("api_keys", *IngestConfig.model_fields))  # store, checkpoint: shared
+    u.add_argument("--api-keys", dest="api_keys_file", help='JSON file {"KEY": "TENANT", ...}; none: no auth')
+    u.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
+    u.set_defaults(fn=cmd_up, config=None)
 
     st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
     st.add_argument("--store", default="embedded")
     st.set_defaults(fn=cmd_stats)
 
-    sv = sub.add_parser("serve", help="serve the HTTP API (Ray Serve) until Ctrl-C")
-    sv.add_argument("--host")
-    sv.add_argument("--port", type=_positive)
-    sv.add_argument("--checkpoint")
-    sv.add_argument("--store", help="embedded | DIR | :memory: | http(s)://qdrant:6333")
-    sv.add_argument("--replicas", type=_positive)
-    sv.add_argument("--autoscale-max-replicas", dest="autoscale_max_replicas", type=_positive)
-    sv.add_argument("--max-batch-size", dest="max_batch_size", type=_positive)
-    sv.add_argument("--batch-wait-timeout-s", dest="batch_wait_timeout_s", type=float)
-    sv.add_argument("--replica-threads", dest="replica_threads", type=_positive)
-    sv.add_argument("--max-pending", dest="max_pending", type=_positive)
-    sv.add_argument("--api-keys", help='JSON file {"KEY": "TENANT", ...} (or $MACSTREAM_API_KEYS_FILE); none: no auth')
-    sv.add_argument("--config", help="JSON file of serve settings (flags override it)")
+    sv = sub.add_parser("serve", help="serve the HTTP API (Ray Serve) until Ctrl-C",
+                        epilog=f"Every setting is also read from ${flags.env_prefix('serve')}<SETTING> (flags win).")
+    flags.add_flags(sv, ServeConfig, skip=("api_keys",))
+    sv.add_argument("--api-keys", dest="api_keys_file",
+                    help='JSON file {"KEY": "TENANT", ...} (or $MACSTREAM_API_KEYS_FILE); none: no auth')
+    sv.add_argument("--config", help="JSON file of serve settings (environment and flags override it)")
     sv.set_defaults(fn=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks measured side by side in one run; rewrites the report")
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StoreBusy) as err:
         print(f"macstream: {err}", file=sys.stderr)
         raise SystemExit(2)
 

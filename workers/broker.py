@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT, home
+from pipeline.config import REPO_ROOT, home
 
 BUCKET = "tansu"
 

@@ -21,6 +21,17 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.machine import machine
+from pipeline.cluster import init_ray
+from pipeline.config import ServeConfig
+from pipeline.data.synthetic import generate
+from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.store import collection_name
+from pipeline.store.actor import connect_store
+from serving.app import start
+from workers.broker import free_port
+from workers.messages import content_hash
+
 MODES = ("base", "mac", "rag", "mac+rag")
 THROUGHPUT_ROUNDS = 4  # the throughput phases ask every question this many times: long enough for a steady state
 
@@ -32,12 +43,6 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _fill(location: str, checkpoint: str | None, entities: int) -> tuple[list[str], int]:
     from collections import defaultdict
-
-    from pipeline.data.synthetic import generate
-    from pipeline.mac import MACModel, checkpoint_dir
-    from pipeline.messages import content_hash
-    from pipeline.store import collection_name
-    from workers.store_actor import connect_store
 
     docs, questions = generate("test", entities, seed=0)
     model = MACModel.load(checkpoint_dir(checkpoint)).eval()
@@ -61,12 +66,6 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         top_k: int = 8, max_new_tokens: int = 16, batch_wait_s: float | None = None, replica_threads: int = 1) -> dict:
     """``batch_wait_s`` None: the ServeConfig default."""
     from ray import serve
-
-    from pipeline.broker import free_port
-    from pipeline.config import ServeConfig
-    from pipeline.report import machine
-    from serving.app import start
-    from workers.runtime import init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray()

@@ -8,22 +8,13 @@ delete removes them all, search returns chunks best-first with their cosine scor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .mac import EncodedChunk
-from .modulation import Modulation
-from .schemas import Document
-
-
-@dataclass
-class Hit:
-    chunk: EncodedChunk
-    document: Document
-    score: float  # cosine similarity of question and chunk vectors
+from pipeline.modulation import Modulation
+from pipeline.schemas import Document, EncodedChunk, Hit
 
 
 class MemoryBank:

@@ -14,17 +14,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.machine import machine
+from pipeline.cluster import init_ray
+from pipeline.config import IngestConfig
+from pipeline.data.synthetic import generate
+from workers import kafka_io
+from workers.broker import LocalBroker
+from workers.ingest import IngestJob
+
 
 def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, ...] = (1, 2), batch_size: int = 16) -> dict:
     import ray
-
-    from pipeline import kafka_io
-    from pipeline.broker import LocalBroker
-    from pipeline.config import IngestConfig
-    from pipeline.report import machine
-    from pipeline.data.synthetic import generate
-    from workers.ingest import IngestJob
-    from workers.runtime import init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     docs = sorted(generate("test", entities, seed=0)[0], key=lambda d: (d.published_at, d.id))

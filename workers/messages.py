@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from .schemas import Document
+from pipeline.schemas import Document
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 

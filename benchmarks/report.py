@@ -1,4 +1,4 @@
-"""``macstream bench quality`` and the benchmark report: tables and PNG plots from the benchmark JSON files.
+"""The benchmark report: tables and PNG plots from the benchmark JSON files.
 
 Each benchmark writes ``benchmarks/results/<date>/<name>.json`` (quality, ingest, serve, baselines); the report
 reads whichever of them exist in that directory and writes ``report.md`` next to them with one PNG per figure:
@@ -9,65 +9,16 @@ per document. Every section says how it was measured and the exact command that 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-MODE_ORDER = ("base", "rag", "rag@1", "mac", "mac+rag", "mac+rag@1", "ft-uniform", "ft-salient")
-# the issue's four modes, plus one document's text in the prompt: the retriever's best (rag@1) or the aggregator's (mac+rag@1)
-QUALITY_MODES = ("base", "rag", "rag@1", "mac", "mac+rag", "mac+rag@1")
+from benchmarks import baselines, ingest, quality, serve
+from benchmarks.machine import machine
+from benchmarks.quality import QUALITY_MODES
+from pipeline.data import synthetic
+from pipeline.modes import FT_MODES
+from pipeline.prompts import document_text
 
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    import torch
-
-    cpu = cpu_name()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}, no GPU"
-
-
-def bench_quality(checkpoint: str | None = None, entities: int = 60, rtqa_questions: int = 200, top_k: int = 4) -> dict:
-    """``macstream eval`` on the synthetic test split (unseen entities) and on RealTimeQA 2024 (when present)."""
-    import torch
-
-    from .data import realtimeqa, synthetic
-    from .evaluate import EvalSettings, evaluate
-    from .mac import MACModel, checkpoint_dir
-
-    model = MACModel.load(checkpoint_dir(checkpoint))
-    out: dict = {"datasets": {}}
-    sets = {"synthetic-test": (*synthetic.generate("test", entities, seed=0), True)}
-    if realtimeqa.available():
-        sets["realtimeqa-2024"] = (*realtimeqa.load([2024]), False)
-    for name, (docs, questions, retention) in sets.items():
-        t0 = time.perf_counter()
-        limit = rtqa_questions if name.startswith("realtimeqa") else None
-        rep = evaluate(model, docs, questions, EvalSettings(modes=QUALITY_MODES, top_k=top_k, retention=retention,
-                                                           limit=limit))
-        rep.pop("rows")
-        rep["seconds"] = time.perf_counter() - t0
-        out["datasets"][name] = rep
-    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                  "threads": torch.get_num_threads(),
-                  "checkpoint": model.version, "top_k": top_k, "synthetic_entities": entities,
-                  "realtimeqa_questions": rtqa_questions,
-                  "method": "every document of the dataset streamed into an in-process memory in published_at order "
-                            "(one amortizer forward per chunk), then every question answered greedily in each mode "
-                            "(pipeline/evaluate.py); retention: F1 on the first eighth's questions as the memory grows"}
-    return out
+MODE_ORDER = (*QUALITY_MODES, *FT_MODES)  # the order of a table's rows
 
 
 def _command(result: dict, fallback: str) -> str:
@@ -165,9 +116,6 @@ def _quality(d: Path, q: dict) -> list[str]:
 def _bytes(d: Path, q: dict | None) -> list[str]:
     if not q:
         return []
-    from .data import synthetic
-    from .prompts import document_text
-
     docs, _ = synthetic.generate("test", q["how"]["synthetic_entities"], seed=0)  # the benchmarked split (deterministic)
     text = sum(len(document_text(x).encode()) for x in docs) / len(docs)
     cost = next(iter(q["datasets"].values()))["cost"]
@@ -206,14 +154,12 @@ def _ingest(d: Path, ing: dict) -> list[str]:
 
 
 def _serve(d: Path, sv: dict) -> list[str]:
-    from serving.bench import table
-
     how = sv["how"]
     lines = ["## Serving latency and throughput (HTTP, Ray Serve)", "", f"How: {how['method']}", "",
              f"{how['documents']} documents in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
              f"{how['requests_per_mode']} requests per mode, {how['replicas']} replica × {how['replica_threads']} "
              f"thread(s), batch ≤ {how['max_batch_size']}, batch wait {how['batch_wait_s']} s. Command: "
-             f"`{_command(sv, 'serve')}`.", "", table(sv), ""]
+             f"`{_command(sv, 'serve')}`.", "", serve.table(sv), ""]
     if all("latencies_s" in r for r in sv["modes"].values()):
         def draw(ax):
             modes = list(sv["modes"])
@@ -255,20 +201,14 @@ def run_benchmark(what: str, out_dir: Path, args) -> dict:
     """Run one benchmark (quality, ingest, serve, baselines), write ``<out_dir>/<what>.json``, return its result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if what == "quality":
-        result = bench_quality(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
+        result = quality.run(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
     elif what == "ingest":
-        from workers.bench import run
-
-        result = run(args.checkpoint, args.entities, tuple(args.workers))
+        result = ingest.run(args.checkpoint, args.entities, tuple(args.workers))
     elif what == "serve":
-        from serving.bench import run
-
-        result = run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
+        result = serve.run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
                      args.batch_wait, args.replica_threads)
     elif what == "baselines":
-        from .bench_baselines import run
-
-        return run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
+        return baselines.run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
                    rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
                    threads=args.threads, top_k=args.quality_top_k, max_new_tokens=args.max_new_tokens)
     else:

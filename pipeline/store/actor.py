@@ -1,0 +1,127 @@
+"""The store owner: one Ray actor does all I/O of an embedded store (qdrant-client local mode allows one process
+per path). :class:`RemoteStore` is the same :class:`~pipeline.store.Store` interface, forwarded to that actor, so
+consumers and serve replicas never know which backend they write to.
+
+Calls from one caller run in the order they were made (Ray actor ordering), which is what keeps a consumer's writes
+in offset order. The actor restarts after a crash and retries the call it was running: every store operation is
+idempotent, so a retry is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from pipeline.schemas import Document, EncodedChunk, Hit
+from pipeline.store import SearchFilter, Store, open_store
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class StoreActor:
+    """Owns one store and runs every call on it, in the order each caller made them."""
+
+    def __init__(self, location: str):
+        self.store = open_store(location)
+
+    def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
+        self.store.upsert(collection, doc, content_hash, chunks)
+
+    def delete(self, collection: str, doc_id: str) -> bool:
+        return self.store.delete(collection, doc_id)
+
+    def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
+        return self.store.content_hashes(collection, doc_ids)
+
+    def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
+        return self.store.search(collection, vectors, k, flt)
+
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        return self.store.counts(collection, tenant)
+
+    def collections(self) -> list[str]:
+        return self.store.collections()
+
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
+        return self.store.newest_published(collection, tenant)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+
+class RemoteStore(Store):
+    """A :class:`Store` whose calls run in the owning actor (blocking until it answers)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
+        ray.get(self.actor.upsert.remote(collection, doc, content_hash, chunks))
+
+    def delete(self, collection: str, doc_id: str) -> bool:
+        return ray.get(self.actor.delete.remote(collection, doc_id))
+
+    def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
+        return ray.get(self.actor.content_hashes.remote(collection, doc_ids))
+
+    def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
+        return ray.get(self.actor.search.remote(collection, vectors, k, flt))
+
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        return ray.get(self.actor.counts.remote(collection, tenant))
+
+    def collections(self) -> list[str]:
+        return ray.get(self.actor.collections.remote())
+
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
+        return ray.get(self.actor.newest_published.remote(collection, tenant))
+
+    def stats(self) -> dict:
+        return ray.get(self.actor.stats.remote())
+
+
+def store_actor_name(location: str) -> str:
+    return "macstream-store-" + hashlib.sha1(location.encode()).hexdigest()[:10]
+
+
+class StoreBusy(RuntimeError):
+    """The embedded store directory is open in a process outside this Ray cluster (qdrant-client local mode allows one
+    process per directory). The message names the ways out."""
+
+
+def ensure_store_free(location: str) -> None:
+    """Raise :class:`StoreBusy` at once when no owner of ``location`` exists in this cluster yet and another process
+    holds the directory: a second `ingest` or `serve` on one machine would otherwise start, report ready, and fail on
+    every store call. Joining a cluster whose owner already exists is fine: that is how ingest and serve share it."""
+    if location.startswith(("http://", "https://")) or location in ("memory", ":memory:") or not Path(location).exists():
+        return
+    try:
+        ray.get_actor(store_actor_name(location), namespace="macstream")
+        return  # this cluster owns it already: share
+    except ValueError:
+        pass
+    from qdrant_client import QdrantClient
+
+    try:
+        QdrantClient(path=location).close()
+    except RuntimeError:
+        raise StoreBusy(
+            f"store {location} is open in another process (an embedded store has one owner). Run ingest and serve "
+            f"together with `macstream up`, or join one Ray cluster (`ray start --head`, then RAY_ADDRESS=auto for "
+            f"both), or use a Qdrant server (--store http://HOST:6333)") from None
+
+
+def connect_store(location: str) -> Store:
+    """A Qdrant server URL → a direct client (any number of processes may connect). Anything else → the one named
+    actor in this Ray cluster that owns it (created on first use, shared by ingest and serve). Raises
+    :class:`StoreBusy` when a process outside the cluster holds the directory."""
+    if location.startswith(("http://", "https://")):
+        return open_store(location)
+    ensure_store_free(location)
+    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced)
+    actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
+                               lifetime="detached").remote(location)
+    return RemoteStore(actor)
