@@ -71,7 +71,6 @@ def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partition
         if local_broker:
             broker = stack.enter_context(LocalBroker())
             ingest = ingest.model_copy(update={"bootstrap_servers": broker.bootstrap})
-        _stop_on_sigterm()
         init_ray()
         stack.callback(_shutdown_ray)
         start_serving(serving)
@@ -79,6 +78,7 @@ def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partition
         print(json.dumps({"url": f"http://{serving.host}:{serving.port}", "ready": f"http://{serving.host}:{serving.port}/ready",
                           "topic": ingest.topic, "bootstrap_servers": ingest.bootstrap_servers,
                           "store": ingest.store_location(), "default_mode": serving.default_mode}), flush=True)
+        _stop_on_sigterm()  # after Ray and Serve started: Ray installs a SIGTERM handler of its own that aborts
         snapshot = job.run()  # returns after Ctrl-C / SIGTERM, once the consumers have committed what they wrote
         return snapshot
 

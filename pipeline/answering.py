@@ -20,7 +20,7 @@ import torch
 from pipeline.model.lm import FrozenLM, Prefix
 from pipeline.model.mac import MACModel, QuestionEncoding
 from pipeline.modes import Mode
-from pipeline.prompts import prompt_for
+from pipeline.prompts import document_text, prompt_with
 from pipeline.schemas import Document, Hit
 
 
@@ -59,16 +59,34 @@ def prepare(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], 
             raise TypeError(f"mode {str(mode)!r} needs a MACModel, got {type(model).__name__}")
         prefix, mass = model.memory_prefix(encoded or questions, [[(x.chunk.modulation, x.score) for x in h] for h in hits])
     prompts = []
-    n_docs = mode.context_docs
     for i, (q, h) in enumerate(zip(questions, hits)):
-        docs = unique_docs(h) if mode.uses_text else []
-        if n_docs is not None:
-            if mass is not None:  # the documents the aggregator weighs most, heaviest first
-                weight = citation_weights(h, mass[i])
-                docs = sorted(docs, key=lambda d: -weight[d.id])
-            docs = docs[:n_docs]
-        prompts.append(prompt_for(mode.kind, q, docs))
+        texts = context_texts(model, mode, h, mass[i] if mass is not None else None) if mode.uses_text else []
+        prompts.append(prompt_with(mode.kind, q, texts))
     return prompts, prefix, mass
+
+
+def context_texts(model: MACModel | FrozenLM, mode: Mode, hits: list[Hit], mass: torch.Tensor | None) -> list[str]:
+    """What a text mode puts in the prompt for one question.
+
+    Without ``context_docs``: every retrieved document's whole text, in retrieval order. With it (``rag@N``,
+    ``mac+rag@N``): N documents — the retriever's best N, or the N the aggregator weighs most (``mass``, per chunk) —
+    and of each only its **best window**, the retrieved chunk the aggregator weighed most (or the retriever ranked
+    first). A window is at most ``max_doc_tokens`` tokens, so the prompt stays within N windows however long the
+    articles are; a one-window document is its whole text, as before.
+    """
+    docs = unique_docs(hits)
+    if mode.context_docs is None:
+        return [document_text(d) for d in docs]
+    if mass is not None:  # the documents the aggregator weighs most, heaviest first
+        weight = citation_weights(hits, mass)
+        docs = sorted(docs, key=lambda d: -weight[d.id])
+    out = []
+    for doc in docs[: mode.context_docs]:
+        mine = [(j, x) for j, x in enumerate(hits) if x.document.id == doc.id]  # retriever order: best first
+        j, best = max(mine, key=lambda jx: float(mass[jx[0]])) if mass is not None else mine[0]
+        window = best.chunk.modulation.chunk
+        out.append(model.window_text(doc, window) if isinstance(model, MACModel) else document_text(doc))
+    return out
 
 
 def citation_weights(hits: list[Hit], mass: torch.Tensor) -> dict[str, float]:

@@ -32,7 +32,12 @@ def answer_continuation(answer: str) -> str:
 
 
 def prompt_for(mode: str, question: str, context_docs: list[Document] = ()) -> str:
+    """The prompt of ``mode`` with whole documents as its context."""
+    return prompt_with(mode, question, [document_text(d) for d in context_docs])
+
+
+def prompt_with(mode: str, question: str, context: list[str] = ()) -> str:
+    """The prompt of ``mode`` with these texts as its context (blank-line separated)."""
     if mode not in PROMPTS:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(PROMPTS)}")
-    context = "\n\n".join(document_text(d) for d in context_docs)
-    return PROMPTS[mode].format(question=question.strip(), context=context)
+    return PROMPTS[mode].format(question=question.strip(), context="\n\n".join(context))

@@ -56,3 +56,29 @@ def test_context_docs_follow_retriever_for_rag_and_aggregator_for_mac_rag(tiny_m
     # the two documents the aggregator weighs most, heaviest first; the other two are not in the prompt
     assert two.index(texts[order[0]]) < two.index(texts[order[1]])
     assert texts[order[2]] not in two and texts[order[3]] not in two
+
+
+def test_context_docs_put_only_the_best_window_of_a_long_document(tiny_mac) -> None:
+    """rag@1 / mac+rag@1 on a long article: the prompt holds its best window (the retriever's first chunk, or the
+    chunk the aggregator weighs most), not the whole article, so its length is bounded by max_doc_tokens."""
+    sentences = " ".join(f"In district {i} the council of Town{i} approved budget line {i * 7}." for i in range(60))
+    doc = Document(id="long", text=sentences, title="Budget")
+    chunks = tiny_mac.encode_documents([doc])
+    assert len(chunks) >= 3  # several windows
+    bank = MemoryBank()
+    bank.upsert(doc, chunks)
+    q = "What did the council of Town41 approve?"
+    hits = bank.search(tiny_mac.encoder.embed([q]).numpy(), 8)
+    tok = tiny_mac.lm.tokenizer
+    whole = document_text(doc)
+    (one,), _, _ = prepare(tiny_mac, "rag@1", [q], hits)
+    best = hits[0][0].chunk.modulation.chunk
+    assert tiny_mac.window_text(doc, best) in one and whole not in one
+    (full,), _, _ = prepare(tiny_mac, "rag", [q], hits)
+    assert whole in full  # without context_docs: the whole article, as before
+    (mixed,), _, mass = prepare(tiny_mac, "mac+rag@1", [q], hits)
+    heaviest = hits[0][int(mass[0].argmax())].chunk.modulation.chunk
+    assert tiny_mac.window_text(doc, heaviest) in mixed
+    window = tiny_mac.window_text(doc, best)
+    assert window in whole and window != window.lower()  # cut from the original text: case and spacing kept
+    assert len(tok(one)["input_ids"]) < len(tok(full)["input_ids"]) / 2

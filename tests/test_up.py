@@ -31,14 +31,14 @@ def _env() -> dict:
     return dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _up(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "macstream.cli", "up", *args], cwd=REPO, env=_env(),
+def _up(*args: str, command: str = "up", **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "macstream.cli", command, *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _refused(*args: str) -> str:
+def _refused(*args: str, command: str = "up") -> str:
     t0 = time.monotonic()
-    proc = _up(*args)
+    proc = _up(*args, command=command)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err[-2000:])
     lines = [ln for ln in err.splitlines() if ln.startswith("macstream:")]
@@ -61,6 +61,9 @@ def test_up_refuses_a_busy_port_an_unreachable_broker_and_a_held_store(tmp_path)
     try:
         line = _refused("--topic", "t", "--port", str(free_port()), "--store", str(tmp_path / "held"))
         assert "another process" in line and "macstream up" in line
+        # `serve` (and `ingest`) started beside another owner of the store: refused at once, naming the fixes
+        line = _refused("--port", str(free_port()), "--store", str(tmp_path / "held"), command="serve")
+        assert "another process" in line and "RAY_ADDRESS" in line
     finally:
         held.close()
 

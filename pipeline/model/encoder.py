@@ -15,12 +15,18 @@ from pipeline.model.lm import pad_batch
 from pipeline.model.weights import resolve_encoder
 
 
+def window_spans(n: int, span: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges of windows of at most ``span`` tokens covering all ``n``; consecutive windows share
+    ``overlap`` tokens."""
+    if n <= span:
+        return [(0, n)]
+    step = span - overlap
+    return [(s, min(s + span, n)) for s in range(0, max(1, n - overlap), step)]
+
+
 def split_windows(ids: list[int], span: int, overlap: int) -> list[list[int]]:
     """Windows of at most ``span`` tokens covering every token; consecutive windows share ``overlap`` tokens."""
-    if len(ids) <= span:
-        return [ids]
-    step = span - overlap
-    return [ids[s: s + span] for s in range(0, max(1, len(ids) - overlap), step)]
+    return [ids[a:b] for a, b in window_spans(len(ids), span, overlap)]
 
 
 class TextEncoder(nn.Module):

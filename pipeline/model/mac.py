@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from pipeline.config import ModelConfig
 from pipeline.model.aggregator import Aggregator
 from pipeline.model.amortizer import PointerHead, QueryHead
-from pipeline.model.encoder import TextEncoder, split_windows
+from pipeline.model.encoder import TextEncoder, split_windows, window_spans
 from pipeline.model.expander import Expander, LMExpander, TokenExpander
 from pipeline.model.lm import FrozenLM, Prefix, pad_batch
 from pipeline.modulation import Modulation, ensure_compatible
@@ -39,6 +39,13 @@ class QuestionEncoding(NamedTuple):
 
 
 WEIGHTS, CONFIG, METRICS = "weights.safetensors", "config.json", "metrics.json"
+
+
+def assigned_device(gpu_ids: list | tuple = ()) -> torch.device:
+    """The device a worker computes on, from the GPUs its scheduler assigned (``ray.get_gpu_ids()``; Ray also sets
+    CUDA_VISIBLE_DEVICES to them, so the first assigned GPU is ``cuda`` in the process): CUDA when a GPU was
+    assigned and torch can use it, else CPU (no GPU asked for, or a node that declares GPUs without CUDA)."""
+    return torch.device("cuda") if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
 _CALIBRATION = (
     "The city council met on Tuesday to approve a new budget for public transport, after months of debate. "
     "Officials said the plan would add three bus lines and extend service hours across the northern districts."
@@ -99,6 +106,14 @@ class MACModel(nn.Module):
         self.register_buffer("state_mean", st.mean(0), persistent=False)
         self.register_buffer("state_std", st.std(0).clamp(min=1e-3), persistent=False)
 
+    def to_device(self, device: str | torch.device) -> "MACModel":
+        """Move every part (frozen LM, encoder, heads) to ``device``. On CUDA the frozen LM runs in bf16 (fp16 where
+        bf16 is unsupported); the heads and the encoder stay float32. Moving to CPU changes nothing else."""
+        device = torch.device(device)
+        self.to(device)
+        self.lm.to_device(device)
+        return self
+
     # ---- trainable state ------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -140,7 +155,7 @@ class MACModel(nn.Module):
 
     # ---- encoding -------------------------------------------------------------------------------------------------
     def _states(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
-        ids, mask = self.encoder.batch(pieces)
+        ids, mask = self.encoder.batch(pieces)  # on the encoder's device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.unfreeze_encoder_layers > 0):
             return self.encoder(ids, mask), mask
 
@@ -150,6 +165,21 @@ class MACModel(nn.Module):
             return self.encoder.chunk(text)
         ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         return split_windows(ids, self.cfg.max_doc_tokens, self.cfg.chunk_overlap)
+
+    def window_text(self, doc: Document, index: int) -> str:
+        """The original text of window ``index`` of ``doc``, cut where :meth:`windows` cuts it (by character offsets,
+        so case and spacing survive any tokenizer); a one-window document is its whole text."""
+        text = document_text(doc)
+        if self.cfg.doc_states == "encoder":
+            tok, span, overlap = self.encoder.tokenizer, self.encoder.max_tokens - 2, self.encoder.overlap
+        else:
+            tok, span, overlap = self.lm.tokenizer, self.cfg.max_doc_tokens, self.cfg.chunk_overlap
+        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans = window_spans(len(offsets), span, overlap)
+        if len(spans) == 1:
+            return text
+        a, b = spans[min(index, len(spans) - 1)]
+        return text[offsets[a][0]: offsets[b - 1][1]]
 
     def amortize(self, windows: list[list[int]], with_attention: bool = False):
         """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps.
@@ -180,7 +210,8 @@ class MACModel(nn.Module):
         """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc), from one encoder pass: retrieve with
         ``.vectors``, then hand the whole encoding to :meth:`memory_prefix` (the question is never encoded twice)."""
         states, mask = self._states([self.encoder.chunk(q)[0] for q in questions])
-        return QuestionEncoding(self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask))
+        # retrieval vectors on the CPU (a no-op there): they go to the store as numpy, whatever device computed them
+        return QuestionEncoding(self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask).cpu())
 
     @torch.no_grad()
     def encode_documents(self, docs: list[Document], batch_size: int = 32) -> list[EncodedChunk]:
@@ -193,7 +224,7 @@ class MACModel(nn.Module):
         for s in range(0, len(jobs), batch_size):
             part = jobs[s: s + batch_size]
             mods, vecs = self.amortize([j[3] for j in part])
-            for (doc, i, n, _), m, v in zip(part, mods.float().numpy(), vecs.float().numpy()):
+            for (doc, i, n, _), m, v in zip(part, mods.float().cpu().numpy(), vecs.float().cpu().numpy()):
                 out.append(EncodedChunk(Modulation(doc.id, i, n, m.astype(np.float16), self.model_id, self.version), v))
         return out
 
@@ -212,9 +243,10 @@ class MACModel(nn.Module):
             raise ValueError("stack_memories needs at least one question's memory")
         B, K = len(memories), max(1, max(map(len, memories)))
         T, D = self.cfg.num_tokens, self.lm.hidden_size
-        mods = torch.zeros(B, K, T, D)
-        mask = torch.zeros(B, K, dtype=torch.bool)
-        scores = torch.zeros(B, K)
+        dev = self.lm.device  # where the aggregator runs (CPU unless moved with to_device)
+        mods = torch.zeros(B, K, T, D, device=dev)
+        mask = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        scores = torch.zeros(B, K, device=dev)
         for i, mem in enumerate(memories):
             for j, (m, s) in enumerate(mem):
                 mods[i, j], mask[i, j], scores[i, j] = m.tensor(), True, s
