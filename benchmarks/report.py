@@ -1,9 +1,10 @@
 """The benchmark report: tables and PNG plots from the benchmark JSON files.
 
-Each benchmark writes ``benchmarks/results/<date>/<name>.json`` (quality, ingest, serve, baselines); the report
-reads whichever of them exist in that directory and writes ``report.md`` next to them with one PNG per figure:
+Each benchmark writes ``benchmarks/results/<date>/<name>.json`` (quality, ingest, serve, baselines, freshness); the
+report reads whichever of them exist in that directory and writes ``report.md`` next to them with one PNG per figure:
 quality by mode, retention as the memory grows, ingest docs/s by worker count, latency distribution by mode, bytes
-per document. Every section says how it was measured and the exact command that reproduces it.
+per document, time-to-queryable distribution. Every section says how it was measured and the exact command that
+reproduces it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import baselines, ingest, quality, serve
+from benchmarks import baselines, freshness, ingest, quality, serve
 from benchmarks.machine import machine
 from benchmarks.quality import QUALITY_MODES
 from pipeline.data import synthetic
@@ -153,10 +154,12 @@ def _ingest(d: Path, ing: dict) -> list[str]:
     return lines + ["", f"![ingest docs/s]({_plot(d / 'ingest_scaling.png', draw)})", ""]
 
 
-def _serve(d: Path, sv: dict) -> list[str]:
+def _serve(d: Path, sv: dict, corpus: str = "") -> list[str]:
     how = sv["how"]
-    lines = ["## Serving latency and throughput (HTTP, Ray Serve)", "", f"How: {how['method']}", "",
-             f"{how['documents']} documents in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
+    title = "Serving latency on real-length news" if corpus else "Serving latency and throughput"
+    lines = [f"## {title} (HTTP, Ray Serve)", "", f"How: {how['method']}", "",
+             f"{how['documents']} documents ({how.get('corpus', 'synthetic')}, mean "
+             f"{how.get('mean_document_tokens', float('nan')):.0f} tokens) in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
              f"{how['requests_per_mode']} requests per mode, {how['replicas']} replica × {how['replica_threads']} "
              f"thread(s), batch ≤ {how['max_batch_size']}, batch wait {how['batch_wait_s']} s. Command: "
              f"`{_command(sv, 'serve')}`.", "", serve.table(sv), ""]
@@ -167,15 +170,54 @@ def _serve(d: Path, sv: dict) -> list[str]:
             ax.set_ylabel("latency (ms), one client")
             ax.set_title("Request latency by mode")
 
-        lines += [f"![latency by mode]({_plot(d / 'latency_by_mode.png', draw)})", ""]
+        lines += [f"![latency by mode]({_plot(d / f'latency_by_mode{corpus}.png', draw)})", ""]
     return lines
+
+
+def _freshness(d: Path, fr: dict) -> list[str]:
+    how = fr["how"]
+    cap = how.get("capacity_docs_per_s")
+    lines = ["## Freshness: time from produce to an answer citing the document (always-on path)", "",
+             f"How: {how['method'].replace('``', '`')}", "",
+             f"{how['documents']} documents per ingest configuration at {how['rate_docs_per_s']:.2f} docs/s "
+             f"({how['rate_from']}" + (f"; capacity {cap:.2f} docs/s on a burst of {how['burst_documents']}" if cap else "")
+             + f"), poll interval {how['poll_interval_s']} s, gate `{how['gate']}`, mode `{how['mode']}`, top_k "
+             f"{how['top_k']}, {how['encoder_workers']} encoder worker(s), {'warm' if how['warm'] else 'cold'}. "
+             f"Load average before/after: {how.get('load_average_before')} / {how.get('load_average_after')}. "
+             f"Command: `{_command(fr, 'freshness')}`.", "",
+             "Seconds after the broker acknowledged the document. ttq (time-to-queryable): the later of the store "
+             "holding it and the send time of the first question whose answer cites it; fetchable: a second consumer "
+             "received it from the broker; in store: the store owner holds it; "
+             "answered: the answer citing it came back (a 1-token answer). Percentiles are nearest-rank: with fewer "
+             "than 100 documents p99 is the maximum.", "",
+             freshness.table(fr), ""]
+    lines += [f"- {freshness.stages(r)}" for r in fr["runs"]]
+    lines.append("")
+
+    def draw(ax):
+        for n, r in enumerate(fr["runs"]):
+            for key, style in (("ttq", "-"), ("answered", ":")):
+                xs = sorted(x[f"{key}_s"] for x in r["per_document"] if x.get(f"{key}_s") is not None)
+                if xs:
+                    ax.step(xs, [(i + 1) / len(r["per_document"]) for i in range(len(xs))], where="post", ls=style,
+                            color=f"C{n}", label=f"{key}: {r['name']}")
+        ax.axvline(freshness.GOAL_P99_S, color="#c33", lw=1, ls="--", label="goal: p99 ≤ 2 s")
+        ax.axhline(0.99, color="#999", lw=0.8)
+        ax.set_xscale("log")  # ttq (sub-second) and answered (seconds, with queueing) on one axis
+        ax.set_xlabel("seconds after the produce acknowledgement (log)")
+        ax.set_ylabel("fraction of documents")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Time-to-queryable (CDF)")
+        ax.legend(fontsize=7)
+
+    return lines + [f"![time to queryable]({_plot(d / 'freshness_cdf.png', draw)})", ""]
 
 
 def write_report(directory: str | Path) -> Path:
     """Compose ``report.md`` (and its PNGs) from the benchmark JSON files present in ``directory``."""
     d = Path(directory)
     load = lambda n: json.loads((d / f"{n}.json").read_text()) if (d / f"{n}.json").exists() else None  # noqa: E731
-    q, ing, sv, bl = load("quality"), load("ingest"), load("serve"), load("baselines")
+    q, ing, sv, bl, fr = load("quality"), load("ingest"), load("serve"), load("baselines"), load("freshness")
     lines = [f"# macstream benchmark report ({d.name})", "",
              f"Machine: {machine()}. Every number below was measured by the command named in its section; "
              "`macstream bench all` reruns them all and rewrites this report.", ""]
@@ -185,11 +227,16 @@ def write_report(directory: str | Path) -> Path:
         lines += _ingest(d, ing)
     if sv:
         lines += _serve(d, sv)
+    if load("serve-realtimeqa"):
+        lines += _serve(d, load("serve-realtimeqa"), "-realtimeqa")
+    if fr:
+        lines += _freshness(d, fr)
     if bl and (d / "baselines.md").exists():
         lines += [(d / "baselines.md").read_text(), ""]
     if (d / "notes.md").exists():  # hand-written: e.g. a rerun check, what the machine was doing
         lines += [(d / "notes.md").read_text(), ""]
-    missing = [n for n, v in (("quality", q), ("ingest", ing), ("serve", sv), ("baselines", bl)) if not v]
+    missing = [n for n, v in (("quality", q), ("ingest", ing), ("serve", sv), ("baselines", bl), ("freshness", fr))
+               if not v]
     if missing:
         lines += [f"Not measured in this report: {', '.join(missing)}.", ""]
     out = d / "report.md"
@@ -198,7 +245,8 @@ def write_report(directory: str | Path) -> Path:
 
 
 def run_benchmark(what: str, out_dir: Path, args) -> dict:
-    """Run one benchmark (quality, ingest, serve, baselines), write ``<out_dir>/<what>.json``, return its result."""
+    """Run one benchmark (quality, ingest, serve, baselines, freshness), write ``<out_dir>/<what>.json``, return its
+    result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if what == "quality":
         result = quality.run(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
@@ -206,11 +254,19 @@ def run_benchmark(what: str, out_dir: Path, args) -> dict:
         result = ingest.run(args.checkpoint, args.entities, tuple(args.workers))
     elif what == "serve":
         result = serve.run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
-                     args.batch_wait, args.replica_threads)
+                           args.batch_wait, args.replica_threads, docs=args.serve_docs,
+                           throughput=args.serve_docs == "synthetic")
+        if args.serve_docs != "synthetic":  # real-length news: its own file beside the synthetic one
+            (out_dir / f"serve-{args.serve_docs}.json").write_text(json.dumps(result, indent=2, default=str))
+            return result
     elif what == "baselines":
         return baselines.run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
                    rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
                    threads=args.threads, top_k=args.quality_top_k, max_new_tokens=args.max_new_tokens)
+    elif what == "freshness":
+        result = freshness.run(args.checkpoint, args.freshness_docs, args.freshness_rate, args.freshness_burst,
+                               args.poll_interval, tuple(freshness.parse_variant(v) for v in args.freshness_variants),
+                               args.freshness_gate, workers=args.freshness_workers, mode=args.freshness_mode)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     result.setdefault("how", {})["command"] = "macstream bench " + " ".join(getattr(args, "argv", [what]))

@@ -239,7 +239,7 @@ def cmd_serve(args) -> None:
         serve.shutdown()
 
 
-BENCHMARKS = ("quality", "ingest", "serve", "baselines")
+BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness")
 
 
 def cmd_bench(args) -> None:
@@ -261,6 +261,10 @@ def cmd_bench(args) -> None:
             print(table(result))
         elif what == "baselines":
             print(result["table"])
+        elif what == "freshness":
+            from benchmarks.freshness import table as freshness_table
+
+            print(freshness_table(result))
         else:
             print(json.dumps({k: v for k, v in result.items() if k != "datasets"} if what == "quality" else result,
                              indent=2, default=str)[:4000])
@@ -400,7 +404,8 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("what", choices=["all", *BENCHMARKS],
                     help="quality: eval of every mode on synthetic test + RealTimeQA 2024; ingest: docs/s by worker "
                          "count; serve: latency per mode and batching throughput over HTTP; baselines: base, rag, mac "
-                         "vs online fine-tuning (accuracy, adaptation cost, retention); all: each in turn")
+                         "vs online fine-tuning (accuracy, adaptation cost, retention); freshness: time from produce "
+                         "to an HTTP answer citing the document, on the always-on path; all: each in turn")
     bn.add_argument("--out-dir", dest="out_dir", help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
     bn.add_argument("--quality-entities", dest="quality_entities", type=_positive, default=60,
                     help="quality: synthetic test entities (about 5 questions each)")
@@ -425,6 +430,26 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--tuning", help="baselines: tuning report to reuse (default <out dir>/baselines-tuning.json; "
                                      "tuned and written there when absent)")
     bn.add_argument("--threads", type=_positive, default=1, help="torch threads of the benchmark process (quality, baselines)")
+    bn.add_argument("--serve-docs", dest="serve_docs", choices=["synthetic", "realtimeqa"], default="synthetic",
+                    help="serve: the corpus — synthetic 40-90-word articles, or real-length RealTimeQA 2022 news "
+                         "(--entities questions and their articles; latency only, written to serve-realtimeqa.json)")
+    bn.add_argument("--freshness-docs", dest="freshness_docs", type=_positive, default=60,
+                    help="freshness: documents timed per ingest configuration")
+    bn.add_argument("--freshness-rate", dest="freshness_rate", type=float,
+                    help="freshness: produce rate in docs/s (default: half the capacity measured on a burst)")
+    bn.add_argument("--freshness-burst", dest="freshness_burst", type=_positive, default=32,
+                    help="freshness: documents of the burst the ingest capacity is measured on")
+    bn.add_argument("--poll-interval", dest="poll_interval", type=float, default=0.05,
+                    help="freshness: seconds between two questions about one document")
+    bn.add_argument("--freshness-gate", dest="freshness_gate", choices=["store", "none"], default="store",
+                    help="freshness: start asking once the store holds the document (store) or from its produce (none)")
+    bn.add_argument("--freshness-variant", dest="freshness_variants", action="append", default=[],
+                    help="freshness: also measure with these ingest settings, e.g. batch_size=4,poll_timeout_ms=50 "
+                         "(repeatable; the product defaults are always measured first)")
+    bn.add_argument("--freshness-workers", dest="freshness_workers", type=_positive, default=1,
+                    help="freshness: encoder workers of the ingest job")
+    bn.add_argument("--freshness-mode", dest="freshness_mode",
+                    help="freshness: answer mode of the polls, e.g. mac (default: the server's default mode)")
     bn.set_defaults(fn=cmd_bench)
 
     dg = sub.add_parser("diagnose", help="does the memory carry the document? gold vs other-document NLL, gold-only answers")

@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 from pipeline.cluster import init_ray
-from pipeline.config import IngestConfig, ServeConfig
+from pipeline.config import DEFAULT_MODE, IngestConfig, ServeConfig
 from pipeline.data import realtimeqa, synthetic
 from pipeline.metrics import aggregate, score_answer
+from pipeline.modes import Mode
 from serving.app import start
 from workers import kafka_io
 from workers.broker import LocalBroker, free_port
@@ -36,8 +37,8 @@ from workers.ingest import IngestJob
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-SHOW_MODES = ("base", "rag", "mac", "mac+rag")
-TABLE_MODES = ("base", "rag", "mac", "mac+rag")
+SHOW_MODES = ("base", "rag", "mac", "mac+rag", DEFAULT_MODE)  # the last: what a client that names no mode gets
+TABLE_MODES = SHOW_MODES
 CLIENTS = 4
 
 
@@ -45,8 +46,10 @@ def _post(base: str, question: str, mode: str, top_k: int = 4) -> tuple[dict, fl
     import requests
 
     t = time.perf_counter()
-    r = requests.post(f"{base}/v1/answer", json={"question": question, "mode": mode, "top_k": top_k,
-                                                  "max_new_tokens": 16}, timeout=300)
+    m = Mode.parse(mode)
+    body = {"question": question, "mode": m.kind, "top_k": top_k, "max_new_tokens": 16}
+    r = requests.post(f"{base}/v1/answer", json=body | ({"context_docs": m.context_docs} if m.context_docs else {}),
+                      timeout=300)
     r.raise_for_status()
     return r.json(), time.perf_counter() - t
 
@@ -91,7 +94,7 @@ def _show(q, before: dict, after: dict) -> None:
     for mode in SHOW_MODES:
         b, a = before[mode], after[mode]
         ok_b, ok_a = (score_answer(x["answer"], q.answers)["em"] == 1.0 for x in (b, a))  # exact (normalised) match
-        line = f"   {mode:8} before: {b['answer'][:38]!r:42} {'✓' if ok_b else '✗'}"
+        line = f"   {mode:9} before: {b['answer'][:38]!r:42} {'✓' if ok_b else '✗'}"
         if mode != "base":
             line += f"   after: {a['answer'][:38]!r:42} {'✓' if ok_a else '✗'}"
         print(line)
@@ -171,10 +174,10 @@ def main() -> None:
                 for q, (r, secs) in zip(held, tqdm(pool.map(lambda q: _post(base, q.question, m), held), total=len(held),
                                                    desc=f"asking ({m})", leave=False, dynamic_ncols=True)):
                     rows[m].append({**score_answer(r["answer"], q.answers), "seconds": secs})
-        print(f"   {'mode':8} {'EM':>6} {'F1':>6} {'p50 s':>7}   ({len(held)} questions, {CLIENTS} concurrent clients)")
+        print(f"   {'mode':9} {'EM':>6} {'F1':>6} {'p50 s':>7}   ({len(held)} questions, {CLIENTS} concurrent clients)")
         for m, rs in rows.items():
             s = aggregate({k: v for k, v in r.items() if k in ('em', 'f1')} for r in rs)
-            print(f"   {m:8} {s['em']:6.1f} {s['f1']:6.1f} {statistics.median(r['seconds'] for r in rs):7.2f}")
+            print(f"   {m:9} {s['em']:6.1f} {s['f1']:6.1f} {statistics.median(r['seconds'] for r in rs):7.2f}")
         snap = job.snapshot()
         print(f"   ingest: {snap['upserted']} documents written, {snap['dead_lettered']} dead-lettered; "
               f"{len(early)} articles stored in {ingest_s:.1f}s with 1 encoder worker")

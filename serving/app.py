@@ -7,7 +7,7 @@ from ray import serve
 
 from pipeline.cluster import init_ray
 from pipeline.config import ServeConfig
-from pipeline.store.actor import ensure_store_free
+from pipeline.store.actor import connect_store
 from serving.gateway import Gateway
 from serving.model import MACServer
 
@@ -22,8 +22,10 @@ def build_app(cfg: ServeConfig):
     """
     cfg_static = cfg.model_copy(update={"checkpoint": None})
     rolling = {"max_surge_percent": 100, "graceful_shutdown_timeout_s": 120}
-    model_opts: dict = {"ray_actor_options": {"num_cpus": cfg.replica_threads}, "user_config": {"checkpoint": cfg.checkpoint},
-                        **rolling}
+    actor_opts: dict = {"num_cpus": cfg.replica_threads}
+    if cfg.replica_gpus:  # the replica computes on the GPU Ray assigns it (serving/model.py, _Loaded)
+        actor_opts["num_gpus"] = cfg.replica_gpus
+    model_opts: dict = {"ray_actor_options": actor_opts, "user_config": {"checkpoint": cfg.checkpoint}, **rolling}
     if cfg.autoscale_max_replicas:
         model_opts["autoscaling_config"] = {"min_replicas": 1, "max_replicas": cfg.autoscale_max_replicas,
                                             "target_ongoing_requests": cfg.max_batch_size}
@@ -38,6 +40,6 @@ def start(cfg: ServeConfig, name: str = "macstream", route_prefix: str = "/", bl
     """Start (or update in place) the app on cfg.host:cfg.port; returns when the deployments are up (the model
     replicas may still be loading: see /ready)."""
     init_ray()
-    ensure_store_free(cfg.store_location())  # fail here, not as a replica that is never ready
+    connect_store(cfg.store_location())  # the store's owner on this node; StoreBusy here, not a never-ready replica
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)

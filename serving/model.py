@@ -13,12 +13,13 @@ import threading
 import time
 from collections import defaultdict
 
+import ray
 import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from pipeline.answering import answer, citation_weights, prepare
-from pipeline.model.mac import MACModel, QuestionEncoding, checkpoint_dir
+from pipeline.model.mac import MACModel, QuestionEncoding, assigned_device, checkpoint_dir
 from pipeline.modes import BASE, Mode
 from pipeline.schemas import Hit
 from pipeline.store import collection_name
@@ -68,7 +69,11 @@ def _reason(err: BaseException) -> str:
 class _Loaded:
     def __init__(self, checkpoint: str | None, threads: int):
         torch.set_num_threads(threads)
+        # the GPU Ray assigned this replica (ServeConfig.replica_gpus) when torch can use it, else the CPU
+        self.device = assigned_device(ray.get_gpu_ids() if ray.is_initialized() else [])
         self.model = MACModel.load(checkpoint_dir(checkpoint)).eval()
+        if self.device.type != "cpu":
+            self.model.to_device(self.device)  # the frozen LM in bf16 (fp16 where bf16 is unsupported)
         self.checkpoint = checkpoint
         self.collection = collection_name(self.model.version)
 

@@ -47,4 +47,4 @@ def test_report_has_tables_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| mac+rag | 30.0 | 33.0 | 36.0 |" in text  # the numbers of the input, not made up
     assert "| 2 | 100 | 25.0 | 4.00 | 7.00 |" in text
-    assert "Not measured in this report: serve, baselines." in text
+    assert "Not measured in this report: serve, baselines, freshness." in text

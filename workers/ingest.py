@@ -1,9 +1,10 @@
 """The ingest job: Kafka topic → consumer actors → encoder actors → store, supervised, with metrics.
 
-Topology (all Ray actors): ``workers`` encoder actors (model copies, ``encoder_threads`` CPUs each, restarted and
-retried by Ray when they die); ``consumers`` consumer actors (0 CPUs, one group member each, never more than the
-topic has partitions); one store owner for embedded stores (pipeline/store/actor.py). The driver supervises: a
-consumer that dies is replaced (its partitions are redelivered from the last commit), and it aggregates metrics.
+Topology (all Ray actors): ``workers`` encoder actors (model copies, ``encoder_threads`` CPUs and ``gpus_per_worker``
+GPUs each, spread over the cluster's nodes, restarted and retried by Ray when they die); ``consumers`` consumer
+actors (0 CPUs, one group member each, never more than the topic has partitions); one store owner for embedded stores
+(pipeline/store/actor.py). The driver supervises: a consumer that dies is replaced (its partitions are redelivered
+from the last commit), and it aggregates metrics.
 
 Backfill mode (``exit_when_idle``): the job stops once every member has nothing in flight and saw no record for that
 many seconds; broker end offsets are never consulted (they are wrong on some brokers, and racy on all).
@@ -31,6 +32,18 @@ log = logging.getLogger(__name__)
 UNASSIGNED_GIVE_UP_S = 60.0
 
 
+def encoder_options(cfg: IngestConfig, index: int) -> dict:
+    """Ray options of encoder actor ``index``: ``encoder_threads`` CPUs, ``gpus_per_worker`` GPUs when above 0 (the
+    actor then computes on the GPU Ray assigns it), and SPREAD scheduling, so the model copies land on different
+    nodes of a multi-node cluster (more compute, and one lost node does not take every encoder with it). On one
+    node SPREAD places them as the default would."""
+    opts: dict = {"name": f"macstream-encoder-{index}", "num_cpus": cfg.encoder_threads,
+                  "scheduling_strategy": "SPREAD"}
+    if cfg.gpus_per_worker:
+        opts["num_gpus"] = cfg.gpus_per_worker
+    return opts
+
+
 class IngestJob:
     def __init__(self, cfg: IngestConfig, partitions: int = 4, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -53,9 +66,8 @@ class IngestJob:
         n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
         init_ray()
         self.store = connect_store(cfg.store_location())
-        # CPU only for now: the encoder path has not been run on a GPU here, so none is reserved
-        self.encoders = [EncoderActor.options(name=f"macstream-encoder-{i}", num_cpus=cfg.encoder_threads)
-                         .remote(cfg.checkpoint, cfg.encoder_threads) for i in range(cfg.workers)]
+        self.encoders = [EncoderActor.options(**encoder_options(cfg, i)).remote(cfg.checkpoint, cfg.encoder_threads)
+                         for i in range(cfg.workers)]
         ids = ray.get([e.identity.remote() for e in self.encoders])
         if any(i != (self.version, self.model_id) for i in ids):
             raise RuntimeError(f"encoders loaded {ids}, expected {(self.version, self.model_id)}")

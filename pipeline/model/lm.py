@@ -77,6 +77,18 @@ class FrozenLM(nn.Module):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return cls(model, AutoTokenizer.from_pretrained(path), name=name)
 
+    def to_device(self, device: str | torch.device) -> "FrozenLM":
+        """Move the frozen LM to ``device``. On CUDA its weights become bf16 (fp16 where the GPU lacks bf16): it is
+        never trained, and the code around it already casts prefixes to its dtype and reads logits as float. On CPU
+        it is only moved (its dtype is left as loaded)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.model.to(device=device, dtype=dtype)
+        else:
+            self.model.to(device=device)
+        return self
+
     def train(self, mode: bool = True) -> "FrozenLM":  # the LM never leaves eval mode (no dropout)
         return super().train(False)
 

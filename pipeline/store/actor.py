@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store import SearchFilter, Store, open_store
@@ -121,7 +122,10 @@ def connect_store(location: str) -> Store:
     if location.startswith(("http://", "https://")):
         return open_store(location)
     ensure_store_free(location)
-    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced)
+    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced);
+    # pinned to this process's node: the directory is local to that machine, and an owner restarted on another machine
+    # would open an empty one there (across machines, use a Qdrant server)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
-                               lifetime="detached").remote(location)
+                               lifetime="detached", scheduling_strategy=here).remote(location)
     return RemoteStore(actor)
