@@ -452,11 +452,12 @@ def parser() -> argparse.ArgumentParser:
                     help="freshness: answer mode of the polls, e.g. mac (default: the server's default mode)")
     bn.set_defaults(fn=cmd_bench)
 
-    dg = sub.add_parser("diagnose", help="does the memory carry the document? gold vs other-document NLL, gold-only answers")
+    dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free control "
+                                         "per answer kind and piece, same-type other-document NLL, gold-only answers")
     dg.add_argument("--checkpoint")
     dg.add_argument("--split", default="validation", choices=["validation", "test"])
-    dg.add_argument("--entities", type=_positive, default=30)
-    dg.add_argument("--questions", type=_positive, default=60)
+    dg.add_argument("--entities", type=_positive, default=120)
+    dg.add_argument("--questions", type=_positive, default=240)
     dg.set_defaults(fn=cmd_diagnose)
 
     dm = sub.add_parser("demo", help="the whole system on embedded defaults (what `make demo` runs)")
