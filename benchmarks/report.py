@@ -257,8 +257,7 @@ def run_benchmark(what: str, out_dir: Path, args) -> dict:
                            args.batch_wait, args.replica_threads, docs=args.serve_docs,
                            throughput=args.serve_docs == "synthetic")
         if args.serve_docs != "synthetic":  # real-length news: its own file beside the synthetic one
-            (out_dir / f"serve-{args.serve_docs}.json").write_text(json.dumps(result, indent=2, default=str))
-            return result
+            what = f"serve-{args.serve_docs}"
     elif what == "baselines":
         return baselines.run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
                    rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
