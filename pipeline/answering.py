@@ -84,8 +84,9 @@ def context_texts(model: MACModel | FrozenLM, mode: Mode, hits: list[Hit], mass:
     for doc in docs[: mode.context_docs]:
         mine = [(j, x) for j, x in enumerate(hits) if x.document.id == doc.id]  # retriever order: best first
         j, best = max(mine, key=lambda jx: float(mass[jx[0]])) if mass is not None else mine[0]
-        window = best.chunk.modulation.chunk
-        out.append(model.window_text(doc, window) if isinstance(model, MACModel) else document_text(doc))
+        mod = best.chunk.modulation
+        one_window = mod.n_chunks == 1 or not isinstance(model, MACModel)  # no need to re-tokenize the document
+        out.append(document_text(doc) if one_window else model.window_text(doc, mod.chunk))
     return out
 
 

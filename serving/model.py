@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import ray
 import torch
@@ -53,6 +54,16 @@ class _Unreachable:
             raise RuntimeError(self.reason)
 
         return fail
+
+
+class _Encoded(NamedTuple):
+    """The memory jobs' questions encoded once (:meth:`MACModel.encode_questions`), and each job's row in it."""
+
+    enc: QuestionEncoding | None
+    row: dict[int, int]  # job index → row
+
+    def of(self, jobs: list[int]) -> QuestionEncoding:
+        return self.enc.select([self.row[i] for i in jobs])
 
 
 class NotReady(RuntimeError):
@@ -155,19 +166,19 @@ class MACServer:
         return cur
 
     # ---- answering -------------------------------------------------------------------------------------------------
-    def _retrieve(self, cur: _Loaded, jobs: list[AnswerJob]) -> tuple[list[list[Hit]], dict[int, QuestionEncoding], float]:
+    def _retrieve(self, cur: _Loaded, jobs: list[AnswerJob]) -> tuple[list[list[Hit]], "_Encoded", float]:
         """Encode every question that uses memory once (MiniLM + the question head): the retrieval vectors query the
         store, and the same encoding later conditions the aggregator. One store query per distinct (filter, top_k).
-        Returns per-job hits, per-job encodings (memory jobs only) and the per-job share of the time."""
+        Returns per-job hits, the encoding of the memory jobs and the per-job share of the time."""
         t0 = time.perf_counter()
         need = [i for i, j in enumerate(jobs) if j.mode.uses_memory]
         hits: list[list[Hit]] = [[] for _ in jobs]
-        encoded: dict[int, QuestionEncoding] = {}
+        encoded = _Encoded(None, {})
         if need:
             with torch.no_grad():
                 enc = cur.model.encode_questions([jobs[i].question for i in need])  # tokens (N, T, D), vectors (N, d_enc)
             vecs = enc.vectors.numpy()
-            encoded = {i: enc.select([row]) for row, i in enumerate(need)}
+            encoded = _Encoded(enc, {i: row for row, i in enumerate(need)})
             groups: dict[str, list[int]] = defaultdict(list)
             for row, i in enumerate(need):
                 groups[jobs[i].group_key()].append(row)
@@ -176,10 +187,6 @@ class MACServer:
                 for row, h in zip(rows, self.store.search(cur.collection, vecs[rows], first.top_k, first.filter)):
                     hits[need[row]] = h
         return hits, encoded, (time.perf_counter() - t0) / max(1, len(jobs))
-
-    @staticmethod
-    def _merge(parts: list[QuestionEncoding]) -> QuestionEncoding:
-        return QuestionEncoding(torch.cat([p.tokens for p in parts]), torch.cat([p.vectors for p in parts]))
 
     @staticmethod
     def _sources(hits: list[Hit], weights: dict[str, float]) -> list[dict]:
@@ -236,7 +243,7 @@ class MACServer:
             groups[(used, j.max_new_tokens)].append(i)
         out: list[dict] = [{} for _ in jobs]
         for (mode, max_new), idx in groups.items():
-            enc = self._merge([encoded[i] for i in idx]) if mode.uses_mac else None
+            enc = encoded.of(idx) if mode.uses_mac else None
             answers = answer(cur.model, mode, [jobs[i].question for i in idx], [hits[i] for i in idx], max_new, enc)
             for i, a in zip(idx, answers):
                 out[i] = {"answer": a.text, "mode": str(jobs[i].mode), "checkpoint": cur.model.version,
@@ -251,7 +258,7 @@ class MACServer:
         cur = self._current()
         hits, encoded, _ = self._retrieve(cur, [job])
         mode = job.mode if (job.mode == BASE or hits[0]) else BASE
-        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.get(0) if mode.uses_mac else None)
+        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.of([0]) if mode.uses_mac else None)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
                "fallback": _fallback(mode, job)}

@@ -34,7 +34,7 @@ from workers import kafka_io
 from workers.messages import Delete, PoisonMessage, Upsert, parse
 
 log = logging.getLogger(__name__)
-IN_FLIGHT_POLL_MS = 20  # longest poll while a batch is in flight (bench freshness: batch p50 502 → 319 ms at 20 ms)
+IN_FLIGHT_POLL_MS = 20  # longest poll while a batch is in flight (bench freshness: 20 ms polls took batch p50 502 → 319 ms)
 
 
 @dataclass
