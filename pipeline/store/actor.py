@@ -123,9 +123,10 @@ def connect_store(location: str) -> Store:
         return open_store(location)
     ensure_store_free(location)
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced);
-    # pinned to this process's node: the directory is local to that machine, and an owner restarted on another machine
-    # would open an empty one there (across machines, use a Qdrant server)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # placed on this process's node (the directory is local to that machine); soft, so that a lost node does not leave
+    # the store without an owner: on one machine the restarted owner opens the same directory (across machines, use a
+    # Qdrant server)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
                                lifetime="detached", scheduling_strategy=here).remote(location)
     return RemoteStore(actor)
