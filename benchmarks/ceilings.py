@@ -147,6 +147,29 @@ def selftest(lm: FrozenLM, ids: list[int]) -> float:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
+def answer_items(lm: FrozenLM, items: list, prompt_of, prefix_of=None, length_of=None, batch: int = 16,
+                 max_new_tokens: int = 16) -> dict[int, str]:
+    """Greedy answers {item index: text}. With a prefix, items are batched by prefix length (a Prefix has no padding
+    mask): ``length_of(item)`` gives it, ``prefix_of(items)`` builds the batch's prefix."""
+    tok = lm.tokenizer
+    order = sorted(range(len(items)), key=lambda i: (length_of(items[i]) if length_of else 0, i))
+    preds: dict[int, str] = {}
+    s = 0
+    while s < len(order):
+        L = length_of(items[order[s]]) if length_of else 0
+        part = [order[s]]
+        while len(part) < batch and s + len(part) < len(order) and \
+                (length_of(items[order[s + len(part)]]) if length_of else 0) == L:
+            part.append(order[s + len(part)])
+        s += len(part)
+        qs_ = [items[i] for i in part]
+        prefix = prefix_of(qs_) if prefix_of else None
+        outs = lm.generate([tok(prompt_of(q))["input_ids"] for q in qs_], prefix, max_new_tokens)
+        for i, o in zip(part, outs):
+            preds[i] = tok.decode(o).strip()
+    return preds
+
+
 def score(rows: list[dict], kinds: list[str]) -> dict:
     f1s = [r["f1"] * 100 for r in rows]
     mean = sum(f1s) / len(f1s)
@@ -229,23 +252,8 @@ def main() -> None:
         return "facts" if b is None else str(b)
 
     def run(name: str, prompt_of, prefix_of=None, length_of=None) -> None:
-        """Answer every item; items are batched by prefix length (a Prefix has no padding mask)."""
         t0 = time.time()
-        order = sorted(range(len(items)), key=lambda i: (length_of(items[i]) if length_of else 0, i))
-        preds: dict[int, str] = {}
-        s = 0
-        while s < len(order):
-            L = length_of(items[order[s]]) if length_of else 0
-            part = [order[s]]
-            while len(part) < args.batch and s + len(part) < len(order) and \
-                    (length_of(items[order[s + len(part)]]) if length_of else 0) == L:
-                part.append(order[s + len(part)])
-            s += len(part)
-            qs_ = [items[i] for i in part]
-            prefix = prefix_of(qs_) if prefix_of else None
-            outs = lm.generate([tok(prompt_of(q))["input_ids"] for q in qs_], prefix, args.max_new_tokens)
-            for i, o in zip(part, outs):
-                preds[i] = tok.decode(o).strip()
+        preds = answer_items(lm, items, prompt_of, prefix_of, length_of, args.batch, args.max_new_tokens)
         rows = [score_answer(preds[i], items[i].answers) for i in range(len(items))]
         res = score(rows, kinds) | {"seconds": round(time.time() - t0, 1),
                                     "predictions": [preds[i] for i in range(len(items))]}
