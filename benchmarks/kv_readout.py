@@ -7,7 +7,8 @@ the pre-RoPE key and the value of a token are regressed on the token's layer-m r
 v_l(s))`` for all 30 layers at once (one ridge regression, 577 -> 30 x 2 x 192), on every token of the training split's
 articles (the first token excluded: it is the attention sink). With ``+ids`` the token's input embedding is a second
 input (the memory then also stores the T token ids, 2 bytes each). At query time the predicted keys are rotated (RoPE)
-to prefix positions 1..T after the sink (the K/V of the article's first token, which depends on its id only).
+to prefix positions 1..T after a fixed sink (the K/V of ``<|endoftext|>`` alone at position 0: document-independent,
+so the memory is exactly the T x 576 states).
 
 Rows (the same unseen questions and selection as ``benchmarks.ceilings``; its ``text``/``kv`` rows are rerun here for a
 side-by-side reading):
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from benchmarks.ceilings import answer_items, article_states, fact_core, rerotate, score, select
+from benchmarks.ceilings import SINK, answer_items, article_states, fact_core, rerotate, score, select
 from pipeline.config import DEFAULT_LM
 from pipeline.data import synthetic
 from pipeline.diagnose import KINDS, article_facts, question_kind, same_type_others
@@ -118,6 +119,9 @@ def main() -> None:
     tok, rotary = lm.tokenizer, lm.model.base_model.rotary_emb
     cfg = lm.model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    _, sink_kv = article_states(lm, [tok.convert_tokens_to_ids(SINK)], [])
+    sink_k = torch.stack([k for k, _ in sink_kv])  # (L, H, 1, D): the fixed sink's K/V at position 0
+    sink_v = torch.stack([v for _, v in sink_kv])
 
     # ---- fit the readouts on the training split (sufficient statistics, one pass) ----
     t0 = time.time()
@@ -145,9 +149,7 @@ def main() -> None:
         if args.train_steps:
             _, core = fact_core(tok, document_text(doc), article_facts(doc)["fields"])
             sel = select(len(ids), core, args.train_budget)
-            train_arts[doc.id] = {"x": {(v, m): features(lm, hs[m][sel], [ids[i] for i in sel], v == "lin+ids")
-                                        for v, m in combos},
-                                  "sink": (torch.stack([k[:, :1] for k, _ in kv]), torch.stack([v[:, :1] for _, v in kv]))}
+            train_arts[doc.id] = {(v, m): features(lm, hs[m][sel], [ids[i] for i in sel], v == "lin+ids") for v, m in combos}
         if len(pending) == 32:
             flush()
     if pending:
@@ -209,8 +211,6 @@ def main() -> None:
                 v, m = form
                 pk, pv = readouts[form].kv(features(lm, a["hs"][m][sel], [a["ids"][i] for i in sel], v == "lin+ids"))
                 pk = torch.stack([rerotate(pk[layer], torch.zeros(len(sel)), dst[1:], rotary) for layer in range(shape[0])])
-                sink_k = torch.stack([k[:, :1] for k, _ in kv])  # (L, H, 1, D): position 0, RoPE is the identity
-                sink_v = torch.stack([v[:, :1] for _, v in kv])
                 memo[(doc_id, key)] = (torch.cat([sink_k, pk], 2), torch.cat([sink_v, pv], 2))
         return memo[(doc_id, key)]
 
@@ -307,14 +307,14 @@ def main() -> None:
         for step in range(start + 1, args.train_steps + 1):
             batch = rng.sample(pool, args.train_batch)
             with torch.enable_grad():  # main() runs under no_grad
-                x = torch.stack([train_arts[q.doc_ids[0]]["x"][c] for q in batch])  # (B, T, F)
+                x = torch.stack([train_arts[q.doc_ids[0]][c] for q in batch])  # (B, T, F)
                 y = (x @ W).view(len(batch), T, L, 2, H, D).permute(3, 0, 2, 4, 1, 5)  # (2, B, L, H, T, D)
                 k = y[0].reshape(-1, H, T, D)
                 cos, sin = rotary(k, pos)
                 k = apply_rotary_pos_emb(k, k, cos, sin)[1].view(len(batch), L, H, T, D)  # keys at positions 1..T
-                sink_k = torch.stack([train_arts[q.doc_ids[0]]["sink"][0] for q in batch])  # (B, L, H, 1, D)
-                sink_v = torch.stack([train_arts[q.doc_ids[0]]["sink"][1] for q in batch])
-                prefix = Prefix(torch.cat([sink_k, k], 3), torch.cat([sink_v, y[1]], 3))
+                B = len(batch)
+                prefix = Prefix(torch.cat([sink_k.expand(B, *sink_k.shape), k], 3),
+                                torch.cat([sink_v.expand(B, *sink_v.shape), y[1]], 3))
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     sums, counts = lm.continuation_logprobs(
                         [tok(latent_prompt(q))["input_ids"] for q in batch],
