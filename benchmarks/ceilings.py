@@ -37,64 +37,24 @@ import argparse
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.config import DEFAULT_LM
 from pipeline.data import synthetic
-from pipeline.diagnose import KINDS, article_facts, question_kind
+from pipeline.diagnose import KINDS, article_facts, fact_core, question_kind
 from pipeline.metrics import aggregate, score_answer
 from pipeline.model.lm import FrozenLM, Prefix
+from pipeline.model.readout import article_states, rerotate, select
 from pipeline.prompts import BASE_PROMPT, RAG_PROMPT, document_text, prompt_for
 
 SINK, FILLER = "<|endoftext|>", " "
 
 
-# ---- selection ----------------------------------------------------------------------------------------------------
-def fact_core(tokenizer, text: str, facts: dict[str, str]) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` and the positions of its fact tokens (first occurrence of each fact value, each span with
-    the piece before it), sorted."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
-    core: set[int] = set()
-    for value in facts.values():
-        m = re.search(r"(?<![\w$])" + re.escape(value) + r"(?![\w])", text)
-        if m is None:
-            raise ValueError(f"fact {value!r} not in text")
-        span = [i for i, (a, b) in enumerate(offs) if b > m.start() and a < m.end()]
-        core |= set(span) | ({span[0] - 1} if span[0] > 0 else set())
-    return ids, sorted(core)
-
-
-def select(n_tokens: int, core: list[int], budget: int | None) -> list[int]:
-    """``core`` alone (budget None), else exactly min(budget, n_tokens) positions: the core, then the nearest tokens
-    (left of a core token first), in document order; a core longer than the budget is cut in document order."""
-    if budget is None:
-        return list(core)
-    if len(core) >= budget:
-        return list(core[:budget])
-
-    def key(i: int) -> tuple:
-        d = min(abs(i - c) for c in core)
-        left = any(c - i == d for c in core)  # i sits d tokens before a core token
-        return (d, 0 if left else 1, i)
-
-    return sorted(sorted(range(n_tokens), key=key)[:budget])
-
-
 # ---- latent forms -------------------------------------------------------------------------------------------------
-def rerotate(keys: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rotary) -> torch.Tensor:
-    """Post-RoPE keys (H, n, D) computed at positions ``src`` (n,) → the same keys at positions ``dst`` (n,)."""
-    cos, sin = rotary(keys, (dst - src)[None].long())
-    _, k = apply_rotary_pos_emb(keys[None], keys[None], cos, sin)
-    return k[0]
-
-
 @torch.no_grad()
 def spliced_prefix(lm: FrozenLM, lower_ids: torch.Tensor, states: torch.Tensor | None, layer: int | None) -> Prefix:
     """soft_prefix of the input embeddings of ``lower_ids`` (B, 1+T); with ``states`` (B, T, d), the residual stream
@@ -113,19 +73,6 @@ def spliced_prefix(lm: FrozenLM, lower_ids: torch.Tensor, states: torch.Tensor |
         return lm.soft_prefix(embeds)
     finally:
         handle.remove()
-
-
-@torch.no_grad()
-def article_states(lm: FrozenLM, ids: list[int], layers: list[int]) -> tuple[dict[int, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """One forward over the article: residual stream after each layer in ``layers`` (S, d) and every layer's post-RoPE
-    (keys, values) (H, S, D_h)."""
-    t = torch.tensor([ids])
-    cache = DynamicCache(config=lm.model.config)
-    out = lm.model.base_model(input_ids=t, attention_mask=torch.ones_like(t), position_ids=torch.arange(len(ids))[None],
-                              cache=cache, use_cache=True, output_hidden_states=True)
-    hs = {m: out.hidden_states[m][0] for m in layers}  # hidden_states[m]: after decoder layer m (m < num_layers)
-    kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-    return hs, kv
 
 
 def selftest(lm: FrozenLM, ids: list[int]) -> float:

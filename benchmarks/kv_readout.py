@@ -36,55 +36,24 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from benchmarks.ceilings import SINK, answer_items, article_states, fact_core, rerotate, score, select
+from benchmarks.ceilings import answer_items, score
 from pipeline.config import DEFAULT_LM
 from pipeline.data import synthetic
-from pipeline.diagnose import KINDS, article_facts, question_kind, same_type_others
+from pipeline.diagnose import KINDS, article_facts, fact_core, question_kind, same_type_others
 from pipeline.metrics import score_answer
 from pipeline.model.lm import FrozenLM, Prefix
+from pipeline.model.readout import KVReadout, article_states, kv_targets, rerotate, rms, select
 from pipeline.prompts import BASE_PROMPT, RAG_PROMPT, answer_continuation, document_text
-
-
-def _targets(lm: FrozenLM, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Every layer's (pre-RoPE key, value) of each token, flattened: (S, L x 2 x H x D)."""
-    rotary = lm.model.base_model.rotary_emb
-    S = kv[0][0].shape[1]
-    pos = torch.arange(S)
-    keys = torch.stack([rerotate(k, pos, torch.zeros_like(pos), rotary) for k, _ in kv])  # (L, H, S, D)
-    vals = torch.stack([v for _, v in kv])
-    return torch.stack([keys, vals], 1).permute(3, 0, 1, 2, 4).reshape(S, -1)  # (S, L·2·H·D)
+from pipeline.train_readout import fit_selector, ridge
 
 
 def features(lm: FrozenLM, states: torch.Tensor, ids: list[int], with_ids: bool) -> torch.Tensor:
-    """Readout inputs for tokens: [h_m, (input embedding), 1]: (n, d [+ d] + 1), each part RMS-normalised as the LM's
-    own RMSNorm does before attention (mid-layer states have a few tokens of huge norm; the next layer's K/V are
-    linear in the normalised state, not in the raw one)."""
-    rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    """Readout inputs for tokens: the RMS-normalised layer-m state (and input embedding): (n, d [+ d])."""
     parts = [rms(states)]
     if with_ids:
         parts.append(rms(lm.model.get_input_embeddings()(torch.tensor(ids))))
-    parts.append(torch.ones(states.shape[0], 1))
     return torch.cat(parts, 1)
-
-
-class KVReadout:
-    """Ridge regression from per-token features to every layer's (pre-RoPE key, value). ``W``: (F, L·2·H·D)."""
-
-    def __init__(self, W: torch.Tensor, layers: int, kv_heads: int, head_dim: int):
-        self.W, self.L, self.H, self.D = W, layers, kv_heads, head_dim
-
-    @classmethod
-    def fit(cls, xtx: torch.Tensor, xty: torch.Tensor, ridge: float, shape: tuple[int, int, int]) -> KVReadout:
-        lam = ridge * xtx.diagonal().mean()
-        W = torch.linalg.solve(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype), xty)
-        return cls(W.float(), *shape)
-
-    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, F) → pre-RoPE keys and values, each (L, H, T, D)."""
-        y = (x @ self.W).view(x.shape[0], self.L, 2, self.H, self.D).permute(2, 1, 3, 0, 4)  # (2, L, H, T, D)
-        return y[0], y[1]
 
 
 @torch.no_grad()
@@ -108,6 +77,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-questions", type=int, default=40, help="held-out questions judged every --eval-every steps")
     ap.add_argument("--save", help="directory: the fine-tuned readouts (resumable: a saved readout is loaded)")
+    ap.add_argument("--selection", nargs="+", default=["oracle"], choices=["oracle", "learned"],
+                    help="learned: also rows whose T positions a token selector picks (logistic regression on the layer-m "
+                    "state, trained on the training articles' fact tokens) instead of the generator's fact spans")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
@@ -119,9 +91,6 @@ def main() -> None:
     tok, rotary = lm.tokenizer, lm.model.base_model.rotary_emb
     cfg = lm.model.config
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
-    _, sink_kv = article_states(lm, [tok.convert_tokens_to_ids(SINK)], [])
-    sink_k = torch.stack([k for k, _ in sink_kv])  # (L, H, 1, D): the fixed sink's K/V at position 0
-    sink_v = torch.stack([v for _, v in sink_kv])
 
     # ---- fit the readouts on the training split (sufficient statistics, one pass) ----
     t0 = time.time()
@@ -131,11 +100,13 @@ def main() -> None:
     acc: dict = {}
     n_tokens = 0
     pending: list[tuple[dict, torch.Tensor]] = []
+    sel_data: dict[int, list] = defaultdict(list)
 
     def flush() -> None:  # sufficient statistics XᵀX, XᵀY in float64, products over a block of articles in float32
         y = torch.cat([p[1] for p in pending])
         for c in combos:
             x = torch.cat([p[0][c] for p in pending])
+            x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)  # [features, 1]
             prev = acc.get(c, (0, 0))
             acc[c] = (prev[0] + (x.T @ x).double(), prev[1] + (x.T @ y).double())
         pending.clear()
@@ -143,18 +114,29 @@ def main() -> None:
     for doc in train_docs:
         ids = tok(document_text(doc), add_special_tokens=False)["input_ids"]
         hs, kv = article_states(lm, ids, args.layers)
-        y = _targets(lm, kv)[1:]  # (S-1, L·2·H·D): the sink (first token) excluded
+        y = kv_targets(lm, kv)[1:]  # (S-1, L·2·H·D): the sink (first token) excluded
         n_tokens += y.shape[0]
         pending.append(({(v, m): features(lm, hs[m][1:], ids[1:], v == "lin+ids") for v, m in combos}, y))
         if args.train_steps:
             _, core = fact_core(tok, document_text(doc), article_facts(doc)["fields"])
             sel = select(len(ids), core, args.train_budget)
             train_arts[doc.id] = {(v, m): features(lm, hs[m][sel], [ids[i] for i in sel], v == "lin+ids") for v, m in combos}
+        if "learned" in args.selection:
+            _, core = fact_core(tok, document_text(doc), article_facts(doc)["fields"])
+            label = torch.zeros(len(ids))
+            label[core] = 1
+            for m in args.layers:
+                sel_data[m].append((rms(hs[m][1:]), label[1:]))
         if len(pending) == 32:
             flush()
     if pending:
         flush()
-    readouts = {c: KVReadout.fit(*acc[c], args.ridge, shape) for c in combos}
+    readouts = {}
+    for c in combos:
+        readouts[c] = KVReadout(lm, acc[c][0].shape[0] - 1)
+        readouts[c].set_linear(ridge(*acc[c], args.ridge))
+    selectors = {m: fit_selector(torch.cat([x for x, _ in sel_data[m]]), torch.cat([y for _, y in sel_data[m]]))
+                 for m in sel_data}
     fit_s = time.time() - t0
     print(f"fitted {len(combos)} readouts on {len(train_docs)} training articles ({n_tokens} tokens) in {fit_s:.0f} s", flush=True)
 
@@ -165,15 +147,26 @@ def main() -> None:
     kinds = [question_kind(q)["kind"] for q in items]
     others, same = same_type_others([(q, by_id[q.doc_ids[0]]) for q in items], docs, seed=args.seed)
     arts: dict[str, dict] = {}
+    sel_quality: dict = defaultdict(lambda: [0, 0])
     r2 = defaultdict(lambda: torch.zeros(4, shape[0], dtype=torch.float64))  # combo -> [sse_k, sst_k, sse_v, sst_v] per layer
     for doc_id in sorted({q.doc_ids[0] for q in items} | {o.id for o in others}):
         text = document_text(by_id[doc_id])
         ids, core = fact_core(tok, text, article_facts(by_id[doc_id])["fields"])
         hs, kv = article_states(lm, ids, args.layers)
         a = {"ids": ids, "sel": {b: select(len(ids), core, b) for b in args.budgets}, "hs": hs, "kv": kv}
-        y = _targets(lm, kv)[1:].view(len(ids) - 1, shape[0], 2, -1)  # (S-1, L, 2, H·D)
+        for m, selector in selectors.items():  # the learned, question-independent selection (one per state layer)
+            logits = selector(rms(hs[m]))
+            for b in args.budgets:
+                a["sel"][("learned", m, b)] = selector.positions(logits, len(ids), b)
+            hit = set(selector.positions(logits, len(ids), len(core))) & set(core)
+            sel_quality[m][0] += len(hit)
+            sel_quality[m][1] += len(core)
+            for b in args.budgets:  # oracle positions kept by the learned selection at budget b
+                sel_quality[(m, b)][0] += len(set(a["sel"][("learned", m, b)]) & set(a["sel"][b]))
+                sel_quality[(m, b)][1] += len(a["sel"][b])
+        y = kv_targets(lm, kv)[1:].view(len(ids) - 1, shape[0], 2, -1)  # (S-1, L, 2, H·D)
         for c in combos:
-            pk, pv = readouts[c].kv(features(lm, hs[c[1]][1:], ids[1:], c[0] == "lin+ids"))  # (L, H, S-1, D)
+            pk, pv = (t[0] for t in readouts[c].kv(features(lm, hs[c[1]][1:], ids[1:], c[0] == "lin+ids")[None]))  # (L, H, S-1, D)
             for j, pred in ((0, pk), (2, pv)):
                 truth = y[:, :, j // 2].permute(1, 0, 2)  # (L, S-1, H·D)
                 pred = pred.permute(0, 2, 1, 3).reshape(truth.shape)
@@ -188,7 +181,9 @@ def main() -> None:
                                    "r2_values": round(float(1 - e[2].sum() / e[3].sum()), 4),
                                    "r2_keys_by_layer": [round(float(x), 3) for x in rk],
                                    "r2_values_by_layer": [round(float(x), 3) for x in rv]}
-    info = {"train_articles": len(train_docs), "train_tokens": n_tokens, "fit_seconds": round(fit_s, 1),
+    info_sel = {f"layer {k}" if isinstance(k, int) else f"layer {k[0]}, T={k[1]}": round(h / max(1, n), 3)
+                for k, (h, n) in sel_quality.items()}
+    info = {"learned_selection_recall": info_sel, "train_articles": len(train_docs), "train_tokens": n_tokens, "fit_seconds": round(fit_s, 1),
             "ridge": args.ridge, "questions": len(items), "same_type_others": same, "seed": args.seed,
             "kinds": {k: kinds.count(k) for k in KINDS}, "readout_fit_on_validation_tokens": fit_quality,
             "latent_prompt": repr("\n\n" + BASE_PROMPT), "text_prompt": repr(RAG_PROMPT), "threads": args.threads}
@@ -209,9 +204,8 @@ def main() -> None:
                                        torch.stack([v[:, src] for _, v in kv]))
             else:
                 v, m = form
-                pk, pv = readouts[form].kv(features(lm, a["hs"][m][sel], [a["ids"][i] for i in sel], v == "lin+ids"))
-                pk = torch.stack([rerotate(pk[layer], torch.zeros(len(sel)), dst[1:], rotary) for layer in range(shape[0])])
-                memo[(doc_id, key)] = (torch.cat([sink_k, pk], 2), torch.cat([sink_v, pv], 2))
+                pre = readouts[form](features(lm, a["hs"][m][sel], [a["ids"][i] for i in sel], v == "lin+ids")[None])
+                memo[(doc_id, key)] = (pre.keys[0], pre.values[0])
         return memo[(doc_id, key)]
 
     latent_prompt = lambda q: "\n\n" + BASE_PROMPT.format(question=q.question.strip())
@@ -262,34 +256,30 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(results | {"wall_s": round(time.time() - t_start, 1)}, indent=1))
 
     def finetune(c) -> list[dict]:
-        """Adam on the readout ``c``'s W, loss = answer NLL per token through the frozen LM (bf16 autocast) on the
+        """Adam on the readout ``c``, loss = answer NLL per token through the frozen LM (bf16 autocast) on the
         training split's questions, each with its own article's memory (budget --train-budget); judged every
         --eval-every steps on the first --eval-questions held-out items (information gain on names, greedy F1)."""
-        name = f"{c[0]}@{c[1]}"
+        name, module = f"{c[0]}@{c[1]}", readouts[c]
         path = Path(args.save, f"{name}.pt") if args.save else None
         start, log = 0, []
         if path and path.exists():  # resume (Adam's moments start afresh)
             saved = torch.load(path)
-            readouts[c].W, start, log = saved["W"], saved["steps"], saved["log"]
+            module.load_state_dict(saved["state"])
+            start, log = saved["steps"], saved["log"]
             print(f"{name}: resumed from {path} at step {start}", flush=True)
-        W = torch.nn.Parameter(readouts[c].W.clone())
-        opt = torch.optim.Adam([W], lr=args.lr)
+        opt = torch.optim.Adam(module.parameters(), lr=args.lr)
         pool = [q for q in train_qs if q.doc_ids and q.doc_ids[0] in train_arts]
         rng = random.Random(args.seed)
-        L, H, D = shape
-        T = args.train_budget
-        pos = torch.arange(1, T + 1)[None]
         held = list(range(min(args.eval_questions, len(items))))
         t0 = time.time()
 
         def judge(step: int) -> None:
-            readouts[c].W = W.detach().clone()
             memo.clear()
             key = (c, args.train_budget)
             own = answer_nll(key, lambda i: items[i].doc_ids[0], held)
             other = answer_nll(key, lambda i: others[i].id, held)
-            names = [i for i in held if kinds[i] != "number"]
-            gain = sum(other[j] - own[j] for j, i in enumerate(held) if i in names) / max(1, len(names))
+            names = [j for j, i in enumerate(held) if kinds[i] != "number"]
+            gain = sum(other[j] - own[j] for j in names) / max(1, len(names))
             sub = [items[i] for i in held]
             mem = lambda q: memory(q.doc_ids[0], key)
             preds = answer_items(lm, sub, latent_prompt,
@@ -306,34 +296,24 @@ def main() -> None:
             judge(0)
         for step in range(start + 1, args.train_steps + 1):
             batch = rng.sample(pool, args.train_batch)
-            with torch.enable_grad():  # main() runs under no_grad
-                x = torch.stack([train_arts[q.doc_ids[0]][c] for q in batch])  # (B, T, F)
-                y = (x @ W).view(len(batch), T, L, 2, H, D).permute(3, 0, 2, 4, 1, 5)  # (2, B, L, H, T, D)
-                k = y[0].reshape(-1, H, T, D)
-                cos, sin = rotary(k, pos)
-                k = apply_rotary_pos_emb(k, k, cos, sin)[1].view(len(batch), L, H, T, D)  # keys at positions 1..T
-                B = len(batch)
-                prefix = Prefix(torch.cat([sink_k.expand(B, *sink_k.shape), k], 3),
-                                torch.cat([sink_v.expand(B, *sink_v.shape), y[1]], 3))
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    sums, counts = lm.continuation_logprobs(
-                        [tok(latent_prompt(q))["input_ids"] for q in batch],
-                        [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in batch], prefix)
-                    loss = -sums.sum() / counts.sum()
-                    opt.zero_grad()
-                    loss.backward()
+            with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # main() runs under no_grad
+                prefix = module(torch.stack([train_arts[q.doc_ids[0]][c] for q in batch]))  # (B, L, H, 1+T, D)
+                sums, counts = lm.continuation_logprobs(
+                    [tok(latent_prompt(q))["input_ids"] for q in batch],
+                    [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in batch], prefix)
+                loss = -sums.sum() / counts.sum()
+                opt.zero_grad()
+                loss.backward()
             opt.step()
             if step % 10 == 0:
-                el = time.time() - t0
-                rate = (step - start) / el
+                rate = (step - start) / (time.time() - t0)
                 print(f"{name} step {step}/{args.train_steps} loss {float(loss):.3f}  {rate:.2f} steps/s  "
                       f"ETA {(args.train_steps - step) / rate / 60:.1f} min", flush=True)
             if step % args.eval_every == 0 or step == args.train_steps:
                 judge(step)
                 if path:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"W": W.detach().clone(), "steps": step, "log": log}, path)
-        readouts[c].W = W.detach().clone()
+                    torch.save({"state": module.state_dict(), "steps": step, "log": log}, path)
         memo.clear()
         return log
 
@@ -343,6 +323,12 @@ def main() -> None:
     if args.train_steps:
         results["finetune"] = {f"{v}@{m}": finetune((v, m)) for v, m in combos}
     for b in args.budgets:
+        for m in selectors:
+            if "text" in args.baselines:
+                run(f"text:{b} learned-sel@{m}", text_sel=("learned", m, b))
+            for v, mm in combos:
+                if mm == m:
+                    run(f"{v}@{m}:{b} learned-sel" + (" tuned" if args.train_steps else ""), ((v, m), ("learned", m, b)))
         if "text" in args.baselines:
             run(f"text:{b}", text_sel=b)
         if "kv" in args.baselines:

@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
+Subcommands: data, train, train-readout, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
 serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
@@ -69,6 +69,19 @@ def cmd_train(args) -> None:
     best = train(model_cfg, train_cfg, Path(args.out), resume=not args.no_resume,
                  init=Path(args.init) if args.init else None)
     print(json.dumps({"best_validation": best, "checkpoint": str(Path(args.out) / "best")}, indent=2))
+
+
+def cmd_train_readout(args) -> None:
+    from pipeline.config import ReadoutTrainConfig, load_config
+    from pipeline.train_readout import build
+
+    try:
+        cfg = load_config(ReadoutTrainConfig, _read_config(args.config) | {k: v for k, v in (("steps", args.steps),) if v is not None},
+                          "train-readout")
+    except ValueError as err:
+        raise SystemExit(f"macstream: {err}")
+    version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True))
+    print(json.dumps({"checkpoint": args.out, "version": version}))
 
 
 def _finetune_configs(args) -> dict:
@@ -321,6 +334,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="start from this checkpoint's weights")
     t.add_argument("--no-resume", action="store_true", help="ignore <out>/last")
     t.set_defaults(fn=cmd_train)
+
+    tr = sub.add_parser("train-readout", help="build a readout-memory checkpoint (the LM's own states + a per-layer K/V "
+                        "readout; pipeline/train_readout.py)")
+    tr.add_argument("--out", required=True, help="checkpoint directory (resumes from <out>/last.pt)")
+    tr.add_argument("--config", help="JSON file of ReadoutTrainConfig fields; unknown keys are rejected")
+    tr.add_argument("--steps", type=int, help="end-to-end fine-tuning steps (overrides the config)")
+    tr.set_defaults(fn=cmd_train_readout)
 
     for name, fn, hlp in (("eval", cmd_eval, "evaluate modes on a portable dataset"),
                           ("encode", cmd_encode, "amortize a portable dataset's documents into a memory file"),

@@ -64,19 +64,23 @@ class ModelConfig(StrictModel):
     heads: int = Field(8, ge=1, le=32, description="Attention heads in the amortizer and aggregator.")
     head_dim: int = Field(48, ge=8, le=256, description="Width of each attention head (paper: 96).")
     ffn_mult: int = Field(2, ge=1, le=8, description="FFN hidden width as a multiple of the block width.")
-    amortizer: Literal["queries", "pointer"] = Field(
+    amortizer: Literal["queries", "pointer", "select"] = Field(
         "queries", description="Document amortizer: 'queries' (T learned queries cross-attend to the token states, then a "
-        "projection to d_LM) or 'pointer' (T sharp attention slots over the document read the LM's own input embeddings "
-        "of its tokens: the modulation lives in the LM's input space; needs doc_states='lm')."
+        "projection to d_LM), 'pointer' (T sharp attention slots over the document read the LM's own input embeddings "
+        "of its tokens: the modulation lives in the LM's input space; needs doc_states='lm') or 'select' (a token "
+        "selector keeps T of the window's tokens; the modulation is the LM's own RMS-normalised layer-m states there; "
+        "needs doc_states='lm', standardize_states=false, expander='readout')."
     )
-    expander: Literal["slots", "tokens", "lm"] = Field(
+    expander: Literal["slots", "tokens", "lm", "readout"] = Field(
         "slots", description="Expander: 'tokens' (P-tuning v2 MLP per aggregated token, a projection per layer), "
-        "'slots' (each layer slot mixes all T tokens through a shared FFN) or 'lm' (the frozen LM reads φ* as T soft "
-        "input tokens; its own keys/values are the prefix, P = T, prefix_len unused)."
+        "'slots' (each layer slot mixes all T tokens through a shared FFN), 'lm' (the frozen LM reads φ* as T soft "
+        "input tokens; its own keys/values are the prefix, P = T, prefix_len unused) or 'readout' (a linear map of "
+        "each state to every layer's key and value, after a fixed sink: P = 1 + T; needs amortizer='select')."
     )
-    aggregator_output: Literal["tokens", "mixture"] = Field(
-        "tokens", description="φ*: the aggregator's output tokens ('tokens'), or the documents' modulations weighted by "
-        "the aggregator's attention mass per document ('mixture': stays in the space the modulations live in)."
+    aggregator_output: Literal["tokens", "mixture", "select"] = Field(
+        "tokens", description="φ*: the aggregator's output tokens ('tokens'), the documents' modulations weighted by "
+        "the aggregator's attention mass per document ('mixture': stays in the space the modulations live in), or "
+        "the modulation of the document with the most mass, unmixed ('select': what the readout expander needs)."
     )
     expander_hidden: int = Field(1024, ge=16, le=8192, description="Hidden width of the expander's FFN.")
     unfreeze_encoder_layers: int = Field(0, ge=0, le=24, description="Top encoder layers trained (and shipped) with the heads.")
@@ -91,12 +95,16 @@ class ModelConfig(StrictModel):
             raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 ({self.max_doc_tokens // 2})")
         if self.amortizer == "pointer" and self.doc_states != "lm":
             raise ValueError("amortizer='pointer' reads the LM's own token embeddings: it needs doc_states='lm'")
+        if (self.amortizer == "select") != (self.expander == "readout"):
+            raise ValueError("amortizer='select' and expander='readout' go together: the readout reads the LM's own states")
+        if self.amortizer == "select" and (self.doc_states != "lm" or self.standardize_states or self.aggregator_output != "select"):
+            raise ValueError("amortizer='select' needs doc_states='lm', standardize_states=false and aggregator_output='select'")
         return self
 
     @property
     def prefix_tokens(self) -> int:
         """Prefix key/value tokens per layer at query time."""
-        return self.num_tokens if self.expander == "lm" else self.prefix_len
+        return {"lm": self.num_tokens, "readout": 1 + self.num_tokens}.get(self.expander, self.prefix_len)
 
 
 class StageConfig(StrictModel):
@@ -134,6 +142,27 @@ class TrainConfig(StrictModel):
     realtimeqa_share: float = Field(0.2, ge=0.0, le=1.0, description="Share of steps drawn from RealTimeQA (when present).")
     eval_every: int = Field(250, ge=1, description="Validate every this many steps: EM/F1 and selection accuracy with a memory of 8, and EM/F1 with the gold document alone.")
     eval_questions: int = Field(120, ge=1, description="Validation questions per validation.")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+
+
+class ReadoutTrainConfig(StrictModel):
+    """Building a readout-memory checkpoint (pipeline/train_readout.py): closed-form fits, then end-to-end tuning."""
+
+    synthetic_entities: int = Field(300, ge=1, description="Entities of the synthetic train split (about 3 articles each).")
+    layer: int = Field(12, ge=1, le=200, description="m: the LM layer whose states the memory stores.")
+    num_tokens: int = Field(48, ge=1, le=128, description="T: tokens each modulation keeps.")
+    ridge: float = Field(1e-3, gt=0.0, description="Ridge λ of the readout's fit, as a multiple of the mean diagonal of XᵀX.")
+    steps: int = Field(1000, ge=0, description="End-to-end fine-tuning steps of the readout (answer NLL through the frozen LM).")
+    batch: int = Field(16, ge=1, le=256, description="Questions per fine-tuning step (each with its own article's memory).")
+    lr: float = Field(5e-5, gt=0.0, description="Adam learning rate of the readout.")
+    rag_share: float = Field(0.25, ge=0.0, le=1.0, description="Share of questions trained in the mac+rag prompt (the gold text in the context).")
+    bf16: bool = Field(True, description="bf16 autocast on CPU for the frozen LM's forward/backward.")
+    eval_every: int = Field(100, ge=1, description="Judge every this many steps on unseen validation questions.")
+    eval_questions: int = Field(60, ge=1, description="Validation questions per judgement.")
+    select_steps: int = Field(300, ge=0, description="Steps training the question encoder + aggregator to select the gold memory.")
+    select_k: int = Field(8, ge=2, le=64, description="Memories per question in selection training: the retriever's top-k, gold forced in.")
+    select_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the question encoder and aggregator.")
+    seed: int = Field(0, description="Seed for data, sampling and initialisation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
 
 

@@ -95,6 +95,21 @@ def article_facts(doc: Document) -> dict:
     raise ValueError(f"{doc.id}: not a synthetic article (no template matches)")
 
 
+def fact_core(tokenizer, text: str, facts: dict[str, str]) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and the positions of its fact tokens (first occurrence of each fact value, each span with
+    the piece before it), sorted."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offs = enc["input_ids"], enc["offset_mapping"]
+    core: set[int] = set()
+    for value in facts.values():
+        m = re.search(r"(?<![\w$])" + re.escape(value) + r"(?![\w])", text)
+        if m is None:
+            raise ValueError(f"fact {value!r} not in text")
+        span = [i for i, (a, b) in enumerate(offs) if b > m.start() and a < m.end()]
+        core |= set(span) | ({span[0] - 1} if span[0] > 0 else set())
+    return ids, sorted(core)
+
+
 def question_kind(q: Question) -> dict:
     """Event type, fine kind, answer field, template index and reported kind of a synthetic question."""
     for event, kind, key, i, rx in _QUESTION_RE:

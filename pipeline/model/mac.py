@@ -22,6 +22,7 @@ from pipeline.model.amortizer import PointerHead, QueryHead
 from pipeline.model.encoder import TextEncoder, split_windows, window_spans
 from pipeline.model.expander import Expander, LMExpander, TokenExpander
 from pipeline.model.lm import FrozenLM, Prefix, pad_batch
+from pipeline.model.readout import KVReadout, TokenSelector, rms
 from pipeline.modulation import Modulation, ensure_compatible
 from pipeline.prompts import answer_continuation, document_text
 from pipeline.schemas import Document, EncodedChunk
@@ -65,16 +66,21 @@ class MACModel(nn.Module):
             raise ValueError(f"lm_state_layer={cfg.lm_state_layer} but {cfg.lm} has {self.lm.num_layers} layers")
         head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
         A = D if cfg.doc_states == "lm" else E  # width of the token states the amortizer reads
-        self.amortizer = PointerHead(D, T) if cfg.amortizer == "pointer" else QueryHead(A, D, T, cfg.amortizer_blocks, **head)
+        if cfg.amortizer == "select":
+            self.amortizer = TokenSelector(D)
+        else:
+            self.amortizer = PointerHead(D, T) if cfg.amortizer == "pointer" else QueryHead(A, D, T, cfg.amortizer_blocks, **head)
         self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
         self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
         if cfg.expander == "lm":
             self.expander = LMExpander(self.lm)
+        elif cfg.expander == "readout":
+            self.expander = KVReadout(self.lm, D)
         else:
             self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(
                 D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
         self.version = "untrained"
-        if calibrate and self.lm.tokenizer is not None and cfg.expander != "lm":  # the LM expander needs no scale
+        if calibrate and self.lm.tokenizer is not None and cfg.expander not in ("lm", "readout"):  # these need no scale
             self._calibrate_expander()
         if cfg.doc_states == "lm" and cfg.standardize_states:
             self._state_stats()  # fixed statistics, recomputed on load (deterministic), never stored
@@ -191,6 +197,10 @@ class MACModel(nn.Module):
         with torch.no_grad():
             states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, d_LM)
             vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
+            if self.cfg.amortizer == "select":
+                if with_attention:
+                    raise ValueError("with_attention needs the pointer amortizer")
+                return self._select(rms(states), [len(w) for w in windows]), vecs
             if self.cfg.standardize_states:
                 # z-scored channels (outliers clipped); the first token is the LM's attention sink: drop it
                 states = ((states - self.state_mean) / self.state_std).clamp(-8, 8)
@@ -205,6 +215,17 @@ class MACModel(nn.Module):
         if with_attention:
             raise ValueError("with_attention needs the pointer amortizer")
         return self.amortizer(states, mask), vecs
+
+    def _select(self, states: Tensor, lengths: list[int]) -> Tensor:
+        """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order. A
+        window of at most T real tokens keeps all of them but the sink; the missing slots stay zero."""
+        logits = self.amortizer(states)  # (N, S)
+        T = self.cfg.num_tokens
+        out = states.new_zeros(states.shape[0], T, states.shape[2])
+        for i, n in enumerate(lengths):
+            pos = self.amortizer.positions(logits[i], n, T)
+            out[i, : len(pos)] = states[i, pos]
+        return out
 
     def encode_questions(self, questions: list[str]) -> QuestionEncoding:
         """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc), from one encoder pass: retrieve with
@@ -234,6 +255,8 @@ class MACModel(nn.Module):
         phi, mass = self.aggregator(q_tokens, mods, mask, scores)  # φ*: (B, T, D)
         if self.cfg.aggregator_output == "mixture":
             phi = torch.einsum("bk,bktd->btd", mass.to(mods.dtype), mods)  # convex mix of the documents' modulations
+        elif self.cfg.aggregator_output == "select":
+            phi = mods[torch.arange(mods.shape[0], device=mods.device), mass.argmax(1)]  # (B, T, D): the top document
         return self.expander(phi), mass
 
     def stack_memories(self, memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,270 @@
+"""Build a readout-memory checkpoint (``amortizer='select'``, ``expander='readout'``, ``aggregator_output='select'``).
+
+The memory (pipeline/model/readout.py): a selector keeps T tokens of each document window, the modulation is the
+frozen LM's own RMS-normalised layer-m states there (T x d_LM), and a linear readout turns each state into a key and a
+value for every layer. Four stages, all on the synthetic training split; the LM stays frozen and nothing here runs at
+ingest or query time:
+
+1. one forward pass per training article: the ridge statistics of ``[rms(h_m), 1] -> every layer's (pre-RoPE key,
+   value)`` over all its tokens, and the selector's labels (the tokens of the article's facts, from the generator);
+2. fit the selector (logistic regression) and the readout (ridge regression): closed form, minutes;
+3. fine-tune the readout end to end: answer NLL through the frozen LM, each question with its own article's memory at
+   the selector's positions, in the product's ``mac`` prompt (and a share in the ``mac+rag`` prompt, so the prefix
+   learns not to disturb a document in the context); judged every ``eval_every`` steps on unseen validation
+   questions by the information gain on names (NLL with a same-type other article's memory − NLL with its own) and
+   gold-only greedy F1; resumable from ``OUT/last.pt``;
+4. train the question encoder and the aggregator to pick the gold document's memory among the retriever's top-K
+   (selection loss −log mass(gold)); the LM is not involved, so this is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig, ReadoutTrainConfig
+from pipeline.data import synthetic
+from pipeline.diagnose import article_facts, fact_core, question_kind, same_type_others
+from pipeline.metrics import score_answer
+from pipeline.model.mac import MACModel
+from pipeline.model.readout import TokenSelector, article_states, kv_targets, rms
+from pipeline.prompts import answer_continuation, document_text, prompt_for
+from pipeline.schemas import Document, Question
+
+
+def readout_model_config(cfg: ReadoutTrainConfig) -> ModelConfig:
+    return ModelConfig(doc_states="lm", standardize_states=False, lm_state_layer=cfg.layer, num_tokens=cfg.num_tokens,
+                       amortizer="select", expander="readout", aggregator_output="select")
+
+
+def ridge(xtx: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge solution of the sufficient statistics of [x, 1] → y; λ as a multiple of the mean diagonal of XᵀX."""
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    return torch.linalg.solve(xtx + lam * xtx.diagonal().mean() * eye, xty).float()
+
+
+def fit_selector(x: torch.Tensor, y: torch.Tensor, iters: int = 100) -> TokenSelector:
+    """Logistic regression (L-BFGS, full batch) of fact-token labels y (N,) on RMS-normalised states x (N, d)."""
+    sel = TokenSelector(x.shape[1])
+    opt = torch.optim.LBFGS(sel.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(sel(x), y) + 1e-4 * sel.score.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return sel
+
+
+@torch.no_grad()
+def fit_linear(model: MACModel, docs: list[Document], ridge_lambda: float) -> dict:
+    """Stages 1–2: one pass over ``docs`` (synthetic articles, one window each), then the selector and the readout
+    are set on ``model`` in place. Returns the fit's statistics."""
+    lm, layer = model.lm, model.cfg.lm_state_layer
+    xtx = xty = 0
+    xs, ys, block, n_tokens = [], [], [], 0
+
+    def flush() -> None:
+        nonlocal xtx, xty
+        x = torch.cat([b[0] for b in block])
+        x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)  # [features, 1]
+        y = torch.cat([b[1] for b in block])
+        xtx, xty = xtx + (x.T @ x).double(), xty + (x.T @ y).double()  # float64 sums of float32 block products
+        block.clear()
+
+    for doc in docs:
+        text = document_text(doc)
+        ids, core = fact_core(lm.tokenizer, text, article_facts(doc)["fields"])
+        hs, kv = article_states(lm, ids, [layer])
+        x = rms(hs[layer][1:].float())  # (S-1, d): the sink excluded
+        block.append((x, kv_targets(lm, kv)[1:]))
+        label = torch.zeros(len(ids))
+        label[core] = 1
+        xs.append(x)
+        ys.append(label[1:])
+        n_tokens += x.shape[0]
+        if len(block) == 32:
+            flush()
+    if block:
+        flush()
+    model.expander.set_linear(ridge(xtx, xty, ridge_lambda))
+    sel = fit_selector(torch.cat(xs), torch.cat(ys))
+    model.amortizer.load_state_dict(sel.state_dict())
+    with torch.no_grad():
+        p = torch.sigmoid(sel(torch.cat(xs))) > 0.5
+        y = torch.cat(ys).bool()
+    return {"articles": len(docs), "tokens": n_tokens, "selector_recall": round(float((p & y).sum() / y.sum()), 3),
+            "selector_precision": round(float((p & y).sum() / p.sum().clamp(min=1)), 3)}
+
+
+@torch.no_grad()
+def modulations(model: MACModel, docs: list[Document]) -> dict[str, torch.Tensor]:
+    """Each document's first-window modulation (T, d), as ingest computes it."""
+    out = {}
+    for s in range(0, len(docs), 16):
+        part = docs[s: s + 16]
+        mods, _ = model.amortize([model.windows(document_text(d))[0] for d in part])
+        out.update({d.id: m for d, m in zip(part, mods)})
+    return out
+
+
+def _mac_prompt(model: MACModel, q: Question, doc: Document | None) -> list[int]:
+    """The product's prompt: ``mac`` (question only) or, with ``doc``, ``mac+rag`` (its text in the context)."""
+    text = prompt_for("mac", q.question) if doc is None else prompt_for("mac+rag", q.question, [doc])
+    return model.lm.tokenizer(text)["input_ids"]
+
+
+@torch.no_grad()
+def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[Document], mods: dict[str, torch.Tensor]) -> dict:
+    """Information gain on names (NLL per answer token with a same-type other article's memory − with the article's
+    own), overall, and gold-only greedy F1 in the ``mac`` prompt."""
+    tok = model.lm.tokenizer
+    prompts = [_mac_prompt(model, q, None) for q, _ in items]
+    targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q, _ in items]
+    nll = {}
+    for name, docs in (("own", [d for _, d in items]), ("other", others)):
+        s, n = model.lm.continuation_logprobs(prompts, targets, model.expander(torch.stack([mods[d.id] for d in docs])))
+        nll[name] = (-s / n).tolist()
+    names = [i for i, (q, _) in enumerate(items) if question_kind(q)["kind"] != "number"]
+    gain_names = sum(nll["other"][i] - nll["own"][i] for i in names) / max(1, len(names))
+    outs = model.lm.generate(prompts, model.expander(torch.stack([mods[d.id] for _, d in items])), 16)
+    f1 = [score_answer(tok.decode(o).strip(), q.answers)["f1"] for (q, _), o in zip(items, outs)]
+    return {"nll_own": round(sum(nll["own"]) / len(items), 3), "nll_other": round(sum(nll["other"]) / len(items), 3),
+            "info_gain": round(sum(o - w for o, w in zip(nll["other"], nll["own"])) / len(items), 3),
+            "info_gain_names": round(gain_names, 3), "f1": round(100 * sum(f1) / len(f1), 1), "n": len(items)}
+
+
+def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
+                     val: tuple[list[Document], list[Question]], out: Path, log=print) -> list[dict]:
+    """Stage 3 (see the module docstring). Resumes from ``out/last.pt``; returns the judged rows."""
+    docs, qs = train
+    by_id = {d.id: d for d in docs}
+    pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
+    mods = modulations(model, docs)
+    vdocs, vqs = val
+    vby = {d.id: d for d in vdocs}
+    items = [(q, vby[q.doc_ids[0]]) for q in random.Random(cfg.seed).sample([q for q in vqs if q.doc_ids], min(cfg.eval_questions, len(vqs)))]
+    others, _ = same_type_others(items, vdocs, seed=cfg.seed)
+    vmods = modulations(model, sorted({d.id: d for d in [d for _, d in items] + others}.values(), key=lambda d: d.id))
+    opt = torch.optim.Adam(model.expander.parameters(), lr=cfg.lr)
+    start, rows = 0, []
+    last = out / "last.pt"
+    if last.exists():
+        saved = torch.load(last)
+        model.expander.load_state_dict(saved["readout"])
+        opt.load_state_dict(saved["opt"])
+        start, rows = saved["step"], saved["rows"]
+        log(f"readout: resumed at step {start}")
+    rng = random.Random(f"{cfg.seed}:{start}")
+    tok = model.lm.tokenizer
+    if start == 0:
+        rows.append({"step": 0} | judge(model, items, others, vmods))
+        log(f"readout step 0: {rows[-1]}")
+    t0 = time.time()
+    for step in range(start + 1, cfg.steps + 1):
+        batch = rng.sample(pool, cfg.batch)
+        with_doc = [rng.random() < cfg.rag_share for _ in batch]
+        prompts = [_mac_prompt(model, q, by_id[q.doc_ids[0]] if w else None) for q, w in zip(batch, with_doc)]
+        targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            prefix = model.expander(torch.stack([mods[q.doc_ids[0]] for q in batch]))  # (B, L, H, 1+T, D)
+            s, n = model.lm.continuation_logprobs(prompts, targets, prefix)
+            loss = -s.sum() / n.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            rate = (step - start) / (time.time() - t0)
+            log(f"readout step {step}/{cfg.steps} loss {float(loss):.3f} {rate:.2f} steps/s ETA {(cfg.steps - step) / rate / 60:.1f} min")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rows.append({"step": step, "loss": round(float(loss.detach()), 3)} | judge(model, items, others, vmods))
+            log(f"readout step {step}: {rows[-1]}")
+            torch.save({"readout": model.expander.state_dict(), "opt": opt.state_dict(), "step": step, "rows": rows}, last)
+    return rows
+
+
+def train_selection(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
+                    val: tuple[list[Document], list[Question]], log=print) -> dict:
+    """Stage 4: the question encoder and aggregator learn to put the most mass on the gold document among the
+    retriever's top ``select_k`` (gold forced in), as serve retrieves them. Returns validation selection accuracy
+    next to the retriever's top-1."""
+
+    def memories(docs, qs):
+        mods = modulations(model, docs)
+        vecs = torch.as_tensor(model.encoder.embed([document_text(d) for d in docs]))  # (N, d_enc)
+        ids = [d.id for d in docs]
+        out = []
+        qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in mods]
+        qv = torch.as_tensor(model.encoder.embed([q.question for q in qs]))
+        for q, v in zip(qs, qv):
+            scores = vecs @ v
+            top = scores.topk(min(cfg.select_k, len(ids))).indices.tolist()
+            gold = ids.index(q.doc_ids[0])
+            if gold not in top:
+                top[-1] = gold
+            out.append((q.question, torch.stack([mods[ids[i]] for i in top]), scores[top], top.index(gold)))
+        return out
+
+    tr, va = memories(*train), memories(*val)
+    params = list(model.question_encoder.parameters()) + list(model.aggregator.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.select_lr)
+    rng = random.Random(cfg.seed)
+
+    def accuracy(rows) -> tuple[float, float]:
+        hit = top1 = 0
+        with torch.no_grad():
+            for s in range(0, len(rows), 64):
+                part = rows[s: s + 64]
+                q = model.encode_questions([r[0] for r in part]).tokens
+                _, mass = model.aggregator(q, torch.stack([r[1] for r in part]), None, torch.stack([r[2] for r in part]))
+                hit += sum(int(m.argmax()) == r[3] for m, r in zip(mass, part))
+                top1 += sum(int(r[2].argmax()) == r[3] for r in part)
+        return 100 * hit / len(rows), 100 * top1 / len(rows)
+
+    before = accuracy(va)
+    for step in range(1, cfg.select_steps + 1):
+        part = rng.sample(tr, min(cfg.batch * 2, len(tr)))
+        q = model.encode_questions([r[0] for r in part]).tokens
+        _, mass = model.aggregator(q, torch.stack([r[1] for r in part]), None, torch.stack([r[2] for r in part]))
+        loss = -torch.log(mass[torch.arange(len(part)), torch.tensor([r[3] for r in part])] + 1e-6).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log(f"selection step {step}/{cfg.select_steps} loss {float(loss):.3f}")
+    after, retriever = accuracy(va)
+    return {"selection_before": round(before[0], 1), "selection_after": round(after, 1), "retriever_top1": round(retriever, 1),
+            "k": cfg.select_k, "validation_questions": len(va)}
+
+
+def build(cfg: ReadoutTrainConfig, out: Path, log=print) -> str:
+    """All four stages → a checkpoint in ``out`` (config.json, weights.safetensors, metrics.json). Returns its version."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model = MACModel(readout_model_config(cfg))
+    model.requires_grad_(False)
+    model.expander.requires_grad_(True)
+    model.amortizer.requires_grad_(True)
+    model.question_encoder.requires_grad_(True)
+    model.aggregator.requires_grad_(True)
+    train = synthetic.generate("train", cfg.synthetic_entities, seed=cfg.seed)
+    val = synthetic.generate("validation", max(20, cfg.synthetic_entities // 5), seed=cfg.seed)
+    fit = fit_linear(model, train[0], cfg.ridge)
+    log(f"fitted the selector and the readout: {fit} ({time.time() - t0:.0f} s)")
+    rows = finetune_readout(model, cfg, train, val, out, log)
+    selection = train_selection(model, cfg, train, val, log)
+    log(f"selection: {selection}")
+    metrics = {"fit": fit, "readout": rows, "selection": selection, "seconds": round(time.time() - t0, 1)}
+    version = model.save(out, train_config=cfg.model_dump(), metrics=metrics)
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return version
