@@ -3,6 +3,9 @@ checked against the LM's own keys/values; the selection's rules on hand-made sco
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from pipeline.model.readout import KVReadout, TokenSelector, rms, select
@@ -68,3 +71,111 @@ def test_selector_keeps_high_scoring_tokens_never_the_sink_and_exactly_the_budge
     low[8] = -2.0
     assert sel.positions(low, 10, 2) == [5, 8]  # nothing above 0.5: the min_core best
     assert sel.positions(logits, 4, 8) == [1, 2, 3]  # padding beyond n_valid is ignored
+
+
+# ---- the readout memory inside MACModel ---------------------------------------------------------------------------
+READOUT = dict(doc_states="lm", standardize_states=False, amortizer="select", expander="readout",
+               aggregator_output="select", lm_state_layer=1, num_tokens=4)
+
+
+def test_readout_config_refuses_half_a_readout_memory():
+    from pipeline.config import ModelConfig
+
+    for bad in ({"expander": "tokens"}, {"standardize_states": True}, {"aggregator_output": "mixture"}, {"doc_states": "encoder"}):
+        with pytest.raises(ValueError, match="select"):
+            ModelConfig(**(READOUT | bad))
+    assert ModelConfig(**READOUT).prefix_tokens == 5  # the sink + T
+
+
+def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_document(tiny_llama, minilm, tmp_path):
+    """Ingest: each modulation is the window's RMS-normalised layer-m states at the selector's positions, zero-padded
+    when the window is shorter than T. Query: the prefix comes from the document the aggregator weighs most."""
+    from conftest import make_tiny_mac
+    from pipeline.model.mac import MACModel
+    from pipeline.schemas import Document
+
+    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    long = Document(id="a", text="Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")
+    short = Document(id="b", text="Hi there.")
+    (ca, cb) = model.encode_documents([long, short])
+    ids = model.windows("Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")[0]
+    assert len(ids) > 4
+    with torch.no_grad():
+        states = rms(tiny_llama.hidden_states_at(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 1).float())[0]
+        pos = model.amortizer.positions(model.amortizer(states), len(ids), 4)
+    assert len(pos) == 4 and 0 not in pos
+    torch.testing.assert_close(ca.modulation.tensor().float(), states[pos], atol=2e-3, rtol=2e-3)  # stored as float16
+    n_short = len(model.windows("Hi there.")[0])
+    tail = cb.modulation.tensor()[n_short - 1:]
+    assert n_short - 1 < 4 and tail.abs().max() == 0  # the sink dropped, the missing slots zero
+
+    prefix, mass = model.memory_prefix(["Who is the new chief executive of Zorvex Labs?"] * 2,
+                                       [[(ca.modulation, 0.9), (cb.modulation, 0.1)], [(cb.modulation, 0.9), (ca.modulation, 0.1)]])
+    assert prefix.keys.shape == (2, tiny_llama.num_layers, tiny_llama.num_kv_heads, 5, tiny_llama.head_dim)
+    for row in range(2):  # the prefix is exactly the readout of the document with the most mass
+        top = [ca, cb][int(mass[row].argmax())] if row == 0 else [cb, ca][int(mass[row].argmax())]
+        torch.testing.assert_close(prefix.keys[row], model.expander(top.modulation.tensor()[None].float()).keys[0])
+
+    version = model.save(tmp_path / "ck")
+    loaded = MACModel.load(tmp_path / "ck", lm=tiny_llama, encoder=minilm)
+    assert loaded.version == version
+    torch.testing.assert_close(loaded.encode_documents([long])[0].modulation.tensor(), ca.modulation.tensor())
+
+
+def test_fit_linear_recovers_the_next_layers_keys_values(tiny_llama, minilm):
+    """On the tiny 2-layer Llama, with the memory at layer 1, the second layer's keys/values are exactly linear in the
+    RMS-normalised layer-1 state: the ridge fit must reproduce them on an unseen article (the first layer's are not
+    linear in it and are only approximated)."""
+    from conftest import make_tiny_mac
+    from pipeline.data import synthetic
+    from pipeline.diagnose import article_facts, fact_core
+    from pipeline.model.readout import article_states, kv_targets
+    from pipeline.prompts import document_text
+    from pipeline.train_readout import fit_linear
+
+    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    train, _ = synthetic.generate("train", 12, seed=0)
+    fit = fit_linear(model, train, ridge_lambda=1e-7)
+    assert fit["articles"] == len(train) and fit["tokens"] > 20 * len(train)
+    doc = synthetic.generate("validation", 2, seed=0)[0][0]
+    ids, _ = fact_core(tiny_llama.tokenizer, document_text(doc), article_facts(doc)["fields"])
+    hs, kv = article_states(tiny_llama, ids, [1])
+    truth = kv_targets(tiny_llama, kv)[1:].view(len(ids) - 1, 2, 2, -1)  # (S-1, L, k|v, H·D)
+    with torch.no_grad():
+        k, v = model.expander.kv(rms(hs[1][1:])[None])  # (1, L, H, S-1, D)
+    pred_k = k[0].permute(0, 2, 1, 3).reshape(2, len(ids) - 1, -1)  # (L, S-1, H·D)
+    pred_v = v[0].permute(0, 2, 1, 3).reshape(2, len(ids) - 1, -1)
+    rel = lambda p, t: float((p - t).norm() / t.norm())
+    assert rel(pred_k[1], truth[:, 1, 0]) < 1e-2 and rel(pred_v[1], truth[:, 1, 1]) < 1e-2
+    assert rel(pred_k[0], truth[:, 0, 0]) > 1e-2  # layer 1 reads the embedding, not h_1: not exact (the test can fail)
+
+
+@pytest.mark.slow
+def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_path):
+    """`macstream train-readout` at toy scale on the real SmolLM2 + MiniLM: every stage runs, the checkpoint loads as
+    a MACModel whose modulations are T x 576 and whose prefix has 1 + T positions; a second call resumes the
+    fine-tuning from last.pt instead of starting again. (What the full-scale build measures is in its metrics.)"""
+    from macstream.cli import main
+    from pipeline.model.mac import MACModel
+    from pipeline.schemas import Document
+
+    conf = tmp_path / "c.json"
+    conf.write_text('{"synthetic_entities": 4, "steps": 2, "eval_every": 1, "eval_questions": 4, "select_steps": 2, '
+                    '"batch": 2, "num_tokens": 8, "threads": 1}')
+    out = tmp_path / "ck"
+    main(["train-readout", "--out", str(out), "--config", str(conf)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["readout"]] == [0, 1, 2]
+    assert metrics["fit"]["articles"] > 0 and 0 <= metrics["selection"]["selection_after"] <= 100
+    model = MACModel.load(out)
+    chunk = model.encode_documents([Document(id="d", text="Kelvo Labs named Aru Penn as chief executive on May 2, 2025.")])[0]
+    assert tuple(chunk.modulation.tensor().shape) == (8, 576)
+    prefix, _ = model.memory_prefix(["Who leads Kelvo Labs?"], [[(chunk.modulation, 0.5)]])
+    assert prefix.length == 9
+    logs = []
+    from pipeline.config import ReadoutTrainConfig
+    from pipeline.train_readout import build
+
+    build(ReadoutTrainConfig.model_validate(json.loads(conf.read_text()) | {"steps": 3}), out, log=logs.append)
+    assert "readout: resumed at step 2" in logs
+    assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["readout"]] == [0, 1, 2, 3]
