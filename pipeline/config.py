@@ -258,6 +258,7 @@ def reference_markdown() -> str:
     sections = [(ModelConfig, "model", "`macstream train --config` under `model`; fixed by a checkpoint"),
                 (TrainConfig, "train", "`macstream train --config` under `train`"),
                 (StageConfig, "train.stages[]", "one curriculum stage"),
+                (ReadoutTrainConfig, "train-readout", "`macstream train-readout --config`"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
