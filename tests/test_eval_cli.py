@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from macstream.cli import main
 from pipeline.config import DEFAULT_MODE, ModelConfig
@@ -64,6 +65,7 @@ def test_memory_from_another_checkpoint_is_refused(checkpoint, dataset, tmp_path
     from pipeline.model.mac import MACModel
 
     other = tmp_path / "other"
+    torch.manual_seed(4242)  # not the autouse seed: a session checkpoint built under it would have the same version
     MACModel(ModelConfig(num_tokens=4)).save(other)  # fresh random init: another version
     mem = tmp_path / "mem.jsonl"
     main(["encode", "--data", str(dataset), "--checkpoint", str(other), "--out", str(mem)])
