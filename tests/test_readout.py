@@ -4,6 +4,7 @@ checked against the LM's own keys/values; the selection's rules on hand-made sco
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -179,3 +180,17 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     build(ReadoutTrainConfig.model_validate(json.loads(conf.read_text()) | {"steps": 3}), out, log=logs.append)
     assert "readout: resumed at step 2" in logs
     assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["readout"]] == [0, 1, 2, 3]
+
+
+def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, minilm):
+    """For a selecting memory, diagnose answers also from the very tokens the memory stores, as plain text: the bar
+    the memory must clear. Those tokens are the selector's."""
+    from conftest import make_tiny_mac
+    from pipeline.diagnose import diagnose
+
+    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    out = diagnose(model, entities=4, questions=6, max_new_tokens=4)
+    assert 0 <= out["gold_only_selected_text"]["f1"] <= 100 and math.isfinite(out["info_gain"])
+    w = model.windows("Kelvo Labs named Aru Penn as chief executive on May 2, 2025, replacing Ibo Ranz.")[0]
+    kept = model.selected_tokens([w])[0]
+    assert len(kept) == 4 and all(t in w[1:] for t in kept)

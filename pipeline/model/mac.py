@@ -216,6 +216,14 @@ class MACModel(nn.Module):
             raise ValueError("with_attention needs the pointer amortizer")
         return self.amortizer(states, mask), vecs
 
+    @torch.no_grad()
+    def selected_tokens(self, windows: list[list[int]]) -> list[list[int]]:
+        """amortizer='select': the token ids whose states each window's modulation stores, in document order (what
+        the same memory would be as plain text: the bar it must clear)."""
+        ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
+        logits = self.amortizer(rms(self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()))
+        return [[w[p] for p in self.amortizer.positions(logits[i], len(w), self.cfg.num_tokens)] for i, w in enumerate(windows)]
+
     def _select(self, states: Tensor, lengths: list[int]) -> Tensor:
         """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order. A
         window of at most T real tokens keeps all of them but the sink; the missing slots stay zero."""
