@@ -1,8 +1,9 @@
-"""Is what the prefix adds to mac+rag specific to the retrieved documents? Same prompts (the top-k retrieved texts,
-retriever order), three prefixes: the aggregation of the retrieved documents' modulations (mac+rag), the aggregation
-of k random other documents' modulations, and none (rag). Synthetic test split: unseen companies.
+"""Is what the prefix adds to mac+rag specific to the retrieved documents? Same prompts (``--mode mac+rag``: the
+top-k retrieved texts, retriever order; ``--mode mac+rag@1``: the one text the aggregator weighs most), three
+prefixes: the aggregation of the retrieved documents' modulations, the aggregation of k random other documents'
+modulations, and none. Synthetic test split: unseen companies.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prefix_ablation.py [--checkpoint DIR] [--entities 20] [--questions 96]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prefix_ablation.py [--checkpoint DIR] [--mode mac+rag@1] [--questions 96]
 
 If the two prefixes score alike, the prefix works as a learned, document-independent soft prompt, not as memory.
 """
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--entities", type=int, default=20)
     ap.add_argument("--questions", type=int, default=96)
     ap.add_argument("--top-k", dest="top_k", type=int, default=4)
+    ap.add_argument("--mode", default="mac+rag", help="mac+rag or mac+rag@N: what the prompts hold")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,11 +41,11 @@ def main() -> None:
     hits = bank.search(model.encoder.embed([q.question for q in questions]).numpy(), args.top_k)
     rng = random.Random(0)
     tok = model.lm.tokenizer
-    rows: dict[str, list[dict]] = {"retrieved documents' prefix (mac+rag)": [], "random documents' prefix": [],
-                                   "no prefix (rag)": []}
+    rows: dict[str, list[dict]] = {f"retrieved documents' prefix ({args.mode})": [], "random documents' prefix": [],
+                                   "no prefix": []}
     for s in range(0, len(questions), 16):
         qs, hs = questions[s: s + 16], hits[s: s + 16]
-        prompts, prefix, _ = prepare(model, "mac+rag", [q.question for q in qs], hs)
+        prompts, prefix, _ = prepare(model, args.mode, [q.question for q in qs], hs)
         others = []
         for h in hs:
             mine = {x.document.id for x in h}
@@ -55,7 +57,7 @@ def main() -> None:
             for q, out in zip(qs, model.lm.generate(ids, pre, 16)):
                 rows[name].append(score_answer(tok.decode(out).strip(), q.answers))
     print(f"machine: {machine()}; checkpoint {model.version}; synthetic test, {args.entities} companies, "
-          f"{len(questions)} questions, top-{args.top_k}, greedy, 16 new tokens; identical prompts in every row")
+          f"{len(questions)} questions, top-{args.top_k}, mode {args.mode}, greedy, 16 new tokens; identical prompts in every row")
     for name, r in rows.items():
         a = aggregate(r)
         print(f"  {name}: F1 {a['f1']:.1f}, EM {a['em']:.1f}")
