@@ -270,6 +270,7 @@ def test_two_nodes_ingest_and_serve_spread_answer_and_survive_a_lost_node(broker
         store_actor = _wait(lambda: _alive("StoreActor"), 30, "store actor alive")
         assert len(store_actor) == 1 and store_actor[0]["Name"] == store_actor_name(store)  # ingest and serve share it
         observed["store_node"] = "head" if store_actor[0]["Address"]["NodeID"] == head else "second"
+        assert observed["store_node"] == "head", observed  # the singleton owner lives on the node a cluster cannot lose
 
         # ---- a document produced to Kafka becomes answerable over HTTP, citing itself ------------------------------
         t0 = time.monotonic()

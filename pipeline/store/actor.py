@@ -115,6 +115,14 @@ def ensure_store_free(location: str) -> None:
             f"both), or use a Qdrant server (--store http://HOST:6333)") from None
 
 
+def _head_node_id() -> str | None:
+    """The id of the cluster's head node (the one holding Ray's internal head resource), when it is alive."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
+
+
 def connect_store(location: str) -> Store:
     """A Qdrant server URL → a direct client (any number of processes may connect). Anything else → the one named
     actor in this Ray cluster that owns it (created on first use, shared by ingest and serve). Raises
@@ -123,10 +131,11 @@ def connect_store(location: str) -> Store:
         return open_store(location)
     ensure_store_free(location)
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced);
-    # placed on this process's node (the directory is local to that machine); soft, so that a lost node does not leave
-    # the store without an owner: on one machine the restarted owner opens the same directory (across machines, use a
-    # Qdrant server)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # placed on the head node, the one node a cluster cannot lose (an owner on a worker node that dies stalls every
+    # write until Ray declares the node dead and restarts it: the two-node test caught that), else on this process's
+    # node; soft, so that it still starts when that node is gone. The directory must be on that machine: across
+    # machines, use a Qdrant server.
+    here = NodeAffinitySchedulingStrategy(_head_node_id() or ray.get_runtime_context().get_node_id(), soft=True)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
                                lifetime="detached", scheduling_strategy=here).remote(location)
     return RemoteStore(actor)
