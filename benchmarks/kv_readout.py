@@ -22,6 +22,9 @@ memory of an article of the same event type about another company (``pipeline.di
 information gain = NLL(other) - NLL(own) per answer kind, which a memory that teaches only the answer form cannot
 raise. And the readout's fit: R^2 of keys and values on held-out (validation) tokens, mean over layers.
 
+This is the ridge-only readout, the form-finding experiment. The product's readout is then tuned end to end on the
+answer NLL, with a learned selector: ``pipeline/train_readout.py`` (``macstream train-readout``).
+
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python -m benchmarks.kv_readout --questions 200 --layers 8 12 18 \\
         --budgets 32 48 --out benchmarks/results/2026-11-29/kv-readout.json
 """
@@ -69,14 +72,6 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["lin", "lin+ids"], choices=["lin", "lin+ids"])
     ap.add_argument("--baselines", nargs="*", default=["text", "kv"], choices=["text", "kv"])
     ap.add_argument("--ridge", type=float, default=1e-3, help="λ as a multiple of the mean diagonal of XᵀX")
-    ap.add_argument("--train-steps", type=int, default=0,
-                    help="then fine-tune each readout end to end (answer NLL through the frozen LM) for this many steps")
-    ap.add_argument("--train-budget", type=int, default=48, help="T of the training memories")
-    ap.add_argument("--train-batch", type=int, default=16, help="questions per fine-tuning step")
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-questions", type=int, default=40, help="held-out questions judged every --eval-every steps")
-    ap.add_argument("--save", help="directory: the fine-tuned readouts (resumable: a saved readout is loaded)")
     ap.add_argument("--selection", nargs="+", default=["oracle"], choices=["oracle", "learned"],
                     help="learned: also rows whose T positions a token selector picks (logistic regression on the layer-m "
                     "state, trained on the training articles' fact tokens) instead of the generator's fact spans")
@@ -94,8 +89,7 @@ def main() -> None:
 
     # ---- fit the readouts on the training split (sufficient statistics, one pass) ----
     t0 = time.time()
-    train_docs, train_qs = synthetic.generate("train", args.train_entities, seed=args.seed)
-    train_arts: dict[str, dict] = {}
+    train_docs, _ = synthetic.generate("train", args.train_entities, seed=args.seed)
     combos = [(v, m) for v in args.variants for m in args.layers]
     acc: dict = {}
     n_tokens = 0
@@ -117,10 +111,6 @@ def main() -> None:
         y = kv_targets(lm, kv)[1:]  # (S-1, L·2·H·D): the sink (first token) excluded
         n_tokens += y.shape[0]
         pending.append(({(v, m): features(lm, hs[m][1:], ids[1:], v == "lin+ids") for v, m in combos}, y))
-        if args.train_steps:
-            _, core = fact_core(tok, document_text(doc), article_facts(doc)["fields"])
-            sel = select(len(ids), core, args.train_budget)
-            train_arts[doc.id] = {(v, m): features(lm, hs[m][sel], [ids[i] for i in sel], v == "lin+ids") for v, m in combos}
         if "learned" in args.selection:
             _, core = fact_core(tok, document_text(doc), article_facts(doc)["fields"])
             label = torch.zeros(len(ids))
@@ -212,11 +202,10 @@ def main() -> None:
     prompts = [tok(latent_prompt(q))["input_ids"] for q in items]
     targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in items]
 
-    def answer_nll(key, doc_of, which=None) -> list[float]:
-        """Teacher-forced answer NLL per token of each item (or of items ``which``) with the memory ``key`` of
-        article ``doc_of(i)``."""
+    def answer_nll(key, doc_of) -> list[float]:
+        """Teacher-forced answer NLL per token of each item with the memory ``key`` of article ``doc_of(i)``."""
         out = []
-        for i in range(len(items)) if which is None else which:
+        for i in range(len(items)):
             k, v = memory(doc_of(i), key)
             s, n = lm.continuation_logprobs([prompts[i]], [targets[i]], Prefix(k[None], v[None]))
             out.append(float(-s[0] / n[0]))
@@ -255,86 +244,19 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results | {"wall_s": round(time.time() - t_start, 1)}, indent=1))
 
-    def finetune(c) -> list[dict]:
-        """Adam on the readout ``c``, loss = answer NLL per token through the frozen LM (bf16 autocast) on the
-        training split's questions, each with its own article's memory (budget --train-budget); judged every
-        --eval-every steps on the first --eval-questions held-out items (information gain on names, greedy F1)."""
-        name, module = f"{c[0]}@{c[1]}", readouts[c]
-        path = Path(args.save, f"{name}.pt") if args.save else None
-        start, log = 0, []
-        if path and path.exists():  # resume (Adam's moments start afresh)
-            saved = torch.load(path)
-            module.load_state_dict(saved["state"])
-            start, log = saved["steps"], saved["log"]
-            print(f"{name}: resumed from {path} at step {start}", flush=True)
-        opt = torch.optim.Adam(module.parameters(), lr=args.lr)
-        pool = [q for q in train_qs if q.doc_ids and q.doc_ids[0] in train_arts]
-        rng = random.Random(args.seed)
-        held = list(range(min(args.eval_questions, len(items))))
-        t0 = time.time()
-
-        def judge(step: int) -> None:
-            memo.clear()
-            key = (c, args.train_budget)
-            own = answer_nll(key, lambda i: items[i].doc_ids[0], held)
-            other = answer_nll(key, lambda i: others[i].id, held)
-            names = [j for j, i in enumerate(held) if kinds[i] != "number"]
-            gain = sum(other[j] - own[j] for j in names) / max(1, len(names))
-            sub = [items[i] for i in held]
-            mem = lambda q: memory(q.doc_ids[0], key)
-            preds = answer_items(lm, sub, latent_prompt,
-                                 lambda qs_: Prefix(torch.stack([mem(q)[0] for q in qs_]), torch.stack([mem(q)[1] for q in qs_])),
-                                 lambda q: mem(q)[0].shape[2], args.batch, args.max_new_tokens)
-            f1 = 100 * sum(score_answer(preds[j], q.answers)["f1"] for j, q in enumerate(sub)) / len(sub)
-            memo.clear()
-            row = {"step": step, "nll_own": round(sum(own) / len(own), 3), "nll_other": round(sum(other) / len(other), 3),
-                   "info_gain_names": round(gain, 3), "f1": round(f1, 1), "elapsed_s": round(time.time() - t0, 1)}
-            log.append(row)
-            print(f"{name} step {step}: {row}", flush=True)
-
-        if start == 0:
-            judge(0)
-        for step in range(start + 1, args.train_steps + 1):
-            batch = rng.sample(pool, args.train_batch)
-            with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # main() runs under no_grad
-                prefix = module(torch.stack([train_arts[q.doc_ids[0]][c] for q in batch]))  # (B, L, H, 1+T, D)
-                sums, counts = lm.continuation_logprobs(
-                    [tok(latent_prompt(q))["input_ids"] for q in batch],
-                    [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in batch], prefix)
-                loss = -sums.sum() / counts.sum()
-                opt.zero_grad()
-                loss.backward()
-            opt.step()
-            if step % 10 == 0:
-                rate = (step - start) / (time.time() - t0)
-                print(f"{name} step {step}/{args.train_steps} loss {float(loss):.3f}  {rate:.2f} steps/s  "
-                      f"ETA {(args.train_steps - step) / rate / 60:.1f} min", flush=True)
-            if step % args.eval_every == 0 or step == args.train_steps:
-                judge(step)
-                if path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"state": module.state_dict(), "steps": step, "log": log}, path)
-        memo.clear()
-        return log
-
-    for b in args.budgets:
-        for v, m in combos if args.train_steps else []:
-            run(f"{v}@{m}:{b} ridge", ((v, m), b))
-    if args.train_steps:
-        results["finetune"] = {f"{v}@{m}": finetune((v, m)) for v, m in combos}
     for b in args.budgets:
         for m in selectors:
             if "text" in args.baselines:
                 run(f"text:{b} learned-sel@{m}", text_sel=("learned", m, b))
             for v, mm in combos:
                 if mm == m:
-                    run(f"{v}@{m}:{b} learned-sel" + (" tuned" if args.train_steps else ""), ((v, m), ("learned", m, b)))
+                    run(f"{v}@{m}:{b} learned-sel", ((v, m), ("learned", m, b)))
         if "text" in args.baselines:
             run(f"text:{b}", text_sel=b)
         if "kv" in args.baselines:
             run(f"kv:{b}", ("kv", b))
         for v, m in combos:
-            run(f"{v}@{m}:{b}" + (" tuned" if args.train_steps else ""), ((v, m), b))
+            run(f"{v}@{m}:{b}", ((v, m), b))
     print(f"wall {time.time() - t_start:.0f} s", flush=True)
 
 
