@@ -75,9 +75,11 @@ def cmd_train_readout(args) -> None:
     from pipeline.config import ReadoutTrainConfig, load_config
     from pipeline.train_readout import build
 
+    conf = _read_config(args.config)
+    if args.steps is not None:
+        conf["steps"] = args.steps
     try:
-        cfg = load_config(ReadoutTrainConfig, _read_config(args.config) | {k: v for k, v in (("steps", args.steps),) if v is not None},
-                          "train-readout")
+        cfg = load_config(ReadoutTrainConfig, conf, "train-readout")
     except ValueError as err:
         raise SystemExit(f"macstream: {err}")
     version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True))

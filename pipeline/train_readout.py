@@ -97,9 +97,8 @@ def fit_linear(model: MACModel, docs: list[Document], ridge_lambda: float) -> di
     model.expander.set_linear(ridge(xtx, xty, ridge_lambda))
     sel = fit_selector(torch.cat(xs), torch.cat(ys))
     model.amortizer.load_state_dict(sel.state_dict())
-    with torch.no_grad():
-        p = torch.sigmoid(sel(torch.cat(xs))) > 0.5
-        y = torch.cat(ys).bool()
+    p = sel(torch.cat(xs)) > 0  # probability above 0.5
+    y = torch.cat(ys).bool()
     return {"articles": len(docs), "tokens": n_tokens, "selector_recall": round(float((p & y).sum() / y.sum()), 3),
             "selector_precision": round(float((p & y).sum() / p.sum().clamp(min=1)), 3)}
 
@@ -142,17 +141,17 @@ def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[
 
 
 def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
-                     val: tuple[list[Document], list[Question]], out: Path, log=print) -> list[dict]:
-    """Stage 3 (see the module docstring). Resumes from ``out/last.pt``; returns the judged rows."""
+                     val: tuple[list[Document], list[Question]], mods: dict[str, torch.Tensor], out: Path,
+                     log=print) -> list[dict]:
+    """Stage 3 (see the module docstring); ``mods``: every train and validation document's modulation. Resumes from
+    ``out/last.pt``; returns the judged rows."""
     docs, qs = train
     by_id = {d.id: d for d in docs}
     pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
-    mods = modulations(model, docs)
     vdocs, vqs = val
     vby = {d.id: d for d in vdocs}
     items = [(q, vby[q.doc_ids[0]]) for q in random.Random(cfg.seed).sample([q for q in vqs if q.doc_ids], min(cfg.eval_questions, len(vqs)))]
     others, _ = same_type_others(items, vdocs, seed=cfg.seed)
-    vmods = modulations(model, sorted({d.id: d for d in [d for _, d in items] + others}.values(), key=lambda d: d.id))
     opt = torch.optim.Adam(model.expander.parameters(), lr=cfg.lr)
     start, rows = 0, []
     last = out / "last.pt"
@@ -165,7 +164,7 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     rng = random.Random(f"{cfg.seed}:{start}")
     tok = model.lm.tokenizer
     if start == 0:
-        rows.append({"step": 0} | judge(model, items, others, vmods))
+        rows.append({"step": 0} | judge(model, items, others, mods))
         log(f"readout step 0: {rows[-1]}")
     t0 = time.time()
     for step in range(start + 1, cfg.steps + 1):
@@ -184,29 +183,29 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
             rate = (step - start) / (time.time() - t0)
             log(f"readout step {step}/{cfg.steps} loss {float(loss):.3f} {rate:.2f} steps/s ETA {(cfg.steps - step) / rate / 60:.1f} min")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            rows.append({"step": step, "loss": round(float(loss.detach()), 3)} | judge(model, items, others, vmods))
+            rows.append({"step": step, "loss": round(float(loss.detach()), 3)} | judge(model, items, others, mods))
             log(f"readout step {step}: {rows[-1]}")
             torch.save({"readout": model.expander.state_dict(), "opt": opt.state_dict(), "step": step, "rows": rows}, last)
     return rows
 
 
 def train_selection(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
-                    val: tuple[list[Document], list[Question]], log=print) -> dict:
+                    val: tuple[list[Document], list[Question]], mods: dict[str, torch.Tensor], log=print) -> dict:
     """Stage 4: the question encoder and aggregator learn to put the most mass on the gold document among the
     retriever's top ``select_k`` (gold forced in), as serve retrieves them. Returns validation selection accuracy
     next to the retriever's top-1."""
 
     def memories(docs, qs):
-        mods = modulations(model, docs)
         vecs = torch.as_tensor(model.encoder.embed([document_text(d) for d in docs]))  # (N, d_enc)
         ids = [d.id for d in docs]
+        row = {d: i for i, d in enumerate(ids)}
         out = []
-        qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in mods]
+        qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in row]
         qv = torch.as_tensor(model.encoder.embed([q.question for q in qs]))
         for q, v in zip(qs, qv):
             scores = vecs @ v
             top = scores.topk(min(cfg.select_k, len(ids))).indices.tolist()
-            gold = ids.index(q.doc_ids[0])
+            gold = row[q.doc_ids[0]]
             if gold not in top:
                 top[-1] = gold
             out.append((q.question, torch.stack([mods[ids[i]] for i in top]), scores[top], top.index(gold)))
@@ -251,18 +250,14 @@ def build(cfg: ReadoutTrainConfig, out: Path, log=print) -> str:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    model = MACModel(readout_model_config(cfg))
-    model.requires_grad_(False)
-    model.expander.requires_grad_(True)
-    model.amortizer.requires_grad_(True)
-    model.question_encoder.requires_grad_(True)
-    model.aggregator.requires_grad_(True)
+    model = MACModel(readout_model_config(cfg))  # trainable (and saved): selector, readout, question encoder, aggregator
     train = synthetic.generate("train", cfg.synthetic_entities, seed=cfg.seed)
     val = synthetic.generate("validation", max(20, cfg.synthetic_entities // 5), seed=cfg.seed)
     fit = fit_linear(model, train[0], cfg.ridge)
     log(f"fitted the selector and the readout: {fit} ({time.time() - t0:.0f} s)")
-    rows = finetune_readout(model, cfg, train, val, out, log)
-    selection = train_selection(model, cfg, train, val, log)
+    mods = modulations(model, train[0] + val[0])  # the selector is fixed from here on: ingest's modulations, once
+    rows = finetune_readout(model, cfg, train, val, mods, out, log)
+    selection = train_selection(model, cfg, train, val, mods, log)
     log(f"selection: {selection}")
     metrics = {"fit": fit, "readout": rows, "selection": selection, "seconds": round(time.time() - t0, 1)}
     version = model.save(out, train_config=cfg.model_dump(), metrics=metrics)

@@ -72,6 +72,8 @@ def test_selector_keeps_high_scoring_tokens_never_the_sink_and_exactly_the_budge
     low[8] = -2.0
     assert sel.positions(low, 10, 2) == [5, 8]  # nothing above 0.5: the min_core best
     assert sel.positions(logits, 4, 8) == [1, 2, 3]  # padding beyond n_valid is ignored
+    rising = torch.arange(10.0) + 1  # every token scores above 0.5, more than the budget: the best, not the first
+    assert sel.positions(rising, 10, 3) == [7, 8, 9]
 
 
 # ---- the readout memory inside MACModel ---------------------------------------------------------------------------
@@ -92,6 +94,7 @@ def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_do
     """Ingest: each modulation is the window's RMS-normalised layer-m states at the selector's positions, zero-padded
     when the window is shorter than T. Query: the prefix comes from the document the aggregator weighs most."""
     from conftest import make_tiny_mac
+
     from pipeline.model.mac import MACModel
     from pipeline.schemas import Document
 
@@ -113,8 +116,9 @@ def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_do
     prefix, mass = model.memory_prefix(["Who is the new chief executive of Zorvex Labs?"] * 2,
                                        [[(ca.modulation, 0.9), (cb.modulation, 0.1)], [(cb.modulation, 0.9), (ca.modulation, 0.1)]])
     assert prefix.keys.shape == (2, tiny_llama.num_layers, tiny_llama.num_kv_heads, 5, tiny_llama.head_dim)
+    order = [[ca, cb], [cb, ca]]
     for row in range(2):  # the prefix is exactly the readout of the document with the most mass
-        top = [ca, cb][int(mass[row].argmax())] if row == 0 else [cb, ca][int(mass[row].argmax())]
+        top = order[row][int(mass[row].argmax())]
         torch.testing.assert_close(prefix.keys[row], model.expander(top.modulation.tensor()[None].float()).keys[0])
 
     version = model.save(tmp_path / "ck")
@@ -128,6 +132,7 @@ def test_fit_linear_recovers_the_next_layers_keys_values(tiny_llama, minilm):
     RMS-normalised layer-1 state: the ridge fit must reproduce them on an unseen article (the first layer's are not
     linear in it and are only approximated)."""
     from conftest import make_tiny_mac
+
     from pipeline.data import synthetic
     from pipeline.diagnose import article_facts, fact_core
     from pipeline.model.readout import article_states, kv_targets
@@ -186,6 +191,7 @@ def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, mi
     """For a selecting memory, diagnose answers also from the very tokens the memory stores, as plain text: the bar
     the memory must clear. Those tokens are the selector's."""
     from conftest import make_tiny_mac
+
     from pipeline.diagnose import diagnose
 
     model = make_tiny_mac(tiny_llama, minilm, **READOUT)

@@ -14,6 +14,7 @@ from a state the memory can afford to store.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
@@ -39,16 +40,15 @@ def select(n_tokens: int, core: list[int], budget: int | None) -> list[int]:
         return list(core[:budget])
     if not core:
         return list(range(min(budget, n_tokens)))
+    idx = np.arange(n_tokens)
+    gap = np.asarray(core)[None, :] - idx[:, None]  # (n, |core|): how far each core token sits after each token
+    d = np.abs(gap).min(1)
+    left = (gap == d[:, None]).any(1)  # the nearest core token is to the right: this token precedes it
+    order = np.lexsort((idx, ~left, d))  # by distance, then left of a core token first, then position
+    return sorted(order[:budget].tolist())
 
-    def key(i: int) -> tuple:
-        d = min(abs(i - c) for c in core)
-        left = any(c - i == d for c in core)  # i sits d tokens before a core token
-        return (d, 0 if left else 1, i)
 
-    return sorted(sorted(range(n_tokens), key=key)[:budget])
-
-
-def rerotate(keys: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rotary) -> torch.Tensor:
+def rerotate(keys: Tensor, src: Tensor, dst: Tensor, rotary) -> Tensor:
     """Post-RoPE keys (H, n, D) computed at positions ``src`` (n,) → the same keys at positions ``dst`` (n,)."""
     cos, sin = rotary(keys, (dst - src)[None].long())
     _, k = apply_rotary_pos_emb(keys[None], keys[None], cos, sin)
@@ -56,7 +56,7 @@ def rerotate(keys: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, rotary) -
 
 
 @torch.no_grad()
-def article_states(lm: FrozenLM, ids: list[int], layers: list[int]) -> tuple[dict[int, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+def article_states(lm: FrozenLM, ids: list[int], layers: list[int]) -> tuple[dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
     """One forward over the article: residual stream after each layer in ``layers`` (S, d) and every layer's post-RoPE
     (keys, values) (H, S, D_h)."""
     t = torch.tensor([ids])
@@ -81,8 +81,8 @@ def kv_targets(lm: FrozenLM, kv: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 class TokenSelector(nn.Module):
     """Which T tokens of a window a modulation keeps: a logistic score per token on its RMS-normalised layer-m state
-    (trained on the tokens of known facts); tokens scoring above 0.5 are the core (at least ``min_core`` of the best),
-    widened to T by their nearest neighbours (:func:`select`). Position 0, the LM's attention sink, is never kept."""
+    (trained on the tokens of known facts); tokens scoring above 0.5 are the core (:meth:`positions`), widened to T by
+    their nearest neighbours (:func:`select`). Position 0, the LM's attention sink, is never kept."""
 
     def __init__(self, width: int, min_core: int = 4):
         super().__init__()
@@ -94,13 +94,16 @@ class TokenSelector(nn.Module):
         return self.score(states)[..., 0]
 
     def positions(self, logits: Tensor, n_valid: int, budget: int) -> list[int]:
-        """One window's logits (S,) over ``n_valid`` real tokens → ``min(budget, n_valid - 1)`` positions, sorted."""
+        """One window's logits (S,) over ``n_valid`` real tokens → ``min(budget, n_valid - 1)`` positions, sorted. The
+        core is every token scoring above 0.5, or the ``min_core`` best when fewer do, or the ``budget`` best when more
+        do (so a long window keeps its best tokens, not its first ones)."""
         lg = logits[1:n_valid]  # the sink excluded
-        order = lg.argsort(descending=True).tolist()
-        core = [i for i in order if lg[i] > 0] or order[: self.min_core]
+        core = (lg > 0).nonzero()[:, 0]
         if len(core) < self.min_core:
-            core = order[: self.min_core]
-        return [1 + i for i in select(n_valid - 1, sorted(core), budget)]
+            core = lg.topk(min(self.min_core, len(lg))).indices
+        elif len(core) > budget:
+            core = lg.topk(budget).indices
+        return [1 + i for i in select(len(lg), sorted(core.tolist()), budget)]
 
 
 class KVReadout(nn.Module):
@@ -119,9 +122,6 @@ class KVReadout(nn.Module):
             lm._body(ids, torch.ones_like(ids), torch.zeros_like(ids), cache)
         self.register_buffer("sink_k", torch.stack([la.keys[0] for la in cache.layers]).float(), persistent=False)  # (L, H, 1, D)
         self.register_buffer("sink_v", torch.stack([la.values[0] for la in cache.layers]).float(), persistent=False)
-
-    def calibrate(self, *stats: Tensor) -> None:  # the readout is fitted to the LM's own K/V, not scaled to them
-        pass
 
     @torch.no_grad()
     def set_linear(self, W: Tensor) -> None:
