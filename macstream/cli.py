@@ -82,7 +82,10 @@ def cmd_train_readout(args) -> None:
         cfg = load_config(ReadoutTrainConfig, conf, "train-readout")
     except ValueError as err:
         raise SystemExit(f"macstream: {err}")
-    version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True))
+    start = Path(args.selection_from) if args.selection_from else None
+    if start is not None and not (start / "weights.safetensors").exists():
+        raise SystemExit(f"macstream: --selection-from {start}: no checkpoint there")
+    version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True), start_from=start)
     print(json.dumps({"checkpoint": args.out, "version": version}))
 
 
@@ -342,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="checkpoint directory (resumes from <out>/last.pt)")
     tr.add_argument("--config", help="JSON file of ReadoutTrainConfig fields; unknown keys are rejected")
     tr.add_argument("--steps", type=int, help="end-to-end fine-tuning steps (overrides the config)")
+    tr.add_argument("--selection-from", metavar="CHECKPOINT", help="keep this readout checkpoint's selector and readout; "
+                    "train only the selection (question encoder + aggregator) again")
     tr.set_defaults(fn=cmd_train_readout)
 
     for name, fn, hlp in (("eval", cmd_eval, "evaluate modes on a portable dataset"),

@@ -164,8 +164,23 @@ class ReadoutTrainConfig(StrictModel):
     select_steps: int = Field(300, ge=0, description="Steps training the question encoder + aggregator to select the gold memory.")
     select_k: int = Field(8, ge=2, le=64, description="Memories per question in selection training: the retriever's top-k, gold forced in.")
     select_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the question encoder and aggregator.")
+    select_bias_lr: float = Field(0.05, ge=0.0, description="Adam learning rate of the aggregator's weight on the retriever's score (how far selection trusts retrieval).")
+    selection_realtimeqa_years: list[int] = Field(
+        [2022, 2023], description="RealTimeQA quiz years whose questions also train the selection (the last weeks held "
+        "out to judge it), so it meets real news and not only the synthetic templates; skipped when the data folder is "
+        "absent. 2024 and later are test years: refused."
+    )
+    selection_realtimeqa_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of selection steps drawn from RealTimeQA (when present).")
+    selection_validation_share: float = Field(0.15, gt=0.0, lt=1.0, description="Share of the RealTimeQA quiz dates, the last ones, held out to judge the selection.")
     seed: int = Field(0, description="Seed for data, sampling and initialisation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+
+    @field_validator("selection_realtimeqa_years")
+    @classmethod
+    def _training_years_only(cls, years: list[int]) -> list[int]:
+        if any(y >= 2024 for y in years):
+            raise ValueError(f"{sorted(y for y in years if y >= 2024)}: RealTimeQA 2024 and later are test years; train on 2023 and before")
+        return years
 
 
 class FinetuneConfig(StrictModel):

@@ -189,77 +189,137 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     return rows
 
 
-def train_selection(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
-                    val: tuple[list[Document], list[Question]], mods: dict[str, torch.Tensor], log=print) -> dict:
+def selection_rows(model: MACModel, docs: list[Document], qs: list[Question], mods: dict[str, torch.Tensor],
+                   k: int) -> list[tuple]:
+    """Per question with a gold document in ``docs``: (question text, the retriever's top-``k`` memories (k, T, d)
+    over ``docs``, their scores (k,), the gold's index among them). The gold is forced in (last slot) when the
+    retriever misses it, so the loss always has a target; accuracy on these rows is therefore an upper bound of the
+    product's, for the aggregator and the retriever alike."""
+    vecs = torch.as_tensor(model.encoder.embed([document_text(d) for d in docs]))  # (N, d_enc)
+    ids = [d.id for d in docs]
+    row = {d: i for i, d in enumerate(ids)}
+    qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in row]
+    qv = torch.as_tensor(model.encoder.embed([q.question for q in qs]))
+    out = []
+    for q, v in zip(qs, qv):
+        scores = vecs @ v
+        top = scores.topk(min(k, len(ids))).indices.tolist()
+        gold = row[q.doc_ids[0]]
+        if gold not in top:
+            top[-1] = gold
+        out.append((q.question, torch.stack([mods[ids[i]] for i in top]), scores[top], top.index(gold)))
+    return out
+
+
+def realtimeqa_selection_data(cfg: ReadoutTrainConfig) -> tuple[tuple, tuple] | None:
+    """RealTimeQA quizzes of ``cfg.selection_realtimeqa_years`` (never 2024 or later: those are test years) as
+    (train, validation) ``(documents, questions)`` pairs, split by week: the last ``selection_validation_share`` of
+    each year's quiz dates are held out. ``None`` when the data folder is absent or no year is configured."""
+    from pipeline.data import realtimeqa
+
+    if not cfg.selection_realtimeqa_years or not realtimeqa.available():
+        return None
+    docs, qs = realtimeqa.load(cfg.selection_realtimeqa_years)
+    by_id = {d.id: d for d in docs}
+    qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id and q.asked_at is not None]
+    dates = sorted({q.asked_at.date() for q in qs})
+    held = set(dates[len(dates) - max(1, round(cfg.selection_validation_share * len(dates))):])
+    split = {}
+    for name, keep in (("train", lambda q: q.asked_at.date() not in held), ("val", lambda q: q.asked_at.date() in held)):
+        part = [q for q in qs if keep(q)]
+        split[name] = ([by_id[q.doc_ids[0]] for q in part], part)
+    return split["train"], split["val"]
+
+
+def train_selection(model: MACModel, cfg: ReadoutTrainConfig, pools: dict[str, tuple[list, list]], log=print) -> dict:
     """Stage 4: the question encoder and aggregator learn to put the most mass on the gold document among the
-    retriever's top ``select_k`` (gold forced in), as serve retrieves them. Returns validation selection accuracy
-    next to the retriever's top-1."""
-
-    def memories(docs, qs):
-        vecs = torch.as_tensor(model.encoder.embed([document_text(d) for d in docs]))  # (N, d_enc)
-        ids = [d.id for d in docs]
-        row = {d: i for i, d in enumerate(ids)}
-        out = []
-        qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in row]
-        qv = torch.as_tensor(model.encoder.embed([q.question for q in qs]))
-        for q, v in zip(qs, qv):
-            scores = vecs @ v
-            top = scores.topk(min(cfg.select_k, len(ids))).indices.tolist()
-            gold = row[q.doc_ids[0]]
-            if gold not in top:
-                top[-1] = gold
-            out.append((q.question, torch.stack([mods[ids[i]] for i in top]), scores[top], top.index(gold)))
-        return out
-
-    tr, va = memories(*train), memories(*val)
-    params = list(model.question_encoder.parameters()) + list(model.aggregator.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.select_lr)
+    retriever's top ``select_k`` (gold forced in), as serve retrieves them. ``pools``: name → (train rows, validation
+    rows) of :func:`selection_rows` (synthetic; RealTimeQA 2022–23 when present, so the selection meets real news);
+    each step draws from one pool, RealTimeQA with probability ``selection_realtimeqa_share``. Returns, per pool,
+    validation selection accuracy before and after next to the retriever's top-1."""
+    bias = [model.aggregator.bias_scale] if model.aggregator.bias_scale is not None else []
+    rest = [p for p in [*model.question_encoder.parameters(), *model.aggregator.parameters()] if all(p is not b for b in bias)]
+    # the weight of the retriever's score gets its own rate: at the shared one it barely moves from its init (10)
+    opt = torch.optim.Adam([{"params": rest}, {"params": bias, "lr": cfg.select_bias_lr}], lr=cfg.select_lr)
     rng = random.Random(cfg.seed)
+
+    def masses(rows) -> torch.Tensor:  # (B, k) aggregator mass per memory
+        q = model.encode_questions([r[0] for r in rows]).tokens
+        return model.aggregator(q, torch.stack([r[1] for r in rows]), None, torch.stack([r[2] for r in rows]))[1]
 
     def accuracy(rows) -> tuple[float, float]:
         hit = top1 = 0
         with torch.no_grad():
             for s in range(0, len(rows), 64):
                 part = rows[s: s + 64]
-                q = model.encode_questions([r[0] for r in part]).tokens
-                _, mass = model.aggregator(q, torch.stack([r[1] for r in part]), None, torch.stack([r[2] for r in part]))
-                hit += sum(int(m.argmax()) == r[3] for m, r in zip(mass, part))
+                hit += sum(int(m.argmax()) == r[3] for m, r in zip(masses(part), part))
                 top1 += sum(int(r[2].argmax()) == r[3] for r in part)
-        return 100 * hit / len(rows), 100 * top1 / len(rows)
+        return 100 * hit / max(1, len(rows)), 100 * top1 / max(1, len(rows))
 
-    before = accuracy(va)
+    before = {name: accuracy(va)[0] for name, (_, va) in pools.items()}
     for step in range(1, cfg.select_steps + 1):
+        name = "realtimeqa" if "realtimeqa" in pools and rng.random() < cfg.selection_realtimeqa_share else "synthetic"
+        tr = pools[name][0]
         part = rng.sample(tr, min(cfg.batch * 2, len(tr)))
-        q = model.encode_questions([r[0] for r in part]).tokens
-        _, mass = model.aggregator(q, torch.stack([r[1] for r in part]), None, torch.stack([r[2] for r in part]))
+        mass = masses(part)
         loss = -torch.log(mass[torch.arange(len(part)), torch.tensor([r[3] for r in part])] + 1e-6).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0:
-            log(f"selection step {step}/{cfg.select_steps} loss {float(loss):.3f}")
-    after, retriever = accuracy(va)
-    return {"selection_before": round(before[0], 1), "selection_after": round(after, 1), "retriever_top1": round(retriever, 1),
-            "k": cfg.select_k, "validation_questions": len(va)}
+            log(f"selection step {step}/{cfg.select_steps} loss {loss.item():.3f}")
+    out = {"k": cfg.select_k, "steps": cfg.select_steps, "retriever_weight": round(bias[0].item(), 2) if bias else None}
+    for name, (tr, va) in pools.items():
+        after, retriever = accuracy(va)
+        out[name] = {"selection_before": round(before[name], 1), "selection_after": round(after, 1),
+                     "retriever_top1": round(retriever, 1), "train_questions": len(tr), "validation_questions": len(va)}
+    return out
 
 
-def build(cfg: ReadoutTrainConfig, out: Path, log=print) -> str:
-    """All four stages → a checkpoint in ``out`` (config.json, weights.safetensors, metrics.json). Returns its version."""
+def selection_pools(model: MACModel, cfg: ReadoutTrainConfig, train: tuple, val: tuple,
+                    mods: dict[str, torch.Tensor], log=print) -> dict[str, tuple[list, list]]:
+    """The rows stage 4 trains and judges on: synthetic (retrieval over the split's articles) and, when the data
+    are here, RealTimeQA (retrieval over the split's evidence documents); RealTimeQA modulations computed here."""
+    pools = {"synthetic": (selection_rows(model, *train, mods, cfg.select_k), selection_rows(model, *val, mods, cfg.select_k))}
+    rtqa = realtimeqa_selection_data(cfg)
+    if rtqa is not None:
+        (rtd, rtq), (rvd, rvq) = rtqa
+        mods = mods | modulations(model, rtd + rvd)
+        pools["realtimeqa"] = (selection_rows(model, rtd, rtq, mods, cfg.select_k), selection_rows(model, rvd, rvq, mods, cfg.select_k))
+        log(f"selection: RealTimeQA {cfg.selection_realtimeqa_years}: {len(pools['realtimeqa'][0])} train, "
+            f"{len(pools['realtimeqa'][1])} held-out questions (the last weeks)")
+    return pools
+
+
+def build(cfg: ReadoutTrainConfig, out: Path, log=print, start_from: Path | None = None) -> str:
+    """All four stages → a checkpoint in ``out`` (config.json, weights.safetensors, metrics.json). Returns its version.
+    ``start_from``: an existing readout checkpoint whose selector and readout are kept; only stage 4 runs again (its
+    synthetic split is regenerated from ``cfg``: give the entities and seed it was built with)."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    model = MACModel(readout_model_config(cfg))  # trainable (and saved): selector, readout, question encoder, aggregator
     train = synthetic.generate("train", cfg.synthetic_entities, seed=cfg.seed)
     val = synthetic.generate("validation", max(20, cfg.synthetic_entities // 5), seed=cfg.seed)
-    fit = fit_linear(model, train[0], cfg.ridge)
-    log(f"fitted the selector and the readout: {fit} ({time.time() - t0:.0f} s)")
+    if start_from is not None:
+        model = MACModel.load(start_from)
+        if model.cfg != readout_model_config(cfg):
+            raise ValueError(f"{start_from}: not a readout checkpoint of this config's shape (layer, num_tokens)")
+        metrics = json.loads((start_from / "metrics.json").read_text()) if (start_from / "metrics.json").exists() else {}
+        metrics["selection_retrained_from"] = model.version
+        rows = metrics.get("readout", [])
+    else:
+        model = MACModel(readout_model_config(cfg))  # trainable (and saved): selector, readout, question encoder, aggregator
+        fit = fit_linear(model, train[0], cfg.ridge)
+        log(f"fitted the selector and the readout: {fit} ({time.time() - t0:.0f} s)")
+        metrics = {"fit": fit}
     mods = modulations(model, train[0] + val[0])  # the selector is fixed from here on: ingest's modulations, once
-    rows = finetune_readout(model, cfg, train, val, mods, out, log)
-    selection = train_selection(model, cfg, train, val, mods, log)
+    if start_from is None:
+        rows = finetune_readout(model, cfg, train, val, mods, out, log)
+    selection = train_selection(model, cfg, selection_pools(model, cfg, train, val, mods, log), log)
     log(f"selection: {selection}")
-    metrics = {"fit": fit, "readout": rows, "selection": selection, "seconds": round(time.time() - t0, 1)}
+    metrics |= {"readout": rows, "selection": selection, "seconds": round(time.time() - t0, 1)}
     version = model.save(out, train_config=cfg.model_dump(), metrics=metrics)
     (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return version

@@ -156,23 +156,59 @@ def test_fit_linear_recovers_the_next_layers_keys_values(tiny_llama, minilm):
     assert rel(pred_k[0], truth[:, 0, 0]) > 1e-2  # layer 1 reads the embedding, not h_1: not exact (the test can fail)
 
 
+def _fake_realtimeqa(root, dates: list[str]) -> None:
+    """A RealTimeQA folder with two questions per quiz date, each with its own evidence article."""
+    for n, date in enumerate(dates):
+        year, rows = date[:4], []
+        for i in range(2):
+            rows.append(json.dumps({
+                "question_id": f"{date.replace('/', '')}_{i}", "question_date": date, "question_source": "CNN",
+                "question_url": "https://quiz.example/1", "question_sentence": f"Which city hosted summit {n}-{i}?",
+                "choices": ["Oslo", "Rome", "Lima", "Kyiv"], "answer": [str(i)],
+                "evidence": f"<p>Summit {n}-{i} was hosted by {['Oslo', 'Rome'][i]} this week.</p>"}))
+        path = root / "past" / year / f"{date.replace('/', '')}_qa.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(rows) + "\n")
+
+
+def test_selection_trains_on_realtimeqa_training_years_and_holds_out_their_last_weeks(tmp_path, monkeypatch):
+    from pipeline.config import ReadoutTrainConfig
+    from pipeline.train_readout import realtimeqa_selection_data
+
+    _fake_realtimeqa(tmp_path, ["2022/03/04", "2022/09/09", "2023/01/06", "2023/05/05", "2023/11/03", "2024/02/02"])
+    monkeypatch.setenv("MACSTREAM_RTQA_DIR", str(tmp_path))
+    (train_docs, train_qs), (val_docs, val_qs) = realtimeqa_selection_data(
+        ReadoutTrainConfig(selection_realtimeqa_years=[2022, 2023], selection_validation_share=0.4))
+    assert {q.asked_at.date().isoformat() for q in val_qs} == {"2023-05-05", "2023-11-03"}  # the last 2 of 5 dates
+    assert {q.asked_at.year for q in train_qs} == {2022, 2023} and len(train_qs) == 6  # 2024 never read
+    assert [d.id for d in val_docs] == [q.doc_ids[0] for q in val_qs] and not {d.id for d in val_docs} & {d.id for d in train_docs}
+    assert realtimeqa_selection_data(ReadoutTrainConfig(selection_realtimeqa_years=[])) is None
+    with pytest.raises(ValueError, match="test years"):
+        ReadoutTrainConfig(selection_realtimeqa_years=[2023, 2024])
+
+
 @pytest.mark.slow
-def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_path):
-    """`macstream train-readout` at toy scale on the real SmolLM2 + MiniLM: every stage runs, the checkpoint loads as
-    a MACModel whose modulations are T x 576 and whose prefix has 1 + T positions; a second call resumes the
-    fine-tuning from last.pt instead of starting again. (What the full-scale build measures is in its metrics.)"""
+def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_path, monkeypatch):
+    """`macstream train-readout` at toy scale on the real SmolLM2 + MiniLM: every stage runs (the selection on
+    synthetic and a small RealTimeQA folder), the checkpoint loads as a MACModel whose modulations are T x 576 and
+    whose prefix has 1 + T positions; a second call resumes the fine-tuning from last.pt instead of starting again;
+    ``--selection-from`` trains the selection again and keeps the selector and readout. (What the full-scale build
+    measures is in its metrics.)"""
     from macstream.cli import main
     from pipeline.model.mac import MACModel
     from pipeline.schemas import Document
 
+    _fake_realtimeqa(tmp_path / "rtqa", ["2022/03/04", "2022/09/09", "2023/01/06", "2023/05/05"])
+    monkeypatch.setenv("MACSTREAM_RTQA_DIR", str(tmp_path / "rtqa"))
     conf = tmp_path / "c.json"
     conf.write_text('{"synthetic_entities": 4, "steps": 2, "eval_every": 1, "eval_questions": 4, "select_steps": 2, '
-                    '"batch": 2, "num_tokens": 8, "threads": 1}')
+                    '"batch": 2, "num_tokens": 8, "threads": 1, "selection_validation_share": 0.25}')
     out = tmp_path / "ck"
     main(["train-readout", "--out", str(out), "--config", str(conf)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in metrics["readout"]] == [0, 1, 2]
-    assert metrics["fit"]["articles"] > 0 and 0 <= metrics["selection"]["selection_after"] <= 100
+    assert metrics["fit"]["articles"] > 0 and 0 <= metrics["selection"]["synthetic"]["selection_after"] <= 100
+    assert metrics["selection"]["realtimeqa"]["validation_questions"] == 2  # the last quiz date's two questions
     model = MACModel.load(out)
     chunk = model.encode_documents([Document(id="d", text="Kelvo Labs named Aru Penn as chief executive on May 2, 2025.")])[0]
     assert tuple(chunk.modulation.tensor().shape) == (8, 576)
@@ -185,6 +221,15 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     build(ReadoutTrainConfig.model_validate(json.loads(conf.read_text()) | {"steps": 3}), out, log=logs.append)
     assert "readout: resumed at step 2" in logs
     assert [r["step"] for r in json.loads((out / "metrics.json").read_text())["readout"]] == [0, 1, 2, 3]
+
+    first = MACModel.load(out)
+    main(["train-readout", "--out", str(tmp_path / "sel"), "--config", str(conf), "--selection-from", str(out)])
+    again = MACModel.load(tmp_path / "sel")
+    assert json.loads((tmp_path / "sel" / "metrics.json").read_text())["selection_retrained_from"] == first.version
+    assert again.version != first.version
+    for part in ("expander", "amortizer"):  # the memory itself is untouched: stored modulations stay valid
+        for (name, a), (_, b) in zip(getattr(first, part).state_dict().items(), getattr(again, part).state_dict().items()):
+            assert torch.equal(a, b), name
 
 
 def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, minilm):
