@@ -7,7 +7,7 @@ A and tested on template B** (a paraphrase never seen while fitting); single-tem
 one memory is optimised with Adam on the summed answer NLL (teacher forcing, the bare MAC prompt) of its template-A
 questions, then used to answer its template-B questions greedily (16 new tokens):
 
-  phi      phi* (T x 576), fed through the shipped checkpoint's frozen expander (P = 2); initialised at the
+  phi      phi* (T x 576), fed through the slots checkpoint's frozen expander (P = 2; shipped until 2026-11-29); initialised at the
            shipped aggregator's phi* for the article's own modulation and first fit question;
   kv@P     raw per-layer prefix keys/values (30 layers x P x 3 KV heads x 64, keys and values), P = 2 and 8,
            initialised from the LM's own key/value statistics (per-channel mean + std * N(0, 1)).
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import PREVIOUS_CHECKPOINT
 from pipeline.data import synthetic
 from pipeline.diagnose import article_facts
 from pipeline.metrics import aggregate, score_answer
@@ -71,7 +72,7 @@ def nll_per_token(lm, prompts, targets, prefix: Prefix) -> tuple[torch.Tensor, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="default: the shipped checkpoint")
+    ap.add_argument("--checkpoint", help="default: the slots checkpoint this study measured (PREVIOUS_CHECKPOINT)")
     ap.add_argument("--entities", type=int, default=60)
     ap.add_argument("--articles", type=int, default=10)
     ap.add_argument("--steps", type=int, default=150)
@@ -84,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
-    model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
+    model = MACModel.load(checkpoint_dir(args.checkpoint or PREVIOUS_CHECKPOINT)).eval()
     model.requires_grad_(False)
     lm, tok = model.lm, model.lm.tokenizer
     docs, _ = synthetic.generate("validation", args.entities, seed=args.seed)

