@@ -133,9 +133,11 @@ def connect_store(location: str) -> Store:
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced);
     # placed on the head node, the one node a cluster cannot lose (an owner on a worker node that dies stalls every
     # write until Ray declares the node dead and restarts it: the two-node test caught that), else on this process's
-    # node; soft, so that it still starts when that node is gone. The directory must be on that machine: across
-    # machines, use a Qdrant server.
-    here = NodeAffinitySchedulingStrategy(_head_node_id() or ray.get_runtime_context().get_node_id(), soft=True)
+    # node. Hard on the head (a soft affinity let Ray place it on a worker node in a clean-clone run; a cluster that
+    # loses its head is gone anyway), soft on this node, so that it still starts when that node is gone. The
+    # directory must be on that machine: across machines, use a Qdrant server.
+    head = _head_node_id()
+    here = NodeAffinitySchedulingStrategy(head or ray.get_runtime_context().get_node_id(), soft=head is None)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
                                lifetime="detached", scheduling_strategy=here).remote(location)
     return RemoteStore(actor)
