@@ -10,9 +10,9 @@ whose memory becomes the prefix), and the prefix itself. Each gets its memory-fr
   RealTimeQA 2022–23 without its held-out weeks);
 - **a soft prompt** (the prefix): a P-tuning-v2 prefix of the memory's own size (1 + T key/value positions in every
   layer), initialised at the readout of the mean training modulation (a memory of no document in particular) and
-  trained on the readout's own data and loss (synthetic training questions, the gold article as text in the
-  ``mac+rag`` prompt, answer NLL through the frozen LM). It can learn the answer form and how to read the text; it
-  cannot carry a document.
+  trained on the readout's data and loss (synthetic training questions, answer NLL through the frozen LM), every
+  question with its gold article as text in the ``mac+rag`` prompt (the readout: a quarter of them). It can learn the
+  answer form and how to read the text; it cannot carry a document.
 
 Rows (greedy, 16 new tokens, the retriever's top-k of the product's memory; ``pick``: the text's document is gold):
 ``rag@1`` (retriever's top text, the one-shot ``rag`` prompt), ``rag@1 re-ranked`` (the re-ranker's top text),
@@ -44,7 +44,7 @@ from pipeline.model.lm import Prefix
 from pipeline.model.mac import MACModel, checkpoint_dir
 from pipeline.modes import Mode
 from pipeline.prompts import answer_continuation, document_text, prompt_for, prompt_with
-from pipeline.train_readout import modulations, realtimeqa_selection_data
+from pipeline.train_readout import modulations, realtimeqa_selection_data, retrieved_with_gold
 
 
 def _log(msg: str) -> None:
@@ -107,18 +107,9 @@ def train_reranker(model: MACModel, steps: int, batch: int, lr: float, seed: int
     rtqa = realtimeqa_selection_data(ReadoutTrainConfig())
     if rtqa is not None:
         sets.append(rtqa[0])  # the training weeks only
-    lists = []
+    lists = []  # (question, its k candidate texts, the gold's index)
     for docs, qs in sets:
-        texts = [document_text(d) for d in docs]
-        row = {d.id: i for i, d in enumerate(docs)}
-        qs = [q for q in qs if q.doc_ids and q.doc_ids[0] in row]
-        scores = model.encoder.embed([q.question for q in qs]) @ model.encoder.embed(texts).T  # (Q, N)
-        for q, s in zip(qs, scores):
-            top = s.topk(min(k, len(docs))).indices.tolist()
-            gold = row[q.doc_ids[0]]
-            if gold not in top:
-                top[-1] = gold
-            lists.append((q.question, [texts[i] for i in top], top.index(gold)))
+        lists += [(q.question, [document_text(docs[i]) for i in top], gold) for q, top, _, gold in retrieved_with_gold(model, docs, qs, k)]
     ce = CrossEncoder(model.cfg.encoder)
     opt = torch.optim.AdamW(ce.parameters(), lr=lr)
     rng, t0 = random.Random(seed), time.time()

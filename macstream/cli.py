@@ -73,18 +73,14 @@ def cmd_train(args) -> None:
 
 def cmd_train_readout(args) -> None:
     from pipeline.config import ReadoutTrainConfig, load_config
+    from pipeline.model.mac import checkpoint_dir
     from pipeline.train_readout import build
 
     conf = _read_config(args.config)
     if args.steps is not None:
         conf["steps"] = args.steps
-    try:
-        cfg = load_config(ReadoutTrainConfig, conf, "train-readout")
-    except ValueError as err:
-        raise SystemExit(f"macstream: {err}")
-    start = Path(args.selection_from) if args.selection_from else None
-    if start is not None and not (start / "weights.safetensors").exists():
-        raise SystemExit(f"macstream: --selection-from {start}: no checkpoint there")
+    cfg = load_config(ReadoutTrainConfig, conf, "train-readout")  # ValueError naming the bad key: exit 2 (main)
+    start = checkpoint_dir(args.selection_from) if args.selection_from else None  # FileNotFoundError: exit 2
     version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True), start_from=start)
     print(json.dumps({"checkpoint": args.out, "version": version}))
 

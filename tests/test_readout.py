@@ -245,3 +245,16 @@ def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, mi
     w = model.windows("Kelvo Labs named Aru Penn as chief executive on May 2, 2025, replacing Ibo Ranz.")[0]
     kept = model.selected_tokens([w])[0]
     assert len(kept) == 4 and all(t in w[1:] for t in kept)
+
+
+def test_train_readout_refuses_a_missing_start_checkpoint_and_test_years_with_status_2(tmp_path):
+    from macstream.cli import main
+
+    with pytest.raises(SystemExit) as missing:
+        main(["train-readout", "--out", str(tmp_path / "o"), "--selection-from", str(tmp_path / "none")])
+    conf = tmp_path / "c.json"
+    conf.write_text('{"selection_realtimeqa_years": [2023, 2024]}')
+    with pytest.raises(SystemExit) as test_years:
+        main(["train-readout", "--out", str(tmp_path / "o"), "--config", str(conf)])
+    assert missing.value.code == 2 and test_years.value.code == 2
+    assert not (tmp_path / "o").exists()  # refused before anything was built

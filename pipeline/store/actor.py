@@ -130,12 +130,10 @@ def connect_store(location: str) -> Store:
     if location.startswith(("http://", "https://")):
         return open_store(location)
     ensure_store_free(location)
-    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced);
-    # placed on the head node, the one node a cluster cannot lose (an owner on a worker node that dies stalls every
-    # write until Ray declares the node dead and restarts it: the two-node test caught that), else on this process's
-    # node. Hard on the head (a soft affinity let Ray place it on a worker node in a clean-clone run; a cluster that
-    # loses its head is gone anyway), soft on this node, so that it still starts when that node is gone. The
-    # directory must be on that machine: across machines, use a Qdrant server.
+    # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced).
+    # Pinned (hard) to the head node, the one node a cluster cannot lose: an owner on a worker node that dies stalls
+    # every write until Ray restarts it, and a soft affinity still let Ray place it on a worker node. Without a head in
+    # view, softly on this process's node. The directory must be on that machine: across machines, use a Qdrant server.
     head = _head_node_id()
     here = NodeAffinitySchedulingStrategy(head or ray.get_runtime_context().get_node_id(), soft=head is None)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
