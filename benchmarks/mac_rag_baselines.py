@@ -57,13 +57,16 @@ def _progress(what: str, step: int, steps: int, loss: torch.Tensor, t0: float) -
         _log(f"{what} step {step}/{steps} loss {loss.item():.3f} {rate:.2f} steps/s ETA {(steps - step) / rate / 60:.1f} min")
 
 
-def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int) -> Prefix:
-    """The soft prompt (1, L, H, 1+T, D) keys and values (module docstring)."""
+def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int, with_memory: bool = False) -> Prefix:
+    """The soft prompt (1, L, H, 1+T, D) keys and values (module docstring). ``with_memory``: trained in front of the
+    gold document's memory (the prefix the LM sees is soft prompt ⧺ memory, 2(1+T) positions; the memory frozen), the
+    two-stream prefix: the prompt can learn the answer form and leave the document to the memory."""
     docs, qs = synthetic.generate("train", 300, seed=0)  # the readout checkpoint's training split
     by_id = {d.id: d for d in docs}
     pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
     with torch.no_grad():
-        mean = torch.stack(list(modulations(model, docs[:256]).values())).mean(0, keepdim=True)  # (1, T, d)
+        mods = modulations(model, docs[:256])  # the rest on first use (frozen: computed once)
+        mean = torch.stack(list(mods.values())).mean(0, keepdim=True)  # (1, T, d)
         init = model.expander(mean)
     keys, values = (torch.nn.Parameter(t.detach().float().clone()) for t in (init.keys, init.values))
     opt = torch.optim.Adam([keys, values], lr=lr)
@@ -72,14 +75,27 @@ def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: 
         part = rng.sample(pool, batch)
         prompts = [tok(prompt_for("mac+rag", q.question, [by_id[q.doc_ids[0]]]))["input_ids"] for q in part]
         targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in part]
+        prefix = _batched(Prefix(keys, values), batch)
+        if with_memory:
+            with torch.no_grad():
+                mods.update(modulations(model, list({by_id[q.doc_ids[0]].id: by_id[q.doc_ids[0]] for q in part
+                                                     if q.doc_ids[0] not in mods}.values())))
+                memory = model.expander(torch.stack([mods[q.doc_ids[0]] for q in part]))  # (B, L, H, 1+T, D)
+            prefix = two_stream(prefix, memory)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            s, n = model.lm.continuation_logprobs(prompts, targets, _batched(Prefix(keys, values), batch))
+            s, n = model.lm.continuation_logprobs(prompts, targets, prefix)
             loss = -s.sum() / n.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         _progress("soft prompt", step, steps, loss, t0)
     return Prefix(keys.detach(), values.detach())
+
+
+def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
+    """(B, L, H, P1, D) ⧺ (B, L, H, P2, D) → (B, L, H, P1+P2, D): the soft prompt's positions, then the memory's."""
+    return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),
+                  torch.cat([prompt.values, memory.values.to(prompt.values.dtype)], 3))
 
 
 def _batched(prefix: Prefix, b: int) -> Prefix:

@@ -1,0 +1,134 @@
+"""Does the memory add anything once the prefix also holds a trained soft prompt? The two-stream prefix, measured.
+
+``benchmarks/mac_rag_baselines.py`` found that with the gold-or-retrieved text in the prompt, a soft prompt of the
+memory's size (no document in it) beats the document's memory as the prefix on real news. That leaves one question
+open: is the memory worse than *text*, or only worse than a prompt that learned the answer form? The two-stream prefix
+separates the two: a soft prompt trained in front of the (frozen) document memory — prefix = soft prompt ⧺ memory —
+against the same soft prompt trained alone, same data, steps, seed and learning rate (``train_soft_prompt``).
+
+Two steps (the trainings are independent: run them side by side, one core each):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant soft --out soft.pt --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant two-stream --out two.pt --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream compare --soft soft.pt --two-stream two.pt --out r.json
+
+Rows (greedy, 16 new tokens, the product's retrieval over the test memory, top-k 4, the ``mac+rag`` prompt):
+the retriever's top text with (a) the soft prompt, (b) the two-stream prompt ⧺ that document's memory, (c) the
+two-stream prompt alone (does it lean on the memory?); the aggregator's pick (as ``mac+rag@1``) with (d) the soft
+prompt, (e) the two-stream prompt ⧺ the aggregated memory, (f) the memory alone (``mac+rag@1`` today).
+(b) − (a) and (e) − (d) are what the memory adds with identical text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.mac_rag_baselines import _batched, train_soft_prompt, two_stream
+from benchmarks.machine import machine
+from pipeline.answering import citation_weights, context_texts, prepare
+from pipeline.data import realtimeqa, synthetic
+from pipeline.evaluate import build_memory
+from pipeline.metrics import aggregate, score_answer
+from pipeline.model.lm import Prefix
+from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.modes import Mode
+from pipeline.prompts import prompt_with
+
+
+def _save(prefix: Prefix, path: str, meta: dict) -> None:
+    torch.save({"keys": prefix.keys, "values": prefix.values, "meta": meta}, path)
+
+
+def _load(path: str) -> tuple[Prefix, dict]:
+    d = torch.load(path)
+    return Prefix(d["keys"], d["values"]), d["meta"]
+
+
+@torch.no_grad()
+def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: int) -> dict:
+    bank = build_memory(model, docs, progress=False)
+    hits = bank.search(model.encoder.embed([q.question for q in questions]).numpy(), top_k)
+    tok, one_text = model.lm.tokenizer, Mode.parse("mac+rag@1")
+    rows: dict[str, list[dict]] = {}
+    for s in range(0, len(questions), 16):
+        qs, hs = questions[s: s + 16], hits[s: s + 16]
+        texts, b = [q.question for q in qs], len(qs)
+        mac_prompts, mac_prefix, mass = prepare(model, "mac+rag@1", texts, hs)
+        top_prompts = [prompt_with("mac+rag", q, [context_texts(model, one_text, h, None)[0]]) for q, h in zip(texts, hs)]
+        own, _ = model.memory_prefix(texts, [[(h[0].chunk.modulation, h[0].score)] for h in hs])  # the top hit's memory
+        top_doc = [h[0].document.id for h in hs]
+        agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]
+        soft_b, two_b = _batched(soft, b), _batched(two, b)
+        runs = {  # name: (prompts, prefix, the document whose text is in the prompt)
+            "retriever text + soft prompt": (top_prompts, soft_b, top_doc),
+            "retriever text + two-stream (prompt + its memory)": (top_prompts, two_stream(two_b, own), top_doc),
+            "retriever text + two-stream prompt, no memory": (top_prompts, two_b, top_doc),
+            "aggregator's text + soft prompt": (mac_prompts, soft_b, agg_doc),
+            "aggregator's text + two-stream (mac+rag@1 + prompt)": (mac_prompts, two_stream(two_b, mac_prefix), agg_doc),
+            "mac+rag@1": (mac_prompts, mac_prefix, agg_doc),
+        }
+        for name, (ps, prefix, doc) in runs.items():
+            outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)
+            rows.setdefault(name, []).extend(score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
+                                             for q, d, o in zip(qs, doc, outs))
+    return {n: {k: round(v, 1) for k, v in aggregate(r).items() if k in ("f1", "em", "pick")} | {"n": len(r)}
+            for n, r in rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train one soft prompt (alone, or in front of the gold memory) and save it")
+    tr.add_argument("--variant", choices=["soft", "two-stream"], required=True)
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch", type=int, default=16)
+    tr.add_argument("--out", required=True)
+    co = sub.add_parser("compare", help="the rows of the module docstring on the synthetic test and RealTimeQA 2024")
+    co.add_argument("--soft", required=True)
+    co.add_argument("--two-stream", dest="two_stream", required=True)
+    co.add_argument("--entities", type=int, default=60, help="synthetic test companies (as `bench quality`)")
+    co.add_argument("--rtqa-questions", dest="rtqa_questions", type=int, default=100, help="0: skip RealTimeQA 2024")
+    co.add_argument("--top-k", dest="top_k", type=int, default=4)
+    co.add_argument("--out", help="write the result JSON here")
+    for p in (tr, co):
+        p.add_argument("--checkpoint", help="a readout-memory checkpoint (default: the shipped one)")
+        p.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
+    if model.cfg.expander != "readout":
+        raise SystemExit("two_stream: needs a readout-memory checkpoint (expander='readout')")
+    if args.cmd == "train":
+        t0 = time.time()
+        prompt = train_soft_prompt(model, args.steps, args.batch, args.lr, seed=0, with_memory=args.variant == "two-stream")
+        _save(prompt, args.out, {"variant": args.variant, "steps": args.steps, "lr": args.lr, "batch": args.batch,
+                                 "checkpoint": model.version, "seconds": round(time.time() - t0), "machine": machine()})
+        return
+    soft, soft_meta = _load(args.soft)
+    two, two_meta = _load(args.two_stream)
+    result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
+                      "soft": soft_meta, "two_stream": two_meta,
+                      "command": "python -m benchmarks.two_stream compare " + " ".join(
+                          f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "cmd"))}}
+    sets = {"synthetic-test": synthetic.generate("test", args.entities, seed=0)}
+    if args.rtqa_questions and realtimeqa.available():
+        sets["realtimeqa-2024"] = realtimeqa.load([2024])
+    for name, (docs, qs) in sets.items():
+        qs = [q for q in qs if q.doc_ids]  # as `bench quality`: answerable questions first, then the first N
+        if name.startswith("realtimeqa"):
+            qs = qs[: args.rtqa_questions]
+        result[name] = compare(model, soft, two, docs, qs, args.top_k)
+        print(f"{name}: {json.dumps(result[name])}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
