@@ -15,7 +15,8 @@ Two steps (the trainings are independent: run them side by side, one core each):
 Rows (greedy, 16 new tokens, the product's retrieval over the test memory, top-k 4, the ``mac+rag`` prompt):
 the retriever's top text with (a) the soft prompt, (b) the two-stream prompt ⧺ that document's memory, (c) the
 two-stream prompt alone (does it lean on the memory?); the aggregator's pick (as ``mac+rag@1``) with (d) the soft
-prompt, (e) the two-stream prompt ⧺ the aggregated memory, (f) the memory alone (``mac+rag@1`` today).
+prompt, (e) the two-stream prompt ⧺ the aggregated memory, (f) the memory alone (``mac+rag@1`` today); and without text (the ``mac`` prompt),
+(g) the aggregated memory alone (``mac`` today), (h) the two-stream prompt ⧺ it (the prompt was trained with text).
 (b) − (a) and (e) − (d) are what the memory adds with identical text.
 """
 
@@ -58,6 +59,7 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
         qs, hs = questions[s: s + 16], hits[s: s + 16]
         texts, b = [q.question for q in qs], len(qs)
         mac_prompts, mac_prefix, mass = prepare(model, "mac+rag@1", texts, hs)
+        bare_prompts, _, _ = prepare(model, "mac", texts, hs)  # no text: the same prefix, the question alone
         top_prompts = [prompt_with("mac+rag", q, [context_texts(model, one_text, h, None)[0]]) for q, h in zip(texts, hs)]
         own, _ = model.memory_prefix(texts, [[(h[0].chunk.modulation, h[0].score)] for h in hs])  # the top hit's memory
         top_doc = [h[0].document.id for h in hs]
@@ -70,6 +72,8 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
             "aggregator's text + soft prompt": (mac_prompts, soft_b, agg_doc),
             "aggregator's text + two-stream (mac+rag@1 + prompt)": (mac_prompts, two_stream(two_b, mac_prefix), agg_doc),
             "mac+rag@1": (mac_prompts, mac_prefix, agg_doc),
+            "mac (no text)": (bare_prompts, mac_prefix, agg_doc),
+            "mac (no text) + two-stream prompt": (bare_prompts, two_stream(two_b, mac_prefix), agg_doc),
         }
         for name, (ps, prefix, doc) in runs.items():
             outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)

@@ -30,6 +30,7 @@ from workers.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 UNASSIGNED_GIVE_UP_S = 60.0
+STOP_TIMEOUT_S = 60  # a member drains its in-flight batches, commits (≤ 30 s) and leaves the group (≤ 5 s)
 
 
 def encoder_options(cfg: IngestConfig, index: int) -> dict:
@@ -152,11 +153,16 @@ class IngestJob:
                 actor.stop.remote()
             except Exception:  # noqa: BLE001
                 pass
-        for slot, (actor, ref) in self.members.items():
+        # one deadline for all members (waiting for each in turn made two stuck members cost twice the limit)
+        refs = {ref: slot for slot, (_, ref) in self.members.items()}
+        done, stuck = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_TIMEOUT_S) if refs else ([], [])
+        for ref in done:
             try:
-                self.last[slot] = ray.get(ref, timeout=60)
+                self.last[refs[ref]] = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a member that dies while stopping loses nothing uncommitted
-                log.warning("consumer %d did not stop cleanly: %s", slot, err)
+                log.warning("consumer %d did not stop cleanly: %s", refs[ref], err)
+        for ref in stuck:  # killed below: its uncommitted batches are redelivered to the next run
+            log.warning("consumer %d did not stop within %d s", refs[ref], STOP_TIMEOUT_S)
         snap = self.snapshot()
         for actor, _ in self.members.values():
             ray.kill(actor, no_restart=True)
