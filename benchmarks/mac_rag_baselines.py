@@ -35,16 +35,18 @@ import torch
 
 from benchmarks.machine import machine
 from pipeline.answering import citation_weights, context_texts, prepare
-from pipeline.config import ReadoutTrainConfig
+from pipeline.config import PromptTrainConfig, ReadoutTrainConfig
 from pipeline.data import realtimeqa, synthetic
 from pipeline.evaluate import build_memory
 from pipeline.metrics import aggregate, score_answer
 from pipeline.model.encoder import TextEncoder
 from pipeline.model.lm import Prefix
 from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.model.prompt import batched
 from pipeline.modes import Mode
-from pipeline.prompts import answer_continuation, document_text, prompt_for, prompt_with
-from pipeline.train_readout import modulations, realtimeqa_selection_data, retrieved_with_gold
+from pipeline.prompts import document_text, prompt_with
+from pipeline.train_prompt import train_prompt
+from pipeline.train_readout import realtimeqa_selection_data, retrieved_with_gold
 
 
 def _log(msg: str) -> None:
@@ -57,49 +59,10 @@ def _progress(what: str, step: int, steps: int, loss: torch.Tensor, t0: float) -
         _log(f"{what} step {step}/{steps} loss {loss.item():.3f} {rate:.2f} steps/s ETA {(steps - step) / rate / 60:.1f} min")
 
 
-def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int, with_memory: bool = False) -> Prefix:
-    """The soft prompt (1, L, H, 1+T, D) keys and values (module docstring). ``with_memory``: trained in front of the
-    gold document's memory (the prefix the LM sees is soft prompt ⧺ memory, 2(1+T) positions; the memory frozen), the
-    two-stream prefix: the prompt can learn the answer form and leave the document to the memory."""
-    docs, qs = synthetic.generate("train", 300, seed=0)  # the readout checkpoint's training split
-    by_id = {d.id: d for d in docs}
-    pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
-    with torch.no_grad():
-        mods = modulations(model, docs[:256])  # the rest on first use (frozen: computed once)
-        mean = torch.stack(list(mods.values())).mean(0, keepdim=True)  # (1, T, d)
-        init = model.expander(mean)
-    keys, values = (torch.nn.Parameter(t.detach().float().clone()) for t in (init.keys, init.values))
-    opt = torch.optim.Adam([keys, values], lr=lr)
-    tok, rng, t0 = model.lm.tokenizer, random.Random(seed), time.time()
-    for step in range(1, steps + 1):
-        part = rng.sample(pool, batch)
-        prompts = [tok(prompt_for("mac+rag", q.question, [by_id[q.doc_ids[0]]]))["input_ids"] for q in part]
-        targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in part]
-        prefix = _batched(Prefix(keys, values), batch)
-        if with_memory:
-            with torch.no_grad():
-                mods.update(modulations(model, list({by_id[q.doc_ids[0]].id: by_id[q.doc_ids[0]] for q in part
-                                                     if q.doc_ids[0] not in mods}.values())))
-                memory = model.expander(torch.stack([mods[q.doc_ids[0]] for q in part]))  # (B, L, H, 1+T, D)
-            prefix = two_stream(prefix, memory)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            s, n = model.lm.continuation_logprobs(prompts, targets, prefix)
-            loss = -s.sum() / n.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        _progress("soft prompt", step, steps, loss, t0)
-    return Prefix(keys.detach(), values.detach())
-
-
-def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
-    """(B, L, H, P1, D) ⧺ (B, L, H, P2, D) → (B, L, H, P1+P2, D): the soft prompt's positions, then the memory's."""
-    return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),
-                  torch.cat([prompt.values, memory.values.to(prompt.values.dtype)], 3))
-
-
-def _batched(prefix: Prefix, b: int) -> Prefix:
-    return Prefix(prefix.keys.expand(b, *prefix.keys.shape[1:]), prefix.values.expand(b, *prefix.values.shape[1:]))
+def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int) -> Prefix:
+    """The soft prompt (1, L, H, 1+T, D) keys and values (module docstring): the product's answer-prompt training
+    (:mod:`pipeline.train_prompt`) without the memory behind it."""
+    return train_prompt(model, PromptTrainConfig(steps=steps, batch=batch, lr=lr, seed=seed), _log)
 
 
 class CrossEncoder(torch.nn.Module):
@@ -155,7 +118,7 @@ def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, to
         ranked = _rerank(model, ce, texts, hs)
         rr_text = [context_texts(model, one_text, [h[j]], None)[0] for h, j in zip(hs, ranked)]
         own, _ = model.memory_prefix(texts, [[(h[0].chunk.modulation, h[0].score)] for h in hs])  # the top hit's memory
-        soft_b = _batched(soft, len(qs))
+        soft_b = batched(soft, len(qs))
         top_doc = [h[0].document.id for h in hs]
         rr_doc = [h[j].document.id for h, j in zip(hs, ranked)]
         agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]

@@ -4,7 +4,7 @@
 memory's size (no document in it) beats the document's memory as the prefix on real news. That leaves one question
 open: is the memory worse than *text*, or only worse than a prompt that learned the answer form? The two-stream prefix
 separates the two: a soft prompt trained in front of the (frozen) document memory — prefix = soft prompt ⧺ memory —
-against the same soft prompt trained alone, same data, steps, seed and learning rate (``train_soft_prompt``).
+against the same soft prompt trained alone, same data, steps, seed and learning rate (:mod:`pipeline.train_prompt`).
 
 Two steps (the trainings are independent: run them side by side, one core each):
 
@@ -28,16 +28,18 @@ import time
 
 import torch
 
-from benchmarks.mac_rag_baselines import _batched, train_soft_prompt, two_stream
 from benchmarks.machine import machine
 from pipeline.answering import citation_weights, context_texts, prepare
+from pipeline.config import PromptTrainConfig
 from pipeline.data import realtimeqa, synthetic
 from pipeline.evaluate import build_memory
 from pipeline.metrics import aggregate, score_answer
 from pipeline.model.lm import Prefix
 from pipeline.model.mac import MACModel, checkpoint_dir
+from pipeline.model.prompt import batched, two_stream
 from pipeline.modes import Mode
 from pipeline.prompts import prompt_with
+from pipeline.train_prompt import train_prompt
 
 
 def _save(prefix: Prefix, path: str, meta: dict) -> None:
@@ -64,7 +66,7 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
         own, _ = model.memory_prefix(texts, [[(h[0].chunk.modulation, h[0].score)] for h in hs])  # the top hit's memory
         top_doc = [h[0].document.id for h in hs]
         agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]
-        soft_b, two_b = _batched(soft, b), _batched(two, b)
+        soft_b, two_b = batched(soft, b), batched(two, b)
         runs = {  # name: (prompts, prefix, the document whose text is in the prompt)
             "retriever text + soft prompt": (top_prompts, soft_b, top_doc),
             "retriever text + two-stream (prompt + its memory)": (top_prompts, two_stream(two_b, own), top_doc),
@@ -110,7 +112,8 @@ def main() -> None:
         raise SystemExit("two_stream: needs a readout-memory checkpoint (expander='readout')")
     if args.cmd == "train":
         t0 = time.time()
-        prompt = train_soft_prompt(model, args.steps, args.batch, args.lr, seed=0, with_memory=args.variant == "two-stream")
+        cfg = PromptTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr)
+        prompt = train_prompt(model, cfg, with_memory=args.variant == "two-stream")
         _save(prompt, args.out, {"variant": args.variant, "steps": args.steps, "lr": args.lr, "batch": args.batch,
                                  "checkpoint": model.version, "seconds": round(time.time() - t0), "machine": machine()})
         return

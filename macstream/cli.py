@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, train-readout, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
+Subcommands: data, train, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
 serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
@@ -83,6 +83,21 @@ def cmd_train_readout(args) -> None:
     start = checkpoint_dir(args.selection_from) if args.selection_from else None  # FileNotFoundError: exit 2
     version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True), start_from=start)
     print(json.dumps({"checkpoint": args.out, "version": version}))
+
+
+def cmd_train_prompt(args) -> None:
+    from pipeline.config import PromptTrainConfig, load_config
+    from pipeline.model.mac import MACModel, checkpoint_dir
+    from pipeline.train_prompt import build
+
+    conf = _read_config(args.config)
+    if args.steps is not None:
+        conf["steps"] = args.steps
+    cfg = load_config(PromptTrainConfig, conf, "train-prompt")  # ValueError naming the bad key: exit 2 (main)
+    d = checkpoint_dir(args.checkpoint)  # FileNotFoundError: exit 2
+    model = MACModel.load(d).eval()
+    prompt = build(model, d, cfg, log=lambda m: print(m, flush=True))  # ValueError (not a readout checkpoint): exit 2
+    print(json.dumps({"checkpoint": str(d), "version": model.version, "prompt": prompt}))
 
 
 def _finetune_configs(args) -> dict:
@@ -345,6 +360,13 @@ def parser() -> argparse.ArgumentParser:
                     "train only the selection (question encoder + aggregator) again")
     tr.set_defaults(fn=cmd_train_readout)
 
+    tp = sub.add_parser("train-prompt", help="train a readout checkpoint's answer prompt, the soft prompt in front of "
+                        "its memory (writes <checkpoint>/prompt.safetensors; the version does not change)")
+    tp.add_argument("--checkpoint", help="readout checkpoint directory (default: the shipped one)")
+    tp.add_argument("--config", help="JSON file of PromptTrainConfig fields; unknown keys are rejected")
+    tp.add_argument("--steps", type=int, help="Adam steps (overrides the config)")
+    tp.set_defaults(fn=cmd_train_prompt)
+
     for name, fn, hlp in (("eval", cmd_eval, "evaluate modes on a portable dataset"),
                           ("encode", cmd_encode, "amortize a portable dataset's documents into a memory file"),
                           ("ask", cmd_ask, "answer one question from a memory file")):
@@ -354,8 +376,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--data", required=True)
             s.add_argument("--modes", default="base,mac,rag,mac+rag",
-                           help="comma-separated: base, rag, mac, mac+rag, rag@N, mac+rag@N (only N texts in the prompt; "
-                                "for mac+rag the ones the aggregator weighs most), ft-uniform, ft-salient")
+                           help="comma-separated: base, rag, mac, mac+rag, select+rag, KIND@N for the text kinds (only N texts in the prompt; "
+                                "for mac+rag and select+rag the ones the aggregator weighs most), ft-uniform, ft-salient")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
             s.add_argument("--limit", type=_positive)
@@ -373,7 +395,7 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("question")
             s.add_argument("--memory", required=True, help="file written by `macstream encode`")
             s.add_argument("--mode", default=DEFAULT_MODE, type=_mode,
-                           help=f"base, rag, mac, mac+rag, or rag@N / mac+rag@N (N texts in the prompt); default {DEFAULT_MODE}, "
+                           help=f"base, rag, mac, mac+rag, select+rag, or KIND@N for the text kinds (N texts in the prompt); default {DEFAULT_MODE}, "
                                 "the best the shipped checkpoint measures")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)

@@ -3,7 +3,8 @@
 Same frozen LM in every mode, greedy decoding, stop at newline. Citation weights: for the MAC modes, the aggregator's
 attention mass per document (its chunks' mass summed). ``rag@N`` / ``mac+rag@N`` put only N of the retrieved
 documents' texts in the prompt (for ``mac+rag@N`` the N the aggregator weighs most, heaviest first); every retrieved
-chunk still enters the aggregation (the prefix is the same as in ``mac``).
+chunk still enters the aggregation (the prefix is the same as in ``mac``). ``select+rag@N`` reads the same N texts as
+``mac+rag@N`` behind the checkpoint's answer prompt instead of the memory's prefix.
 
 The text-only modes (``base``, ``rag``) need only the LM: ``model`` may then be a bare :class:`FrozenLM` (the online
 fine-tuning baselines answer through a fine-tuned copy). The MAC modes need the :class:`MACModel`.
@@ -19,6 +20,7 @@ import torch
 
 from pipeline.model.lm import FrozenLM, Prefix
 from pipeline.model.mac import MACModel, QuestionEncoding
+from pipeline.model.prompt import batched
 from pipeline.modes import Mode
 from pipeline.prompts import document_text, prompt_with
 from pipeline.schemas import Document, Hit
@@ -54,10 +56,16 @@ def prepare(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], 
     if mode.uses_memory and not all(hits):
         raise ValueError(f"mode {str(mode)!r} needs a non-empty memory for every question")
     prefix = mass = None
-    if mode.uses_mac:
+    if mode.uses_aggregator:
         if not isinstance(model, MACModel):
             raise TypeError(f"mode {str(mode)!r} needs a MACModel, got {type(model).__name__}")
-        prefix, mass = model.memory_prefix(encoded or questions, [[(x.chunk.modulation, x.score) for x in h] for h in hits])
+        memories = [[(x.chunk.modulation, x.score) for x in h] for h in hits]
+        if mode.uses_mac:
+            prefix, mass = model.memory_prefix(encoded or questions, memories)
+        else:  # select+rag: the aggregator picks the texts; the answer prompt (if any) is the whole prefix
+            mass = model.selection(encoded or questions, memories)
+            if model.answer_prompt is not None:
+                prefix = batched(model.answer_prompt, len(questions))
     prompts = []
     for i, (q, h) in enumerate(zip(questions, hits)):
         texts = context_texts(model, mode, h, mass[i] if mass is not None else None) if mode.uses_text else []

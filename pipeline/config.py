@@ -23,10 +23,10 @@ SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-readout-smollm2-minilm"
 # The slots memory shipped until 2026-11-29 (its modulations do not carry the document): kept for comparison.
 PREVIOUS_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
 # The answer mode a client gets when it names none (HTTP API, `macstream ask`): the best mode the shipped checkpoint
-# measures (README, "Results", `bench quality` 2026-11-29: mac+rag@1 F1 73.3 on the synthetic test vs mac 50.8, rag@1
-# 37.5; RealTimeQA 2024 F1 28.9 / MC 67 vs mac 19.5 / 58). Follow the measurement: when a checkpoint ships whose best
-# mode is another, change it here and nowhere else.
-DEFAULT_MODE = "mac+rag@1"
+# measures on real news (README, "Results", 2026-11-29, first 100 RealTimeQA 2024 questions: select+rag@1 F1 42.5 /
+# MC 64 vs mac+rag@1 28.9 / 67, rag@1 21.4 / 56; synthetic test F1 70.5 vs 73.3 and 37.5). Follow the measurement:
+# when a checkpoint ships whose best mode is another, change it here and nowhere else.
+DEFAULT_MODE = "select+rag@1"
 
 
 def home() -> Path:
@@ -186,6 +186,19 @@ class ReadoutTrainConfig(StrictModel):
         return years
 
 
+class PromptTrainConfig(StrictModel):
+    """Training a checkpoint's answer prompt (pipeline/train_prompt.py): a soft prompt of the memory's size, the LM
+    and every head frozen, answer NLL on the synthetic training questions with the gold article in the prompt. The
+    defaults reproduce the shipped prompt (20 minutes on one core here)."""
+
+    synthetic_entities: int = Field(300, ge=1, description="Entities of the synthetic train split (the readout's own).")
+    steps: int = Field(100, ge=1, description="Adam steps.")
+    batch: int = Field(16, ge=1, le=256, description="Questions per step.")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the prompt's keys and values.")
+    seed: int = Field(0, description="Seed for sampling questions.")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+
+
 class FinetuneConfig(StrictModel):
     """Online fine-tuning of the whole LM (full FT) on each incoming document. Pick the values with :func:`tune`
     on the validation split."""
@@ -256,7 +269,7 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="Most /v1/answer requests one replica answers in one batched generation.")
     batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="Longest a replica waits to fill a batch. It waits only while more requests are in flight than the batch holds (batches are sized to the recent peak load), so a lone request is never delayed; under load it covers the round trip of the clients of the last batch.")
     max_pending: int = Field(64, ge=1, le=100000, description="Requests in the service at once; more get 503 with Retry-After.")
-    default_mode: str = Field(DEFAULT_MODE, description="Answer mode when the request names none: base, rag, mac, mac+rag, or rag@N / mac+rag@N (N documents' texts in the prompt). The default is the best mode the shipped checkpoint measures (README, Results).")
+    default_mode: str = Field(DEFAULT_MODE, description="Answer mode when the request names none: base, rag, mac, mac+rag, select+rag, or rag@N / mac+rag@N / select+rag@N (N documents' texts in the prompt). The default is the best mode the shipped checkpoint measures (README, Results).")
     default_top_k: int = Field(8, ge=1, le=64, description="Retrieved chunks per question when the request does not say.")
     default_max_new_tokens: int = Field(24, ge=1, le=256, description="Answer length when the request does not say.")
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key → tenant. Empty: no auth. With keys, a tenant only retrieves its own documents.")
@@ -279,6 +292,7 @@ def reference_markdown() -> str:
                 (TrainConfig, "train", "`macstream train --config` under `train`"),
                 (StageConfig, "train.stages[]", "one curriculum stage"),
                 (ReadoutTrainConfig, "train-readout", "`macstream train-readout --config`"),
+                (PromptTrainConfig, "train-prompt", "`macstream train-prompt --config`"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))

@@ -3,10 +3,15 @@
 - ``base``: the frozen LM alone (one-shot prompt);
 - ``rag``: the retrieved documents' texts in the prompt;
 - ``mac``: the aggregated modulations of the retrieved chunks as the prefix (no text);
-- ``mac+rag``: both.
+- ``mac+rag``: both;
+- ``select+rag``: the aggregator, reading the retrieved modulations, *selects* the texts that enter the prompt, and
+  the LM reads them behind the checkpoint's trained answer prompt (:mod:`pipeline.model.prompt`) instead of the
+  memory's prefix (on real news the memory in the prefix costs more than it adds once the text is there: README,
+  "MAC + RAG"). Without an answer prompt in the checkpoint, no prefix at all.
 
-``rag`` and ``mac+rag`` take ``context_docs`` (written ``rag@N`` / ``mac+rag@N``): only N documents' texts enter the
-prompt — the retriever's best N for ``rag``, the N the aggregator weighs most for ``mac+rag``. The online
+``rag``, ``mac+rag`` and ``select+rag`` take ``context_docs`` (written ``rag@N`` / ``mac+rag@N`` / ``select+rag@N``):
+only N documents' texts enter the prompt — the retriever's best N for ``rag``, the N the aggregator weighs most for
+the other two. The online
 fine-tuning baselines (:data:`FT_MODES`) are evaluation modes, not answer modes: they need the document stream.
 """
 
@@ -15,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Kind = Literal["base", "rag", "mac", "mac+rag"]
+Kind = Literal["base", "rag", "mac", "mac+rag", "select+rag"]
 KINDS: tuple[str, ...] = get_args(Kind)
-TEXT_KINDS = ("rag", "mac+rag")  # the kinds that put documents' texts in the prompt (and take context_docs)
+TEXT_KINDS = ("rag", "mac+rag", "select+rag")  # the kinds that put documents' texts in the prompt (take context_docs)
 FT_MODES = ("ft-uniform", "ft-salient")
 
 
@@ -26,13 +31,13 @@ class Mode:
     """An answer mode. ``str(Mode("mac+rag", 1)) == "mac+rag@1"``; :meth:`parse` is its inverse."""
 
     kind: str
-    context_docs: int | None = None  # rag / mac+rag: documents' texts in the prompt (None: every retrieved one)
+    context_docs: int | None = None  # text kinds: documents' texts in the prompt (None: every retrieved one)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown mode {self.kind!r}; expected one of {list(KINDS)}, or rag@N / mac+rag@N")
+            raise ValueError(f"unknown mode {self.kind!r}; expected one of {list(KINDS)}, or KIND@N for {list(TEXT_KINDS)}")
         if self.context_docs is not None and (self.kind not in TEXT_KINDS or self.context_docs < 1):
-            raise ValueError(f"mode {self}: @N (N >= 1 documents' texts in the prompt) applies to rag and mac+rag only")
+            raise ValueError(f"mode {self}: @N (N >= 1 documents' texts in the prompt) applies to {', '.join(TEXT_KINDS)} only")
 
     @classmethod
     def parse(cls, spec: "str | Mode") -> "Mode":
@@ -41,7 +46,7 @@ class Mode:
             return spec
         kind, at, n = spec.partition("@")
         if at and not n.isdigit():
-            raise ValueError(f"mode {spec!r}: @N (N >= 1 documents' texts in the prompt) applies to rag and mac+rag only")
+            raise ValueError(f"mode {spec!r}: @N (N >= 1 documents' texts in the prompt) applies to {', '.join(TEXT_KINDS)} only")
         return cls(kind, int(n) if at else None)
 
     def __str__(self) -> str:
@@ -51,6 +56,11 @@ class Mode:
     def uses_mac(self) -> bool:
         """The aggregated modulations enter the LM as its prefix."""
         return self.kind in ("mac", "mac+rag")
+
+    @property
+    def uses_aggregator(self) -> bool:
+        """The aggregator weighs the retrieved modulations (citation weights; the texts a text mode reads)."""
+        return self.kind in ("mac", "mac+rag", "select+rag")
 
     @property
     def uses_text(self) -> bool:

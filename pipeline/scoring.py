@@ -61,7 +61,7 @@ def answer_batch(model: MACModel | FrozenLM, mode: Mode | str, questions: list[Q
     t0 = time.perf_counter()
     answers = answer(model, mode, [q.question for q in questions], hits, settings.max_new_tokens)
     t_total = time.perf_counter() - t0
-    rows, with_weights = [], mode.uses_mac
+    rows, with_weights = [], mode.uses_aggregator
     for i, (q, a) in enumerate(zip(questions, answers)):
         row = {"id": q.id, "prediction": a.text, **score_answer(a.text, q.answers), "prompt_tokens": a.prompt_tokens,
                "seconds": t_total / len(questions), "aggregate_seconds": a.seconds["aggregate"]}

@@ -143,6 +143,7 @@ class MACServer:
         cur = self.loaded
         error = self.error or (None if cur is None else self._store_error())
         return {"ready": cur is not None and error is None, "checkpoint": cur.model.version if cur else None,
+                "answer_prompt": cur.model.prompt_version if cur else None,  # select+rag's prefix (not in the version)
                 "collection": cur.collection if cur else None, "error": error}
 
     def memory_stats(self, tenant: str | None = None) -> dict:
@@ -243,7 +244,7 @@ class MACServer:
             groups[(used, j.max_new_tokens)].append(i)
         out: list[dict] = [{} for _ in jobs]
         for (mode, max_new), idx in groups.items():
-            enc = encoded.of(idx) if mode.uses_mac else None
+            enc = encoded.of(idx) if mode.uses_aggregator else None
             answers = answer(cur.model, mode, [jobs[i].question for i in idx], [hits[i] for i in idx], max_new, enc)
             for i, a in zip(idx, answers):
                 out[i] = {"answer": a.text, "mode": str(jobs[i].mode), "checkpoint": cur.model.version,
@@ -258,7 +259,7 @@ class MACServer:
         cur = self._current()
         hits, encoded, _ = self._retrieve(cur, [job])
         mode = job.mode if (job.mode == BASE or hits[0]) else BASE
-        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.of([0]) if mode.uses_mac else None)
+        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.of([0]) if mode.uses_aggregator else None)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
                "fallback": _fallback(mode, job)}

@@ -26,20 +26,20 @@ class MemoryControls(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Kind | None = Field(None, description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, or base (no memory). Default: the server's best measured mode (GET /health names it; out of the box mac+rag with context_docs 1).")
+    mode: Kind | None = Field(None, description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, select+rag (the texts the aggregator selects, read behind the checkpoint's answer prompt), or base (no memory). Default: the server's best measured mode (GET /health names it; out of the box select+rag with context_docs 1).")
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Chunks retrieved (default: the server's).")
     since: datetime | None = Field(None, description="Only documents published at or after (ISO-8601).")
     until: datetime | None = Field(None, description="Only documents published at or before (ISO-8601).")
     source: str | None = Field(None, max_length=200, description="Only documents of this source.")
     tenant: str | None = Field(None, max_length=200, description="Only this tenant's documents; with API keys it must be the key's tenant.")
-    context_docs: int | None = Field(None, ge=1, le=MAX_TOP_K, description="rag and mac+rag: put only this many retrieved documents' texts in the prompt — the retriever's best for rag, the ones the aggregator weighs most for mac+rag (default: all retrieved).")
+    context_docs: int | None = Field(None, ge=1, le=MAX_TOP_K, description="rag, mac+rag and select+rag: put only this many retrieved documents' texts in the prompt — the retriever's best for rag, the ones the aggregator weighs most for the other two (default: all retrieved).")
 
     @model_validator(mode="after")
     def _range(self):
         # context_docs without a mode applies to the server's default mode: checked by the gateway, which knows it
         SearchFilter(since=self.since, until=self.until)  # since ≤ until, with the store's own message
         if self.context_docs is not None and self.mode is not None and self.mode not in TEXT_KINDS:
-            raise ValueError(f"context_docs applies to the rag and mac+rag modes, not {self.mode!r}")
+            raise ValueError(f"context_docs applies to the {', '.join(TEXT_KINDS)} modes, not {self.mode!r}")
         return self
 
 

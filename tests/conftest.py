@@ -136,10 +136,13 @@ def tiny_mac(tiny_llama, minilm):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tokenizer, minilm) -> Path:
     """A tiny MAC checkpoint on disk (tiny Llama saved as a local model + the real MiniLM), loadable by other
-    processes (Ray encoder actors) by path. Untrained: for pipeline semantics, not for answers."""
+    processes (Ray encoder actors) by path, with an answer prompt (3 positions) that ``select+rag`` reads through.
+    Untrained: for pipeline semantics, not for answers."""
     import shutil
 
+    from pipeline.model.lm import Prefix
     from pipeline.model.mac import MACModel
+    from pipeline.model.prompt import PROMPT_FILE, save_prompt
 
     root = TEST_HOME / "tiny-checkpoint"
     ckpt = root / "ckpt"
@@ -150,4 +153,9 @@ def tiny_checkpoint(tokenizer, minilm) -> Path:
         tokenizer.save_pretrained(root / "lm")
         torch.manual_seed(7)
         MACModel(tiny_config(lm=str(root / "lm")), lm=lm, encoder=minilm).save(ckpt)
+    if not (ckpt / PROMPT_FILE).exists():
+        t = TINY_LLAMA
+        shape = (1, t["num_hidden_layers"], t["num_key_value_heads"], 3, t["hidden_size"] // t["num_attention_heads"])
+        gen = torch.Generator().manual_seed(8)
+        save_prompt(Prefix(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)), ckpt, {"test": True})
     return ckpt

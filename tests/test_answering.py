@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.answering import prepare
-from pipeline.model.lm import FrozenLM
+from pipeline.model.lm import FrozenLM, Prefix
 from pipeline.modes import Mode
 from pipeline.prompts import document_text
 from pipeline.schemas import Document
@@ -22,6 +22,9 @@ def test_mode_parse_and_str_are_inverse() -> None:
         assert Mode.parse(str(Mode(mode, n))) == Mode(mode, n)
     assert Mode("mac").uses_mac and not Mode("mac").uses_text and Mode("mac+rag", 1).uses_text
     assert not Mode("base").uses_memory and Mode("rag").uses_memory and not Mode("rag").uses_mac
+    sel = Mode.parse("select+rag@1")  # the aggregator selects the text, the memory is not the prefix
+    assert sel == Mode("select+rag", 1) and sel.uses_text and sel.uses_aggregator and not sel.uses_mac
+    assert not Mode("rag").uses_aggregator and Mode("mac").uses_aggregator
     for bad in ("mac@1", "base@2", "rag@0", "rag@x", "rag@", "nope", "mac+rag@-1"):
         with pytest.raises(ValueError, match="mode"):
             Mode.parse(bad)
@@ -50,12 +53,29 @@ def test_context_docs_follow_retriever_for_rag_and_aggregator_for_mac_rag(tiny_m
     assert prefix is None and texts[hits[0][0].document.id] in one  # the retriever's best, alone
     assert sum(t in one for t in texts.values()) == 1
 
-    (two,), prefix, mass = prepare(tiny_mac, "mac+rag@2", [q], hits)
-    assert prefix is not None
+    (two,), mac_prefix, mass = prepare(tiny_mac, "mac+rag@2", [q], hits)
+    assert mac_prefix is not None
     order = [hits[0][int(k)].document.id for k in torch.argsort(mass[0], descending=True)]
     # the two documents the aggregator weighs most, heaviest first; the other two are not in the prompt
     assert two.index(texts[order[0]]) < two.index(texts[order[1]])
     assert texts[order[2]] not in two and texts[order[3]] not in two
+
+    # select+rag@2: the same two texts in the same order; no prefix without an answer prompt, the prompt with one
+    assert tiny_mac.answer_prompt is None
+    (sel,), prefix, sel_mass = prepare(tiny_mac, "select+rag@2", [q], hits)
+    assert sel == two and prefix is None and torch.equal(sel_mass, mass)
+    lm = tiny_mac.lm
+    prompt = Prefix(torch.randn(1, lm.num_layers, lm.num_kv_heads, 3, lm.head_dim),
+                    torch.randn(1, lm.num_layers, lm.num_kv_heads, 3, lm.head_dim))
+    tiny_mac.answer_prompt = prompt
+    try:
+        prompts, prefix, _ = prepare(tiny_mac, "select+rag@2", [q, q], hits * 2)
+        assert prompts == [two, two] and prefix.keys.shape[0] == 2  # the prompt, once per question
+        assert torch.equal(prefix.keys[1:], prompt.keys) and torch.equal(prefix.values[:1], prompt.values)
+        (_,), again, _ = prepare(tiny_mac, "mac+rag@2", [q], hits)
+        assert torch.equal(again.keys, mac_prefix.keys)  # mac+rag keeps exactly the memory's prefix
+    finally:
+        tiny_mac.answer_prompt = None
 
 
 def test_context_docs_put_only_the_best_window_of_a_long_document(tiny_mac) -> None:

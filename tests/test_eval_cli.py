@@ -57,7 +57,7 @@ def test_encode_then_ask_cites_sources(checkpoint, dataset, tmp_path, capsys):
     main(["ask", "Who did the company name as chief executive?", "--memory", str(mem), "--checkpoint",
           str(checkpoint), "--top-k", "2", "--max-new-tokens", "3"])
     ans = json.loads(capsys.readouterr().out)
-    assert ans["mode"] == DEFAULT_MODE == "mac+rag@1" and len(ans["sources"]) == 2  # the best measured mode by default
+    assert ans["mode"] == DEFAULT_MODE == "select+rag@1" and len(ans["sources"]) == 2  # the best measured mode by default
     assert sum(s["weight"] for s in ans["sources"]) == pytest.approx(1.0, abs=1e-3)
 
 
@@ -89,4 +89,4 @@ def test_ask_mode_is_validated_before_anything_loads(tmp_path):
     """`ask --mode` takes the eval modes, @N included; a wrong one exits 2 naming the rule."""
     r = subprocess.run([sys.executable, "-m", "macstream.cli", "ask", "q", "--memory", str(tmp_path / "m"), "--mode", "mac@1"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "rag and mac+rag only" in r.stderr
+    assert r.returncode == 2 and "applies to rag, mac+rag, select+rag only" in r.stderr

@@ -7,11 +7,13 @@ documents encoded by the tiny checkpoint: these tests are about the service, not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import requests
@@ -106,6 +108,8 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
     assert health["status"] == "ok" and health["default_mode"] == server["cfg"].default_mode
     ready = requests.get(server["base"] + "/ready", timeout=10).json()
     assert ready["ready"] and ready["checkpoint"]
+    prompt = hashlib.sha256((Path(server["cfg"].checkpoint) / "prompt.safetensors").read_bytes()).hexdigest()[:12]
+    assert ready["answer_prompt"] == prompt  # the replica loaded the checkpoint's answer prompt (select+rag)
     # a replica whose model never loads: up (/health), not ready (/ready 503 with the reason), requests 503, never 500
     start(server["cfg"].model_copy(update={"checkpoint": str(tmp_path / "missing")}), name="broken", route_prefix="/broken")
     try:
@@ -153,14 +157,14 @@ def test_a_store_owned_by_another_process_is_a_503_with_the_reason(server, tmp_p
 
 def test_default_mode_is_the_configured_best_mode(server) -> None:
     r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4})
-    assert r.status_code == 200 and r.json()["mode"] == server["cfg"].default_mode == "mac+rag@1"
+    assert r.status_code == 200 and r.json()["mode"] == server["cfg"].default_mode == "select+rag@1"
     r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4, "context_docs": 2})
-    assert r.status_code == 200 and r.json()["mode"] == "mac+rag@2"  # the request's context_docs, the default's kind
+    assert r.status_code == 200 and r.json()["mode"] == "select+rag@2"  # the request's context_docs, the default's kind
     r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "max_new_tokens": 4, "mode": "mac"})
     assert r.status_code == 200 and r.json()["mode"] == "mac"
     r = _post(server, "/v1/chat/completions", {"model": "macstream", "max_tokens": 4,
                                                "messages": [{"role": "user", "content": "Who leads Acme3?"}]})
-    assert r.status_code == 200 and r.json()["macstream"]["mode"] == "mac+rag@1"
+    assert r.status_code == 200 and r.json()["macstream"]["mode"] == "select+rag@1"
 
 
 def test_a_bad_default_mode_is_refused_at_the_edge() -> None:
@@ -169,7 +173,7 @@ def test_a_bad_default_mode_is_refused_at_the_edge() -> None:
     assert ServeConfig(default_mode="rag@2").default_mode == "rag@2"
 
 
-@pytest.mark.parametrize("mode", ["mac", "rag", "mac+rag", "base"])
+@pytest.mark.parametrize("mode", ["mac", "rag", "mac+rag", "select+rag", "base"])
 def test_answer_in_every_mode_with_sources(server, mode) -> None:
     r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "mode": mode, "top_k": 4, "max_new_tokens": 6})
     assert r.status_code == 200, r.text
@@ -181,13 +185,13 @@ def test_answer_in_every_mode_with_sources(server, mode) -> None:
         return
     assert 1 <= len(out["sources"]) <= 4 and all(s["url"].startswith("https://") for s in out["sources"])
     weights = [s["weight"] for s in out["sources"]]
-    if "mac" in mode:
+    if mode != "rag":  # the aggregator weighed the retrieved chunks: citation weights
         assert all(w is not None and w >= 0 for w in weights) and abs(sum(weights) - 1) < 1e-3
     else:
         assert weights == [None] * len(weights)
 
 
-@pytest.mark.parametrize("mode", ["rag", "mac+rag"])
+@pytest.mark.parametrize("mode", ["rag", "mac+rag", "select+rag"])
 def test_context_docs_keeps_every_source_and_its_weight(server, mode) -> None:
     """Only one text enters the prompt, but all retrieved documents stay sources (and, for mac+rag, in the prefix)."""
     r = _post(server, "/v1/answer", {"question": "Who leads Acme3?", "mode": mode, "top_k": 4, "context_docs": 1,
@@ -195,7 +199,7 @@ def test_context_docs_keeps_every_source_and_its_weight(server, mode) -> None:
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["mode"] == f"{mode}@1" and out["fallback"] is None and len(out["sources"]) == 4
-    if mode == "mac+rag":
+    if mode != "rag":
         assert abs(sum(s["weight"] for s in out["sources"]) - 1) < 1e-3
 
 

@@ -22,6 +22,7 @@ from pipeline.model.amortizer import PointerHead, QueryHead
 from pipeline.model.encoder import TextEncoder, split_windows, window_spans
 from pipeline.model.expander import Expander, LMExpander, TokenExpander
 from pipeline.model.lm import FrozenLM, Prefix, pad_batch
+from pipeline.model.prompt import load_prompt
 from pipeline.model.readout import KVReadout, TokenSelector, rms
 from pipeline.modulation import Modulation, ensure_compatible
 from pipeline.prompts import answer_continuation, document_text
@@ -80,6 +81,9 @@ class MACModel(nn.Module):
             self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(
                 D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
         self.version = "untrained"
+        # the checkpoint's answer prompt (pipeline/model/prompt.py), when it ships one: not part of the version
+        self.answer_prompt: Prefix | None = None
+        self.prompt_version: str | None = None
         if calibrate and self.lm.tokenizer is not None and cfg.expander not in ("lm", "readout"):  # these need no scale
             self._calibrate_expander()
         if cfg.doc_states == "lm" and cfg.standardize_states:
@@ -118,6 +122,8 @@ class MACModel(nn.Module):
         device = torch.device(device)
         self.to(device)
         self.lm.to_device(device)
+        if self.answer_prompt is not None:
+            self.answer_prompt = Prefix(self.answer_prompt.keys.to(device), self.answer_prompt.values.to(device))
         return self
 
     # ---- trainable state ------------------------------------------------------------------------------------------
@@ -157,6 +163,9 @@ class MACModel(nn.Module):
             raise ValueError(f"checkpoint {d} does not fit this model: shape mismatch {bad[:5]}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         model.version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
+        found = load_prompt(d, model.lm.num_layers, model.lm.num_kv_heads, model.lm.head_dim)
+        if found is not None:
+            model.answer_prompt, model.prompt_version = found
         return model
 
     # ---- encoding -------------------------------------------------------------------------------------------------
@@ -290,6 +299,13 @@ class MACModel(nn.Module):
         q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
         mods, mask, scores = self.stack_memories(memories)
         return self.prefix(q_tokens, mods, mask, scores)
+
+    @torch.no_grad()
+    def selection(self, questions: "list[str] | QuestionEncoding", memories: list[list[tuple[Modulation, float]]]) -> Tensor:
+        """The aggregator's attention mass over each question's memories, (B, K), without building a prefix."""
+        q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
+        mods, mask, scores = self.stack_memories(memories)
+        return self.aggregator(q_tokens, mods, mask, scores)[1]
 
     def answer_logprobs(self, prompts: list[str], answers: list[str], prefix: Prefix | None) -> Tensor:
         """Mean per-token log p(answer | prompt, prefix): (B,). The training loss is its negative."""

@@ -1,0 +1,62 @@
+"""The answer prompt: a trained soft prompt that stands in front of the memory's prefix (the two-stream prefix).
+
+The memory's prefix holds one document; a document-independent prompt in front of it can hold what every answer
+shares (the answer's form, how to read the text in the prompt), so the memory need not. It is stored next to a
+checkpoint as ``prompt.safetensors`` and is *not* part of the checkpoint version: it never changes what a stored
+modulation means, only how answers are read from it, so adding or retraining it needs no re-encoding of the store.
+Trained by :mod:`pipeline.train_prompt` (``macstream train-prompt``).
+
+Shapes: the prompt is a :class:`Prefix` of batch 1, keys/values (1, L, H_kv, P, D_h); :func:`two_stream` puts it in
+front of a memory prefix (B, L, H_kv, P_m, D_h) → (B, L, H_kv, P + P_m, D_h).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.model.lm import Prefix
+
+PROMPT_FILE = "prompt.safetensors"
+
+
+def batched(prompt: Prefix, b: int) -> Prefix:
+    """(1, ...) → (b, ...) without copying."""
+    return Prefix(prompt.keys.expand(b, *prompt.keys.shape[1:]), prompt.values.expand(b, *prompt.values.shape[1:]))
+
+
+def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
+    """The prompt's positions, then the memory's: (1 or B, L, H, P, D) ⧺ (B, L, H, P_m, D) → (B, L, H, P + P_m, D)."""
+    if prompt.keys.shape[0] == 1 and memory.keys.shape[0] != 1:
+        prompt = batched(prompt, memory.keys.shape[0])
+    return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),
+                  torch.cat([prompt.values, memory.values.to(prompt.values.dtype)], 3))
+
+
+def save_prompt(prompt: Prefix, directory: str | Path, meta: dict) -> str:
+    """Write ``directory/prompt.safetensors`` (float16, ``meta`` as JSON metadata); return its 12-hex content hash."""
+    path = Path(directory) / PROMPT_FILE
+    save_file({"keys": prompt.keys.detach().to(torch.float16).contiguous().cpu(),
+               "values": prompt.values.detach().to(torch.float16).contiguous().cpu()},
+              str(path), metadata={"meta": json.dumps(meta, default=str)})
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def load_prompt(directory: str | Path, layers: int, kv_heads: int, head_dim: int) -> tuple[Prefix, str] | None:
+    """The checkpoint's answer prompt and its content hash, or None when it has none. Refuses (ValueError) a prompt
+    made for another LM shape."""
+    path = Path(directory) / PROMPT_FILE
+    if not path.exists():
+        return None
+    state = load_file(str(path))
+    keys, values = state["keys"].float(), state["values"].float()
+    want = (1, layers, kv_heads, head_dim)
+    got = (keys.shape[0], keys.shape[1], keys.shape[2], keys.shape[4])
+    if keys.dim() != 5 or got != want or values.shape != keys.shape:
+        raise ValueError(f"{path}: answer prompt of shape {tuple(keys.shape)} does not fit this LM "
+                         f"(expected (1, {layers}, {kv_heads}, P, {head_dim}))")
+    return Prefix(keys, values), hashlib.sha256(path.read_bytes()).hexdigest()[:12]
