@@ -36,7 +36,7 @@ from serving.app import start
 from workers.broker import free_port
 from workers.messages import content_hash
 
-MODES = ("base", "mac", "rag", "mac+rag", "rag@1", "mac+rag@1")
+MODES = ("base", "mac", "rag", "mac+rag", "rag@1", "mac+rag@1", "select+rag@1")
 THROUGHPUT_ROUNDS = 4  # the throughput phases ask every question this many times: long enough for a steady state
 
 
