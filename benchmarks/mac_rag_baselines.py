@@ -103,14 +103,42 @@ def train_reranker(model: MACModel, steps: int, batch: int, lr: float, seed: int
     return ce.eval()
 
 
+def eval_sets(entities: int, rtqa_questions: int) -> dict:
+    """{name: (documents, questions)}: the synthetic test split and the first ``rtqa_questions`` answerable RealTimeQA
+    2024 questions (when its data is present and ``rtqa_questions`` > 0), as ``bench quality`` takes them."""
+    sets = {"synthetic-test": synthetic.generate("test", entities, seed=0)}
+    if rtqa_questions and realtimeqa.available():
+        sets["realtimeqa-2024"] = realtimeqa.load([2024])
+    out = {}
+    for name, (docs, qs) in sets.items():
+        qs = [q for q in qs if q.doc_ids]  # answerable questions (with a gold document)
+        out[name] = (docs, qs[:rtqa_questions] if name.startswith("realtimeqa") else qs)
+    return out
+
+
 @torch.no_grad()
-def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, top_k: int) -> dict:
+def side_by_side(model: MACModel, docs, questions, top_k: int, runs_of) -> dict:
+    """The product's retrieval over ``docs``, then, per batch of 16 questions, ``runs_of(questions, hits)`` → {row name:
+    (prompts, prefix or None, the id of the document whose text each prompt holds)}; every row answered greedily (16
+    new tokens) and scored: {row: {f1, em, pick (the text is the gold document's), n}}."""
     bank = build_memory(model, docs, progress=False)
     hits = bank.search(model.encoder.embed([q.question for q in questions]).numpy(), top_k)
-    tok, one_text = model.lm.tokenizer, Mode.parse("mac+rag@1")
+    tok = model.lm.tokenizer
     rows: dict[str, list[dict]] = {}
     for s in range(0, len(questions), 16):
-        qs, hs = questions[s: s + 16], hits[s: s + 16]
+        qs = questions[s: s + 16]
+        for name, (ps, prefix, doc) in runs_of(qs, hits[s: s + 16]).items():
+            outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)
+            rows.setdefault(name, []).extend(score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
+                                             for q, d, o in zip(qs, doc, outs))
+    return {n: {k: round(v, 1) for k, v in aggregate(r).items() if k in ("f1", "em", "pick")} | {"n": len(r)}
+            for n, r in rows.items()}
+
+
+def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, top_k: int) -> dict:
+    one_text = Mode.parse("mac+rag@1")
+
+    def runs_of(qs, hs):
         texts = [q.question for q in qs]
         rag_prompts, _, _ = prepare(model, "rag@1", texts, hs)
         mac_prompts, mac_prefix, mass = prepare(model, "mac+rag@1", texts, hs)
@@ -122,7 +150,7 @@ def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, to
         top_doc = [h[0].document.id for h in hs]
         rr_doc = [h[j].document.id for h, j in zip(hs, ranked)]
         agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]
-        runs = {  # name: (prompts, prefix, the document whose text is in the prompt)
+        return {  # name: (prompts, prefix, the document whose text is in the prompt)
             "rag@1": (rag_prompts, None, top_doc),
             "rag@1 re-ranked": ([prompt_with("rag", q, [t]) for q, t in zip(texts, rr_text)], None, rr_doc),
             "retriever text + soft prompt": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], soft_b, top_doc),
@@ -130,12 +158,8 @@ def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, to
             "retriever text + its memory": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], own, top_doc),
             "mac+rag@1": (mac_prompts, mac_prefix, agg_doc),
         }
-        for name, (ps, prefix, doc) in runs.items():
-            outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)
-            rows.setdefault(name, []).extend(score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
-                                             for q, d, o in zip(qs, doc, outs))
-    return {n: {k: round(v, 1) for k, v in aggregate(r).items() if k in ("f1", "em", "pick")} | {"n": len(r)}
-            for n, r in rows.items()}
+
+    return side_by_side(model, docs, questions, top_k, runs_of)
 
 
 def _rerank(model: MACModel, ce: CrossEncoder, questions: list[str], hits) -> list[int]:
@@ -172,13 +196,7 @@ def main() -> None:
                       "soft_prompt_train_seconds": round(t1 - t0), "reranker_train_seconds": round(t2 - t1),
                       "command": "python -m benchmarks.mac_rag_baselines " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")}}
-    sets = {"synthetic-test": synthetic.generate("test", args.entities, seed=0)}
-    if args.rtqa_questions and realtimeqa.available():
-        sets["realtimeqa-2024"] = realtimeqa.load([2024])
-    for name, (docs, qs) in sets.items():
-        qs = [q for q in qs if q.doc_ids]  # as `bench quality`: answerable questions first, then the first N
-        if name.startswith("realtimeqa"):
-            qs = qs[: args.rtqa_questions]
+    for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft, ce, docs, qs, args.top_k)
         _log(f"{name}: {json.dumps(result[name])}")
     if args.out:

@@ -28,12 +28,10 @@ import time
 
 import torch
 
+from benchmarks.mac_rag_baselines import side_by_side, eval_sets
 from benchmarks.machine import machine
 from pipeline.answering import citation_weights, context_texts, prepare
 from pipeline.config import PromptTrainConfig
-from pipeline.data import realtimeqa, synthetic
-from pipeline.evaluate import build_memory
-from pipeline.metrics import aggregate, score_answer
 from pipeline.model.lm import Prefix
 from pipeline.model.mac import MACModel, checkpoint_dir
 from pipeline.model.prompt import batched, two_stream
@@ -51,14 +49,10 @@ def _load(path: str) -> tuple[Prefix, dict]:
     return Prefix(d["keys"], d["values"]), d["meta"]
 
 
-@torch.no_grad()
 def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: int) -> dict:
-    bank = build_memory(model, docs, progress=False)
-    hits = bank.search(model.encoder.embed([q.question for q in questions]).numpy(), top_k)
-    tok, one_text = model.lm.tokenizer, Mode.parse("mac+rag@1")
-    rows: dict[str, list[dict]] = {}
-    for s in range(0, len(questions), 16):
-        qs, hs = questions[s: s + 16], hits[s: s + 16]
+    one_text = Mode.parse("mac+rag@1")
+
+    def runs_of(qs, hs):
         texts, b = [q.question for q in qs], len(qs)
         mac_prompts, mac_prefix, mass = prepare(model, "mac+rag@1", texts, hs)
         bare_prompts, _, _ = prepare(model, "mac", texts, hs)  # no text: the same prefix, the question alone
@@ -67,7 +61,7 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
         top_doc = [h[0].document.id for h in hs]
         agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]
         soft_b, two_b = batched(soft, b), batched(two, b)
-        runs = {  # name: (prompts, prefix, the document whose text is in the prompt)
+        return {  # name: (prompts, prefix, the document whose text is in the prompt)
             "retriever text + soft prompt": (top_prompts, soft_b, top_doc),
             "retriever text + two-stream (prompt + its memory)": (top_prompts, two_stream(two_b, own), top_doc),
             "retriever text + two-stream prompt, no memory": (top_prompts, two_b, top_doc),
@@ -77,12 +71,8 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
             "mac (no text)": (bare_prompts, mac_prefix, agg_doc),
             "mac (no text) + two-stream prompt": (bare_prompts, two_stream(two_b, mac_prefix), agg_doc),
         }
-        for name, (ps, prefix, doc) in runs.items():
-            outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)
-            rows.setdefault(name, []).extend(score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
-                                             for q, d, o in zip(qs, doc, outs))
-    return {n: {k: round(v, 1) for k, v in aggregate(r).items() if k in ("f1", "em", "pick")} | {"n": len(r)}
-            for n, r in rows.items()}
+
+    return side_by_side(model, docs, questions, top_k, runs_of)
 
 
 def main() -> None:
@@ -123,13 +113,7 @@ def main() -> None:
                       "soft": soft_meta, "two_stream": two_meta,
                       "command": "python -m benchmarks.two_stream compare " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "cmd"))}}
-    sets = {"synthetic-test": synthetic.generate("test", args.entities, seed=0)}
-    if args.rtqa_questions and realtimeqa.available():
-        sets["realtimeqa-2024"] = realtimeqa.load([2024])
-    for name, (docs, qs) in sets.items():
-        qs = [q for q in qs if q.doc_ids]  # as `bench quality`: answerable questions first, then the first N
-        if name.startswith("realtimeqa"):
-            qs = qs[: args.rtqa_questions]
+    for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft, two, docs, qs, args.top_k)
         print(f"{name}: {json.dumps(result[name])}", flush=True)
     if args.out:
