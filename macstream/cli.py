@@ -360,8 +360,8 @@ def parser() -> argparse.ArgumentParser:
                     "train only the selection (question encoder + aggregator) again")
     tr.set_defaults(fn=cmd_train_readout)
 
-    tp = sub.add_parser("train-prompt", help="train a readout checkpoint's answer prompt, the soft prompt in front of "
-                        "its memory (writes <checkpoint>/prompt.safetensors; the version does not change)")
+    tp = sub.add_parser("train-prompt", help="train a readout checkpoint's answer prompt, the prefix select+rag reads "
+                        "the text behind (writes <checkpoint>/prompt.safetensors; the version does not change)")
     tp.add_argument("--checkpoint", help="readout checkpoint directory (default: the shipped one)")
     tp.add_argument("--config", help="JSON file of PromptTrainConfig fields; unknown keys are rejected")
     tp.add_argument("--steps", type=int, help="Adam steps (overrides the config)")

@@ -3,8 +3,9 @@
 Everything but the prompt is frozen: the LM, the readout, the stored modulations' meaning (the checkpoint version
 does not change). Each step samples ``batch`` synthetic training questions (the readout's own split), puts the gold
 article's text in the product's ``mac+rag`` prompt (the template ``select+rag`` shares) and, only for the
-two-stream benchmark, the gold article's memory behind the prompt; the loss is the answer's NLL through the frozen LM. The prompt starts at the readout of the mean training
-modulation (a memory of no document in particular), so step 0 is a prefix the LM has seen the like of.
+two-stream benchmark, the gold article's memory behind the prompt; the loss is the answer's NLL through the frozen
+LM. The prompt starts at the readout of the mean training modulation (a memory of no document in particular), so
+step 0 is a prefix the LM has seen the like of.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The answer prompt: a trained soft prompt that stands in front of the memory's prefix (the two-stream prefix).
+"""The answer prompt: a trained, document-independent soft prompt of the memory's size.
 
-The memory's prefix holds one document; a document-independent prompt in front of it can hold what every answer
-shares (the answer's form, how to read the text in the prompt), so the memory need not. It is stored next to a
-checkpoint as ``prompt.safetensors`` and is *not* part of the checkpoint version: it never changes what a stored
+It holds what every answer shares (the answer's form, how to read a text in the prompt). ``select+rag`` answers
+behind it instead of behind the memory's prefix; :func:`two_stream` puts it in front of a memory's prefix (what
+``benchmarks/two_stream.py`` measured and the product does not ship: on real news the memory behind it cost ~10 F1).
+It is stored next to a checkpoint as ``prompt.safetensors`` and is *not* part of the checkpoint version: it never changes what a stored
 modulation means, only how answers are read from it, so adding or retraining it needs no re-encoding of the store.
 Trained by :mod:`pipeline.train_prompt` (``macstream train-prompt``).
 
