@@ -168,6 +168,16 @@ def _rerank(model: MACModel, ce: CrossEncoder, questions: list[str], hits) -> li
     return [int(ce([q] * len(h), [context_texts(model, one, [x], None)[0] for x in h]).argmax()) for q, h in zip(questions, hits)]
 
 
+def load_readout_model(checkpoint: str | None, threads: int, who: str) -> MACModel:
+    """The (shipped, by default) readout-memory checkpoint, with ``threads`` torch threads and seed 0."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = MACModel.load(checkpoint_dir(checkpoint)).eval()
+    if model.cfg.expander != "readout":
+        raise SystemExit(f"{who}: needs a readout-memory checkpoint (expander='readout')")
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="a readout-memory checkpoint (default: the shipped one)")
@@ -182,11 +192,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
-    if model.cfg.expander != "readout":
-        raise SystemExit("mac_rag_baselines: needs a readout-memory checkpoint (expander='readout')")
+    model = load_readout_model(args.checkpoint, args.threads, "mac_rag_baselines")
     t0 = time.time()
     soft = train_soft_prompt(model, args.soft_steps, args.batch, args.soft_lr, seed=0)
     t1 = time.time()

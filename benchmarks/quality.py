@@ -37,7 +37,8 @@ def run(checkpoint: str | None = None, entities: int = 60, rtqa_questions: int =
         out["datasets"][name] = rep
     out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                   "threads": torch.get_num_threads(),
-                  "checkpoint": model.version, "answer_prompt": model.prompt_version, "modes": list(modes), "top_k": top_k, "synthetic_entities": entities,
+                  "checkpoint": model.version, "answer_prompt": model.prompt_version, "modes": list(modes),
+                  "top_k": top_k, "synthetic_entities": entities,
                   "realtimeqa_questions": rtqa_questions,
                   "method": "every document of the dataset streamed into an in-process memory in published_at order "
                             "(one amortizer forward per chunk), then every question answered greedily in each mode "

@@ -8,9 +8,9 @@ against the same soft prompt trained alone, same data, steps, seed and learning 
 
 Two steps (the trainings are independent: run them side by side, one core each):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant soft --out soft.pt --threads 1
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant two-stream --out two.pt --threads 1
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream compare --soft soft.pt --two-stream two.pt --out r.json
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant soft --out soft/ --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant two-stream --out two/ --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream compare --soft soft/ --two-stream two/ --out r.json
 
 Rows (greedy, 16 new tokens, the product's retrieval over the test memory, top-k 4, the ``mac+rag`` prompt):
 the retriever's top text with (a) the soft prompt, (b) the two-stream prompt ⧺ that document's memory, (c) the
@@ -25,28 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
-import torch
-
-from benchmarks.mac_rag_baselines import side_by_side, eval_sets
+from benchmarks.mac_rag_baselines import eval_sets, load_readout_model, side_by_side
 from benchmarks.machine import machine
 from pipeline.answering import citation_weights, context_texts, prepare
 from pipeline.config import PromptTrainConfig
 from pipeline.model.lm import Prefix
-from pipeline.model.mac import MACModel, checkpoint_dir
-from pipeline.model.prompt import batched, two_stream
+from pipeline.model.mac import MACModel
+from pipeline.model.prompt import PROMPT_FILE, LoadedPrompt, batched, load_prompt, save_prompt, two_stream
 from pipeline.modes import Mode
 from pipeline.prompts import prompt_with
 from pipeline.train_prompt import train_prompt
 
 
-def _save(prefix: Prefix, path: str, meta: dict) -> None:
-    torch.save({"keys": prefix.keys, "values": prefix.values, "meta": meta}, path)
-
-
-def _load(path: str) -> tuple[Prefix, dict]:
-    d = torch.load(path)
-    return Prefix(d["keys"], d["values"]), d["meta"]
+def _load(model: MACModel, directory: str) -> LoadedPrompt:
+    found = load_prompt(directory, model.lm.num_layers, model.lm.num_kv_heads, model.lm.head_dim)
+    if found is None:
+        raise SystemExit(f"two_stream: no {PROMPT_FILE} in {directory} (write one with `train --out {directory}`)")
+    return found
 
 
 def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: int) -> dict:
@@ -83,10 +80,10 @@ def main() -> None:
     tr.add_argument("--steps", type=int, default=100)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--batch", type=int, default=16)
-    tr.add_argument("--out", required=True)
+    tr.add_argument("--out", required=True, help=f"directory to write {PROMPT_FILE} in (the product's prompt format)")
     co = sub.add_parser("compare", help="the rows of the module docstring on the synthetic test and RealTimeQA 2024")
-    co.add_argument("--soft", required=True)
-    co.add_argument("--two-stream", dest="two_stream", required=True)
+    co.add_argument("--soft", required=True, help="directory of the soft prompt (`train --variant soft --out DIR`)")
+    co.add_argument("--two-stream", dest="two_stream", required=True, help="directory of the two-stream prompt")
     co.add_argument("--entities", type=int, default=60, help="synthetic test companies (as `bench quality`)")
     co.add_argument("--rtqa-questions", dest="rtqa_questions", type=int, default=100, help="0: skip RealTimeQA 2024")
     co.add_argument("--top-k", dest="top_k", type=int, default=4)
@@ -95,26 +92,22 @@ def main() -> None:
         p.add_argument("--checkpoint", help="a readout-memory checkpoint (default: the shipped one)")
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
-    if model.cfg.expander != "readout":
-        raise SystemExit("two_stream: needs a readout-memory checkpoint (expander='readout')")
+    model = load_readout_model(args.checkpoint, args.threads, "two_stream")
     if args.cmd == "train":
         t0 = time.time()
         cfg = PromptTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr)
         prompt = train_prompt(model, cfg, with_memory=args.variant == "two-stream")
-        _save(prompt, args.out, {"variant": args.variant, "steps": args.steps, "lr": args.lr, "batch": args.batch,
-                                 "checkpoint": model.version, "seconds": round(time.time() - t0), "machine": machine()})
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_prompt(prompt, args.out, {"variant": args.variant, "checkpoint": model.version, "config": cfg.model_dump(),
+                                       "seconds": round(time.time() - t0), "machine": machine()})
         return
-    soft, soft_meta = _load(args.soft)
-    two, two_meta = _load(args.two_stream)
+    soft, two = _load(model, args.soft), _load(model, args.two_stream)
     result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
-                      "soft": soft_meta, "two_stream": two_meta,
+                      "soft": soft.meta, "two_stream": two.meta,
                       "command": "python -m benchmarks.two_stream compare " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "cmd"))}}
     for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
-        result[name] = compare(model, soft, two, docs, qs, args.top_k)
+        result[name] = compare(model, soft.prefix, two.prefix, docs, qs, args.top_k)
         print(f"{name}: {json.dumps(result[name])}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,13 +1,14 @@
 """Answer questions from retrieved memory in one :class:`~pipeline.modes.Mode`. Shared by ``eval`` and the server.
 
-Same frozen LM in every mode, greedy decoding, stop at newline. Citation weights: for the MAC modes, the aggregator's
+Same frozen LM in every mode, greedy decoding, stop at newline. Citation weights: for the aggregator's modes, its
 attention mass per document (its chunks' mass summed). ``rag@N`` / ``mac+rag@N`` put only N of the retrieved
 documents' texts in the prompt (for ``mac+rag@N`` the N the aggregator weighs most, heaviest first); every retrieved
 chunk still enters the aggregation (the prefix is the same as in ``mac``). ``select+rag@N`` reads the same N texts as
 ``mac+rag@N`` behind the checkpoint's answer prompt instead of the memory's prefix.
 
 The text-only modes (``base``, ``rag``) need only the LM: ``model`` may then be a bare :class:`FrozenLM` (the online
-fine-tuning baselines answer through a fine-tuned copy). The MAC modes need the :class:`MACModel`.
+fine-tuning baselines answer through a fine-tuned copy). The modes that use the aggregator (``mac``, ``mac+rag``,
+``select+rag``) need the :class:`MACModel`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.schemas import Document, Hit
 class Answer:
     text: str
     prompt_tokens: int
-    weights: dict[str, float] = field(default_factory=dict)  # document id → attention mass (MAC modes)
+    weights: dict[str, float] = field(default_factory=dict)  # document id → attention mass (the aggregator's modes)
     seconds: dict[str, float] = field(default_factory=dict)  # aggregate / generate, this question's share
 
 
@@ -50,7 +51,8 @@ def lm_of(model: MACModel | FrozenLM) -> FrozenLM:
 @torch.no_grad()
 def prepare(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], hits: list[list[Hit]],
             encoded: QuestionEncoding | None = None) -> tuple[list[str], Prefix | None, torch.Tensor | None]:
-    """Prompts, and for the MAC modes the aggregated prefix and per-chunk attention mass (B, K). ``encoded``: the
+    """Prompts, the prefix (``mac``, ``mac+rag``: the aggregated memory; ``select+rag``: the answer prompt, if any) and,
+    for the aggregator's modes, the per-chunk attention mass (B, K). ``encoded``: the
     questions' encoding already made for retrieval (:meth:`MACModel.encode_questions`), reused, not recomputed."""
     mode = Mode.parse(mode)
     if mode.uses_memory and not all(hits):

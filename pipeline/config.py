@@ -189,7 +189,7 @@ class ReadoutTrainConfig(StrictModel):
 class PromptTrainConfig(StrictModel):
     """Training a checkpoint's answer prompt (pipeline/train_prompt.py): a soft prompt of the memory's size, the LM
     and every head frozen, answer NLL on the synthetic training questions with the gold article in the prompt. The
-    defaults reproduce the shipped prompt (20 minutes on one core here)."""
+    defaults are the shipped prompt's settings (it took 20 minutes on one core here)."""
 
     synthetic_entities: int = Field(300, ge=1, description="Entities of the synthetic train split (the readout's own).")
     steps: int = Field(100, ge=1, description="Adam steps.")
@@ -298,7 +298,7 @@ def reference_markdown() -> str:
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
     out = []
     for cls, key, where in sections:
-        out += [f"#### `{key}` ({cls.__name__}: {where})", "", (cls.__doc__ or "").strip().replace("\n", " "), "",
+        out += [f"#### `{key}` ({cls.__name__}: {where})", "", " ".join((cls.__doc__ or "").split()), "",
                 "| field | type | default | description |", "| --- | --- | --- | --- |"]
         for name, f in cls.model_fields.items():
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))

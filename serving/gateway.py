@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 
 from pipeline.config import ServeConfig
-from pipeline.modes import Mode
+from pipeline.modes import TEXT_KINDS, Mode
 from pipeline.store import SearchFilter
 from serving.auth import AuthError, tenant_for
 from serving.metrics import ServeMetrics
@@ -99,7 +99,7 @@ class Gateway:
         try:
             return Mode(default.kind, c.context_docs or default.context_docs)
         except ValueError:
-            raise ApiError(422, f"context_docs applies to the rag, mac+rag and select+rag modes; the default mode is "
+            raise ApiError(422, f"context_docs applies to the {', '.join(TEXT_KINDS)} modes; the default mode is "
                                 f"{self.cfg.default_mode!r}: name a mode", param="context_docs") from None
 
     def _admit(self) -> None:

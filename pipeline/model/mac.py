@@ -165,7 +165,7 @@ class MACModel(nn.Module):
         model.version = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
         found = load_prompt(d, model.lm.num_layers, model.lm.num_kv_heads, model.lm.head_dim)
         if found is not None:
-            model.answer_prompt, model.prompt_version = found
+            model.answer_prompt, model.prompt_version = found.prefix, found.version
         return model
 
     # ---- encoding -------------------------------------------------------------------------------------------------
@@ -296,16 +296,18 @@ class MACModel(nn.Module):
     def memory_prefix(self, questions: "list[str] | QuestionEncoding",
                       memories: list[list[tuple[Modulation, float]]]) -> tuple[Prefix, Tensor]:
         """Questions (texts, or their encoding from retrieval) + per-question memories → prefix, mass (B, K)."""
-        q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
-        mods, mask, scores = self.stack_memories(memories)
-        return self.prefix(q_tokens, mods, mask, scores)
+        return self.prefix(*self._aggregator_inputs(questions, memories))
 
     @torch.no_grad()
     def selection(self, questions: "list[str] | QuestionEncoding", memories: list[list[tuple[Modulation, float]]]) -> Tensor:
         """The aggregator's attention mass over each question's memories, (B, K), without building a prefix."""
+        return self.aggregator(*self._aggregator_inputs(questions, memories))[1]
+
+    def _aggregator_inputs(self, questions: "list[str] | QuestionEncoding",
+                           memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q_tokens (B, T, D), mods (B, K, T, D), mask (B, K), scores (B, K)."""
         q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
-        mods, mask, scores = self.stack_memories(memories)
-        return self.aggregator(q_tokens, mods, mask, scores)[1]
+        return (q_tokens, *self.stack_memories(memories))
 
     def answer_logprobs(self, prompts: list[str], answers: list[str], prefix: Prefix | None) -> Tensor:
         """Mean per-token log p(answer | prompt, prefix): (B,). The training loss is its negative."""

@@ -16,13 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pipeline.model.lm import Prefix
 
 PROMPT_FILE = "prompt.safetensors"
+
+
+class LoadedPrompt(NamedTuple):
+    prefix: Prefix  # keys/values (1, L, H_kv, P, D_h), float32
+    version: str  # 12-hex content hash of the file
+    meta: dict  # how it was trained (what save_prompt was given)
 
 
 def batched(prompt: Prefix, b: int) -> Prefix:
@@ -47,17 +55,17 @@ def save_prompt(prompt: Prefix, directory: str | Path, meta: dict) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def load_prompt(directory: str | Path, layers: int, kv_heads: int, head_dim: int) -> tuple[Prefix, str] | None:
-    """The checkpoint's answer prompt and its content hash, or None when it has none. Refuses (ValueError) a prompt
-    made for another LM shape."""
+def load_prompt(directory: str | Path, layers: int, kv_heads: int, head_dim: int) -> LoadedPrompt | None:
+    """The answer prompt stored in ``directory``, or None when there is none. Refuses (ValueError) a prompt made for
+    another LM shape."""
     path = Path(directory) / PROMPT_FILE
     if not path.exists():
         return None
-    state = load_file(str(path))
-    keys, values = state["keys"].float(), state["values"].float()
-    want = (1, layers, kv_heads, head_dim)
-    got = (keys.shape[0], keys.shape[1], keys.shape[2], keys.shape[4])
-    if keys.dim() != 5 or got != want or values.shape != keys.shape:
-        raise ValueError(f"{path}: answer prompt of shape {tuple(keys.shape)} does not fit this LM "
+    with safe_open(str(path), "pt") as f:
+        keys, values = f.get_tensor("keys").float(), f.get_tensor("values").float()
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    shape = tuple(keys.shape)
+    if len(shape) != 5 or shape[:3] != (1, layers, kv_heads) or shape[4] != head_dim or values.shape != keys.shape:
+        raise ValueError(f"{path}: answer prompt of shape {shape} does not fit this LM "
                          f"(expected (1, {layers}, {kv_heads}, P, {head_dim}))")
-    return Prefix(keys, values), hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return LoadedPrompt(Prefix(keys, values), hashlib.sha256(path.read_bytes()).hexdigest()[:12], meta)

@@ -1,10 +1,15 @@
-import json, time, torch
+import json
+import time
+
+import torch
+
 torch.set_num_threads(2)
+from benchmarks.machine import machine
 from pipeline.data import realtimeqa
 from pipeline.evaluate import evaluate
 from pipeline.model.mac import MACModel
 from pipeline.scoring import EvalSettings
-from benchmarks.machine import machine
+
 model = MACModel.load("checkpoints/mac-readout-smollm2-minilm")
 docs, qs = realtimeqa.load([2024])
 t0 = time.time()
