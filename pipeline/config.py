@@ -279,7 +279,7 @@ class ServeConfig(StrictModel):
 
 
 def reference_markdown() -> str:
-    """The configuration reference (README): every field of every config model, its type, default and meaning."""
+    """The configuration reference (docs/configuration.md): every config model's fields, types, defaults, meanings."""
     import typing
 
     def type_name(ann) -> str:
@@ -310,23 +310,26 @@ def reference_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-README_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+REFERENCE_FILE = REPO_ROOT / "docs" / "configuration.md"  # the generated reference lives here, between the markers
+REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
 
 
-def write_reference(readme: Path = REPO_ROOT / "README.md") -> bool:
-    """Regenerate the README's configuration reference between its markers; return whether it changed."""
-    text = readme.read_text()
-    start, end = README_MARKERS
+def write_reference(path: Path = REFERENCE_FILE) -> bool:
+    """Regenerate the configuration reference between its markers in ``path``; return whether it changed.
+
+    Only the text between the markers is rewritten; a file without both markers is refused (ValueError)."""
+    text = path.read_text()
+    start, end = REFERENCE_MARKERS
     if start not in text or end not in text:
-        raise ValueError(f"{readme}: markers {start} ... {end} not found")
+        raise ValueError(f"{path}: markers {start} ... {end} not found")
     head, rest = text.split(start, 1)
     new = head + start + "\n" + reference_markdown() + end + rest.split(end, 1)[1]
     if new != text:
-        readme.write_text(new)
+        path.write_text(new)
     return new != text
 
 
-if __name__ == "__main__":  # python -m pipeline.config: refresh the README's configuration reference
-    from pipeline.config import write_reference as _write  # the importable module: type names without __main__
+if __name__ == "__main__":  # python -m pipeline.config: refresh docs/configuration.md's generated reference
+    from pipeline.config import REFERENCE_FILE as _FILE, write_reference as _write  # the importable module
 
-    print("README.md updated" if _write() else "README.md already up to date")
+    print(f"{_FILE.relative_to(REPO_ROOT)} " + ("updated" if _write() else "already up to date"))
