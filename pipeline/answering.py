@@ -29,8 +29,19 @@ from pipeline.schemas import Document, Hit
 
 @dataclass
 class Answer:
+    """One answer and what it cost, counted with the LM's own tokenizer.
+
+    ``prompt_tokens``: the token ids fed to the LM as text — the mode's prompt template with the question and, in the
+    text modes, the context texts (what :func:`prepare` builds, tokenized). The memory prefix (``mac``, ``mac+rag``:
+    the aggregated modulation; ``select+rag``: the checkpoint's answer prompt) is **not** counted: its positions are
+    key/value vectors, not tokens, and their number is fixed by the checkpoint, not by the request.
+    ``completion_tokens``: the token ids the LM generated for the answer, before whitespace is stripped from its text;
+    the stop token (newline or EOS) that ended it is not counted, as it is not part of the answer.
+    """
+
     text: str
     prompt_tokens: int
+    completion_tokens: int
     weights: dict[str, float] = field(default_factory=dict)  # document id → attention mass (the aggregator's modes)
     seconds: dict[str, float] = field(default_factory=dict)  # aggregate / generate, this question's share
 
@@ -120,5 +131,6 @@ def answer(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], h
     outs = lm.generate(ids, prefix, max_new_tokens)
     t_gen = time.perf_counter() - t0 - t_agg
     n = max(1, len(questions))
-    return [Answer(tok.decode(o).strip(), len(ids[i]), citation_weights(hits[i], mass[i]) if mass is not None else {},
+    return [Answer(tok.decode(o).strip(), len(ids[i]), len(o),
+                   citation_weights(hits[i], mass[i]) if mass is not None else {},
                    {"aggregate": t_agg / n, "generate": t_gen / n}) for i, o in enumerate(outs)]

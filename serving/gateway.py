@@ -171,16 +171,22 @@ class Gateway:
         except ValueError as err:
             raise ApiError(422, str(err), param="messages") from None
         job = self._job(question, body.macstream, body.new_tokens(), self._tenant(request, body.macstream))
-        return await self._openai(job, chat=True, stream=body.stream)
+        return await self._openai(job, chat=True, stream=body.stream, include_usage=body.include_usage())
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._model_name(body.model)
         job = self._job(body.prompt, body.macstream, body.new_tokens(), self._tenant(request, body.macstream))
-        return await self._openai(job, chat=False, stream=body.stream)
+        return await self._openai(job, chat=False, stream=body.stream, include_usage=body.include_usage())
 
     # ---- OpenAI shapes -------------------------------------------------------------------------------------------
-    async def _openai(self, job: AnswerJob, chat: bool, stream: bool):
+    async def _openai(self, job: AnswerJob, chat: bool, stream: bool, include_usage: bool = False):
+        """A chat completion or a completion in OpenAI's shape, whole or streamed (server-sent events).
+
+        Whole: ``usage`` (:class:`~serving.schemas.Usage`) counts the tokens. Streamed: with ``include_usage``, every
+        chunk carries ``usage: null`` and one last chunk before ``data: [DONE]`` carries the counts with an empty
+        ``choices`` (OpenAI's ``stream_options``); without it, no chunk has a ``usage`` field.
+        """
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -189,14 +195,15 @@ class Gateway:
             choice = ({"index": 0, "message": {"role": "assistant", "content": out["answer"]}, "finish_reason": "stop"}
                       if chat else {"index": 0, "text": out["answer"], "finish_reason": "stop"})
             return {"id": rid, "object": kind, "created": created, "model": MODEL_NAME, "choices": [choice],
+                    "usage": out["usage"],
                     "macstream": {k: out[k] for k in ("sources", "checkpoint", "fallback", "timings", "mode")}}
         self._admit()
         status = await self.model.status.remote()
         if not status["ready"]:
             raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
-        return StreamingResponse(self._sse(job, rid, created, chat), media_type="text/event-stream")
+        return StreamingResponse(self._sse(job, rid, created, chat, include_usage), media_type="text/event-stream")
 
-    async def _sse(self, job: AnswerJob, rid: str, created: int, chat: bool):
+    async def _sse(self, job: AnswerJob, rid: str, created: int, chat: bool, include_usage: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
         self.pending += 1
         t0 = time.perf_counter()
@@ -209,17 +216,26 @@ class Gateway:
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish}
             body = {"id": rid, "object": kind, "created": created, "model": MODEL_NAME, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
             if extra is not None:
                 body["macstream"] = extra
             return f"data: {json.dumps(body)}\n\n"
 
+        usage = None
         try:
             async for piece in self.stream_model.stream.remote(job):
                 if "sources" in piece:
                     yield event(None if chat else "", None, piece)
+                elif "usage" in piece:
+                    usage = piece["usage"]
                 else:
                     yield event(piece["delta"], None)
             yield event(None, "stop")
+            if include_usage:
+                last = {"id": rid, "object": kind, "created": created, "model": MODEL_NAME, "choices": [],
+                        "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
             self.metrics.observe("stream", job.mode.kind, time.perf_counter() - t0, None, 1)
         finally:

@@ -25,7 +25,7 @@ from pipeline.modes import BASE, Mode
 from pipeline.schemas import Hit
 from pipeline.store import collection_name
 from pipeline.store.actor import StoreBusy, connect_store
-from serving.schemas import AnswerJob
+from serving.schemas import AnswerJob, Usage
 
 log = logging.getLogger(__name__)
 PEAK_WINDOW_S = 2.0  # how long the replica remembers its peak concurrency when sizing batches
@@ -250,12 +250,14 @@ class MACServer:
                 out[i] = {"answer": a.text, "mode": str(jobs[i].mode), "checkpoint": cur.model.version,
                           "sources": self._sources(hits[i], a.weights),
                           "fallback": _fallback(mode, jobs[i]),
-                          "timings": {"retrieve": t_ret, **a.seconds}, "batch_size": len(jobs)}
+                          "timings": {"retrieve": t_ret, **a.seconds}, "batch_size": len(jobs),
+                          "usage": Usage.of(a.prompt_tokens, a.completion_tokens).model_dump()}
         return out
 
     async def stream(self, job: AnswerJob):
-        """Yield the sources first, then the answer text piece by piece (greedy, one request, unbatched). The pieces
-        concatenate to what :meth:`answer` returns for the same request."""
+        """Yield the sources first, then the answer text piece by piece (greedy, one request, unbatched), then the
+        tokens it cost (``{"usage": ...}``, counted as in :meth:`answer`). The pieces concatenate to what
+        :meth:`answer` returns for the same request."""
         cur = self._current()
         hits, encoded, _ = self._retrieve(cur, [job])
         mode = job.mode if (job.mode == BASE or hits[0]) else BASE
@@ -264,11 +266,12 @@ class MACServer:
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
                "fallback": _fallback(mode, job)}
         tok = cur.model.lm.tokenizer
-        ids, sent = [], ""
-        for t in cur.model.lm.stream(tok(prompts[0])["input_ids"], prefix, job.max_new_tokens):
+        ids, sent, prompt_ids = [], "", tok(prompts[0])["input_ids"]
+        for t in cur.model.lm.stream(prompt_ids, prefix, job.max_new_tokens):
             ids.append(t)
             full = tok.decode(ids).lstrip()
             # hold back a piece that ends inside a multi-byte character (decoded as U+FFFD until complete)
             if len(full) > len(sent) and full.startswith(sent) and not full.endswith("\ufffd"):
                 yield {"delta": full[len(sent):]}
                 sent = full
+        yield {"usage": Usage.of(len(prompt_ids), len(ids)).model_dump()}

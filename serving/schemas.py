@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.modes import TEXT_KINDS, Kind, Mode
 from pipeline.store import SearchFilter
@@ -65,6 +65,26 @@ class Source(BaseModel):
     weight: float | None = Field(None, description="Aggregator attention mass on the document (MAC modes): the citation weight.")
 
 
+class Usage(BaseModel):
+    """Tokens one request cost, counted with the served LM's own tokenizer (OpenAI's ``usage`` shape).
+
+    ``prompt_tokens``: the text fed to the LM — the mode's prompt template with the question and, in the text modes,
+    the retrieved texts put in the prompt. The memory prefix (the aggregated modulation, or the answer prompt of
+    ``select+rag``) is not counted: its positions are key/value vectors, not tokens, and the checkpoint fixes their
+    number. ``completion_tokens``: the tokens generated for the answer, without the stop token (newline or EOS) that
+    ended it. ``total_tokens`` is their sum.
+    """
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
 class AnswerResponse(BaseModel):
     answer: str
     mode: str = Field(description="The mode that answered, as MODE or MODE@context_docs (e.g. mac+rag@1).")
@@ -72,6 +92,7 @@ class AnswerResponse(BaseModel):
     checkpoint: str
     fallback: str | None = Field(None, description="Set when the answer could not use memory (e.g. no document matched the filters).")
     timings: dict[str, float]
+    usage: Usage = Field(description="Tokens the request cost (prompt, completion, total), as in the OpenAI endpoints.")
 
 
 class ChatMessage(BaseModel):
@@ -81,6 +102,15 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=MAX_QUESTION_CHARS)
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: with ``include_usage``, a last chunk before ``data: [DONE]`` carries ``usage`` and an
+    empty ``choices``; every other chunk carries ``usage: null``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -88,11 +118,23 @@ class _OpenAIBase(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true (as OpenAI).")
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
     macstream: MemoryControls = Field(default_factory=MemoryControls, description="Memory controls (extension).")
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # `stream` is declared first, so it is validated already
+            raise ValueError("only allowed when stream is true")
+        return v
+
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ChatRequest(_OpenAIBase):
