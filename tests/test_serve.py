@@ -262,6 +262,110 @@ def test_openai_endpoints_and_streaming(server) -> None:
     assert _post(server, "/v1/chat/completions", chat | {"model": "gpt-4"}).status_code == 404
 
 
+def _lm_tokenizer(server):
+    """The served LM's own tokenizer, found through the checkpoint's config (as the replica finds it)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.model.weights import resolve_lm
+
+    meta = json.loads((Path(server["cfg"].checkpoint) / "config.json").read_text())
+    return AutoTokenizer.from_pretrained(resolve_lm(meta["model"]["lm"]))
+
+
+def _expected_prompt(mode: str, question: str, sources: list[dict]) -> str:
+    """The text prompt the replica builds, rebuilt from the sources it returned (the fixture's short documents are
+    one window each, so a text in the prompt is the whole document)."""
+    from pipeline.prompts import document_text, prompt_with
+
+    docs = {d.id: d for d in _docs()}
+    if mode == "rag":  # every retrieved document, in retrieval order (= the sources' order)
+        texts = [document_text(docs[s["id"]]) for s in sources]
+    elif mode == "select+rag":  # @1: the one document the aggregator weighs most
+        texts = [document_text(docs[max(sources, key=lambda s: s["weight"])["id"]])]
+    else:
+        texts = []
+    return prompt_with(mode, question, texts)
+
+
+@pytest.mark.parametrize("mode,ext", [("base", {"mode": "base"}), ("mac", {"mode": "mac", "top_k": 3}),
+                                      ("rag", {"mode": "rag", "top_k": 3}),
+                                      ("select+rag", {"mode": "select+rag", "top_k": 3, "context_docs": 1})])
+def test_usage_counts_the_prompt_fed_and_the_tokens_generated(server, mode, ext) -> None:
+    """prompt_tokens is the text prompt (template, question, texts in the prompt) tokenized by the LM's tokenizer; the
+    memory prefix of mac / select+rag adds no tokens. completion_tokens is what greedy decoding generated: a shorter
+    max_tokens truncates the same answer to exactly that many tokens. /v1/answer carries the same counts."""
+    tok = _lm_tokenizer(server)
+    q = "Who leads Acme5?"
+    full = _post(server, "/v1/completions", {"model": "macstream", "prompt": q, "max_tokens": 12, "macstream": ext})
+    assert full.status_code == 200, full.text
+    out = full.json()
+    usage, sources = out["usage"], out["macstream"]["sources"]
+    assert (mode == "base") == (not sources)
+    assert usage["prompt_tokens"] == len(tok(_expected_prompt(mode, q, sources))["input_ids"])
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    n = usage["completion_tokens"]
+    assert 0 <= n <= 12 and (n > 0) == bool(out["choices"][0]["text"])
+    for k in (1, 3):
+        short = _post(server, "/v1/completions", {"model": "macstream", "prompt": q, "max_tokens": k,
+                                                  "macstream": ext}).json()["usage"]
+        assert short == usage | {"completion_tokens": min(k, n), "total_tokens": usage["prompt_tokens"] + min(k, n)}
+    answered = _post(server, "/v1/answer", {"question": q, "max_new_tokens": 12, **ext}).json()
+    assert answered["usage"] == usage and answered["answer"] == out["choices"][0]["text"]
+    if mode == "base":  # the base prompt is longer than mac's by the one-shot example; rag's by its texts
+        mac = _post(server, "/v1/completions", {"model": "macstream", "prompt": q, "max_tokens": 1,
+                                                "macstream": {"mode": "mac"}}).json()["usage"]
+        assert mac["prompt_tokens"] < usage["prompt_tokens"]
+
+
+def _events(server, path: str, body: dict) -> list:
+    with _post(server, path, body, stream=True) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_streamed_usage_only_when_asked_in_a_last_chunk(server, path) -> None:
+    """stream_options.include_usage: every chunk has usage null, and one last chunk before [DONE] has empty choices and
+    the counts, equal to the unstreamed request's. Without it no chunk has a usage field (OpenAI's behaviour)."""
+    ext = {"mode": "rag", "top_k": 2}
+    body = {"model": "macstream", "max_tokens": 8, "macstream": ext}
+    body |= ({"messages": [{"role": "user", "content": "Who leads Acme4?"}]} if "chat" in path
+             else {"prompt": "Who leads Acme4?"})
+    whole = _post(server, path, body).json()
+    plain = _events(server, path, body | {"stream": True})
+    assert plain and all("usage" not in c for c in plain) and all(c["choices"] for c in plain)
+    counted = _events(server, path, body | {"stream": True, "stream_options": {"include_usage": True}})
+    *chunks, last = counted
+    assert last["choices"] == [] and last["usage"] == whole["usage"] and last["id"] == chunks[0]["id"]
+    assert chunks and all(c["usage"] is None and c["choices"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    off = _events(server, path, body | {"stream": True, "stream_options": {"include_usage": False}})
+    assert all("usage" not in c for c in off)
+    r = _post(server, path, body | {"stream_options": {"include_usage": True}})  # not streaming: refused, as OpenAI
+    assert r.status_code == 422 and r.json()["error"]["param"] == "stream_options", r.text
+
+
+def test_the_openai_client_reads_usage(server) -> None:
+    """The official OpenAI Python client against the API: usage on a chat completion and a completion, and the
+    streamed usage chunk when it asks for one."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="key-one", max_retries=0, timeout=120)
+    ext = {"macstream": {"mode": "mac", "top_k": 3}}
+    msgs = [{"role": "user", "content": "Who leads Acme6?"}]
+    chat = client.chat.completions.create(model="macstream", messages=msgs, max_tokens=6, extra_body=ext)
+    u = chat.usage
+    assert u is not None and u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    comp = client.completions.create(model="macstream", prompt="Who leads Acme6?", max_tokens=6, extra_body=ext)
+    assert comp.usage == u and comp.choices[0].text == chat.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="macstream", messages=msgs, max_tokens=6, extra_body=ext,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == u
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]).strip() == chat.choices[0].message.content
+
+
 BAD = [
     ({"question": ""}, "question"), ({"question": "   "}, "question"), ({"question": "x" * 5000}, "question"),
     ({"question": "q", "top_k": 0}, "top_k"), ({"question": "q", "top_k": 65}, "top_k"),
