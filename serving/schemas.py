@@ -103,8 +103,8 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    """OpenAI's ``stream_options``: with ``include_usage``, a last chunk before ``data: [DONE]`` carries ``usage`` and an
-    empty ``choices``; every other chunk carries ``usage: null``."""
+    """OpenAI's ``stream_options``: with ``include_usage``, a last chunk before ``data: [DONE]`` carries ``usage``
+    and an empty ``choices``; every other chunk carries ``usage: null``."""
 
     model_config = ConfigDict(extra="ignore")
 
