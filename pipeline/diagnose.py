@@ -317,17 +317,16 @@ def diagnose(model: MACModel, split: str = "validation", entities: int = 120, qu
         out[f"gold_only_{mode}"] = aggregate(rows) | {"f1_se": _se(rows)}
         out[f"gold_only_{mode}_by_kind"] = {k: aggregate([r for r, kk in zip(rows, kinds) if kk == k])
                                             for k in KINDS if k in kinds}
-    if model.cfg.amortizer == "select":  # the same tokens the memory stores, as plain text in the RAG prompt
-        rows = []
-        for s in range(0, len(items), batch):
-            part = items[s: s + batch]
-            kept = model.selected_tokens([model.windows(document_text(d))[0] for _, d in part])
-            texts = [prompt_with("rag", q.question, [tok.decode(k)]) for (q, _), k in zip(part, kept)]
-            outs = model.lm.generate([tok(t)["input_ids"] for t in texts], None, max_new_tokens)
-            rows += [score_answer(tok.decode(o).strip(), q.answers) for (q, _), o in zip(part, outs)]
-        out["gold_only_selected_text"] = aggregate(rows) | {"f1_se": _se(rows)}
-        out["gold_only_selected_text_by_kind"] = {k: aggregate([r for r, kk in zip(rows, kinds) if kk == k])
-                                                  for k in KINDS if k in kinds}
+    rows = []  # the same tokens the memory stores, as plain text in the RAG prompt
+    for s in range(0, len(items), batch):
+        part = items[s: s + batch]
+        kept = model.selected_tokens([model.windows(document_text(d))[0] for _, d in part])
+        texts = [prompt_with("rag", q.question, [tok.decode(k)]) for (q, _), k in zip(part, kept)]
+        outs = model.lm.generate([tok(t)["input_ids"] for t in texts], None, max_new_tokens)
+        rows += [score_answer(tok.decode(o).strip(), q.answers) for (q, _), o in zip(part, outs)]
+    out["gold_only_selected_text"] = aggregate(rows) | {"f1_se": _se(rows)}
+    out["gold_only_selected_text_by_kind"] = {k: aggregate([r for r, kk in zip(rows, kinds) if kk == k])
+                                              for k in KINDS if k in kinds}
     rows = []  # mac with the control memory: what the prefix says about no document in particular
     for b, s in enumerate(range(0, len(items), batch)):
         part = items[s: s + batch]

@@ -13,7 +13,6 @@ MAC_PROMPT = "Question: {question}\nAnswer:"
 ONE_SHOT = "Question: What is the capital of Italy?\nAnswer: Rome\n"
 BASE_PROMPT = ONE_SHOT + MAC_PROMPT
 RAG_PROMPT = "{context}\n\n" + ONE_SHOT + MAC_PROMPT
-RECALL_PROMPT = "Question: What does the article say?\nAnswer:"  # autoencoding target: the document text (training only)
 PROMPTS = {"base": BASE_PROMPT, "rag": RAG_PROMPT, "mac": MAC_PROMPT, "mac+rag": RAG_PROMPT, "select+rag": RAG_PROMPT}
 
 

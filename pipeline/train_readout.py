@@ -1,4 +1,4 @@
-"""Build a readout-memory checkpoint (``amortizer='select'``, ``expander='readout'``, ``aggregator_output='select'``).
+"""Build a readout-memory checkpoint (``macstream train-readout``): the one recipe of the shipped checkpoint.
 
 The memory (pipeline/model/readout.py): a selector keeps T tokens of each document window, the modulation is the
 frozen LM's own RMS-normalised layer-m states there (T x d_LM), and a linear readout turns each state into a key and a
@@ -38,8 +38,8 @@ from pipeline.schemas import Document, Question
 
 
 def readout_model_config(cfg: ReadoutTrainConfig) -> ModelConfig:
-    return ModelConfig(doc_states="lm", standardize_states=False, lm_state_layer=cfg.layer, num_tokens=cfg.num_tokens,
-                       amortizer="select", expander="readout", aggregator_output="select")
+    """The model a build makes: ModelConfig's defaults, with the recipe's layer m and T."""
+    return ModelConfig(lm_state_layer=cfg.layer, num_tokens=cfg.num_tokens)
 
 
 def ridge(xtx: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:

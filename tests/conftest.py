@@ -111,16 +111,14 @@ def minilm():
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        lm="tiny-llama", num_tokens=4, prefix_len=2, head_dim=16, heads=2, expander_hidden=32, bucket_size=4,
-        amortizer_blocks=1, question_blocks=1, aggregator_blocks=2, ffn_mult=1, max_doc_tokens=256, chunk_overlap=32,
-        doc_states="encoder", lm_state_layer=1,  # the encoder path; tests/test_engine.py covers doc_states="lm"
-    )
+    """The shipped memory (the readout memory) at a tiny size: T = 4 states of layer 1 of the 2-layer LM."""
+    base = dict(lm="tiny-llama", num_tokens=4, lm_state_layer=1, head_dim=16, heads=2, bucket_size=4,
+                question_blocks=1, aggregator_blocks=2, ffn_mult=1, max_doc_tokens=256, chunk_overlap=32)
     return ModelConfig(**(base | overrides))
 
 
 def make_tiny_mac(frozen_lm: FrozenLM, encoder, **overrides):
-    """A tiny MAC model; ``overrides`` are ModelConfig fields."""
+    """A tiny MAC model (the readout memory, untrained); ``overrides`` are ModelConfig fields."""
     from pipeline.model.mac import MACModel
 
     torch.manual_seed(99)
@@ -135,10 +133,14 @@ def tiny_mac(tiny_llama, minilm):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tokenizer, minilm) -> Path:
-    """A tiny MAC checkpoint on disk (tiny Llama saved as a local model + the real MiniLM), loadable by other
-    processes (Ray encoder actors) by path, with an answer prompt (3 positions) that ``select+rag`` reads through.
-    Untrained: for pipeline semantics, not for answers."""
+    """A tiny MAC checkpoint on disk (the readout memory of :func:`tiny_config` on the tiny Llama, saved as a local
+    model, + the real MiniLM), loadable by other processes (Ray encoder actors) by path, with an answer prompt (3
+    positions) that ``select+rag`` reads through. Untrained: for pipeline semantics, not for answers. Rebuilt when a
+    cached one is not this memory (e.g. one made before the engine kept one memory)."""
+    import json
     import shutil
+
+    from filelock import FileLock
 
     from pipeline.model.lm import Prefix
     from pipeline.model.mac import MACModel
@@ -146,16 +148,21 @@ def tiny_checkpoint(tokenizer, minilm) -> Path:
 
     root = TEST_HOME / "tiny-checkpoint"
     ckpt = root / "ckpt"
-    if not (ckpt / "weights.safetensors").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        lm = make_tiny_llama(tokenizer)
-        lm.model.save_pretrained(root / "lm")
-        tokenizer.save_pretrained(root / "lm")
-        torch.manual_seed(7)
-        MACModel(tiny_config(lm=str(root / "lm")), lm=lm, encoder=minilm).save(ckpt)
-    if not (ckpt / PROMPT_FILE).exists():
-        t = TINY_LLAMA
-        shape = (1, t["num_hidden_layers"], t["num_key_value_heads"], 3, t["hidden_size"] // t["num_attention_heads"])
-        gen = torch.Generator().manual_seed(8)
-        save_prompt(Prefix(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)), ckpt, {"test": True})
+    wanted = tiny_config(lm=str(root / "lm")).model_dump()
+    with FileLock(str(root) + ".lock"):  # one builder at a time when several test runs share the test home
+        config = ckpt / "config.json"
+        if not (ckpt / "weights.safetensors").exists() or json.loads(config.read_text())["model"] != wanted:
+            shutil.rmtree(root, ignore_errors=True)
+            lm = make_tiny_llama(tokenizer)
+            lm.model.save_pretrained(root / "lm")
+            tokenizer.save_pretrained(root / "lm")
+            torch.manual_seed(7)
+            MACModel(tiny_config(lm=str(root / "lm")), lm=lm, encoder=minilm).save(ckpt)
+        if not (ckpt / PROMPT_FILE).exists():
+            t = TINY_LLAMA
+            shape = (1, t["num_hidden_layers"], t["num_key_value_heads"], 3,
+                     t["hidden_size"] // t["num_attention_heads"])
+            gen = torch.Generator().manual_seed(8)
+            save_prompt(Prefix(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)), ckpt,
+                        {"test": True})
     return ckpt

@@ -94,14 +94,13 @@ def test_token_scores_match_continuation_logprobs(tiny_llama) -> None:
 
 
 def test_diagnose_gain_is_zero_for_a_blind_memory(tiny_llama, minilm) -> None:
-    mac = make_tiny_mac(tiny_llama, minilm, doc_states="lm", amortizer="pointer", expander="lm",
-                        aggregator_output="mixture", standardize_states=True)
+    mac = make_tiny_mac(tiny_llama, minilm)
     out = diagnose(mac, entities=6, questions=8, greedy=False)
     assert out["questions"] == 8 and math.isfinite(out["info_gain"]) and out["info_gain"] != 0.0
     assert out["per_token"]["all"]["answer"]["tokens"] >= 8
     original = mac.amortize
 
-    def blind(windows, with_attention=False):  # every document gets the same modulation: the control is that one
+    def blind(windows):  # every document gets the same modulation: the control is that one
         mods, vecs = original(windows)
         return torch.zeros_like(mods), vecs
 

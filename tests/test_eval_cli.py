@@ -79,10 +79,11 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "top-k" in r.stderr
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"train": {"stepz": 3}}))
-    r = subprocess.run([sys.executable, "-m", "macstream.cli", "train", "--out", str(tmp_path / "o"), "--config", str(cfg)],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "stepz" in r.stderr and "unknown key" in r.stderr
+    cfg.write_text(json.dumps({"stepz": 3}))
+    r = subprocess.run([sys.executable, "-m", "macstream.cli", "train-readout", "--out", str(tmp_path / "o"),
+                        "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2 and "stepz" in r.stderr and "unknown key" in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was built
 
 
 def test_ask_mode_is_validated_before_anything_loads(tmp_path):

@@ -1,6 +1,5 @@
 """The answer prompt (pipeline/model/prompt.py, pipeline/train_prompt.py): stored beside a checkpoint without changing
-its version, refused when made for another LM, placed in front of the memory's prefix, and trained by
-``macstream train-prompt`` on the real checkpoint."""
+its version, refused when made for another LM, and trained by ``macstream train-prompt`` on the real checkpoint."""
 
 from __future__ import annotations
 
@@ -10,18 +9,11 @@ import pytest
 import torch
 
 from pipeline.model.lm import Prefix
-from pipeline.model.prompt import PROMPT_FILE, load_prompt, save_prompt, two_stream
+from pipeline.model.prompt import PROMPT_FILE, load_prompt, save_prompt
 
 
 def _prefix(b: int, p: int, fill: float, layers: int = 2, heads: int = 2, dim: int = 16) -> Prefix:
     return Prefix(torch.full((b, layers, heads, p, dim), fill), torch.full((b, layers, heads, p, dim), -fill))
-
-
-def test_two_stream_puts_the_prompt_first_for_every_question():
-    out = two_stream(_prefix(1, 3, 1.0), _prefix(4, 5, 2.0))
-    assert out.keys.shape == (4, 2, 2, 8, 16) and out.values.shape == (4, 2, 2, 8, 16)
-    assert (out.keys[:, :, :, :3] == 1).all() and (out.keys[:, :, :, 3:] == 2).all()
-    assert (out.values[:, :, :, :3] == -1).all() and (out.values[:, :, :, 3:] == -2).all()
 
 
 def test_a_saved_prompt_loads_back_and_one_for_another_lm_is_refused(tmp_path):
@@ -41,7 +33,7 @@ def test_train_prompt_writes_a_prompt_the_product_loads_and_keeps_the_version(tm
     import json
 
     from macstream.cli import main
-    from pipeline.config import PREVIOUS_CHECKPOINT, SHIPPED_CHECKPOINT
+    from pipeline.config import SHIPPED_CHECKPOINT
     from pipeline.model.mac import MACModel, checkpoint_identity
 
     ck = tmp_path / "ck"
@@ -61,18 +53,23 @@ def test_train_prompt_writes_a_prompt_the_product_loads_and_keeps_the_version(tm
     assert model.answer_prompt.keys.shape == (1, lm.num_layers, lm.num_kv_heads, p, lm.head_dim)
     # its starting point is the readout of the mean training modulation; two steps at lr 0.05 must have moved it
     from pipeline.data import synthetic
-    from pipeline.train_readout import modulations
+    from pipeline.train_prompt import initial_prompt
 
-    docs, _ = synthetic.generate("train", 3, seed=0)
-    with torch.no_grad():
-        init = model.expander(torch.stack(list(modulations(model, docs).values())).mean(0, keepdim=True))
-    assert (model.answer_prompt.keys - init.keys.float()).abs().max() > 1e-2
+    init = initial_prompt(model, synthetic.generate("train", 3, seed=0)[0])
+    assert (model.answer_prompt.keys - init.keys).abs().max() > 1e-2
 
-    # refused with status 2: a checkpoint that is not a readout memory, a config key that does not exist
-    with pytest.raises(SystemExit) as slots:
-        main(["train-prompt", "--checkpoint", str(PREVIOUS_CHECKPOINT), "--steps", "1"])
+    # refused with status 2: a checkpoint of another memory (a config record of the slots memory), a config key that
+    # does not exist
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    shutil.copy(ck / "weights.safetensors", slots / "weights.safetensors")
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"] |= {"amortizer": "queries", "expander": "slots", "aggregator_output": "tokens"}
+    (slots / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as other:
+        main(["train-prompt", "--checkpoint", str(slots), "--steps", "1"])
     conf.write_text('{"stepz": 3}')
     with pytest.raises(SystemExit) as bad_key:
         main(["train-prompt", "--checkpoint", str(ck), "--config", str(conf)])
-    assert slots.value.code == 2 and bad_key.value.code == 2
-    assert not (PREVIOUS_CHECKPOINT / PROMPT_FILE).exists()
+    assert other.value.code == 2 and bad_key.value.code == 2
+    assert not (slots / PROMPT_FILE).exists()

@@ -77,17 +77,10 @@ def test_selector_keeps_high_scoring_tokens_never_the_sink_and_exactly_the_budge
 
 
 # ---- the readout memory inside MACModel ---------------------------------------------------------------------------
-READOUT = dict(doc_states="lm", standardize_states=False, amortizer="select", expander="readout",
-               aggregator_output="select", lm_state_layer=1, num_tokens=4)
-
-
-def test_readout_config_refuses_half_a_readout_memory():
+def test_the_readout_prefix_is_the_sink_then_the_stored_states():
     from pipeline.config import ModelConfig
 
-    for bad in ({"expander": "tokens"}, {"standardize_states": True}, {"aggregator_output": "mixture"}, {"doc_states": "encoder"}):
-        with pytest.raises(ValueError, match="select"):
-            ModelConfig(**(READOUT | bad))
-    assert ModelConfig(**READOUT).prefix_tokens == 5  # the sink + T
+    assert ModelConfig(num_tokens=4).prefix_tokens == 5  # the sink + T
 
 
 def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_document(tiny_llama, minilm, tmp_path):
@@ -98,7 +91,7 @@ def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_do
     from pipeline.model.mac import MACModel
     from pipeline.schemas import Document
 
-    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    model = make_tiny_mac(tiny_llama, minilm)
     long = Document(id="a", text="Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")
     short = Document(id="b", text="Hi there.")
     (ca, cb) = model.encode_documents([long, short])
@@ -139,7 +132,7 @@ def test_fit_linear_recovers_the_next_layers_keys_values(tiny_llama, minilm):
     from pipeline.prompts import document_text
     from pipeline.train_readout import fit_linear
 
-    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    model = make_tiny_mac(tiny_llama, minilm)
     train, _ = synthetic.generate("train", 12, seed=0)
     fit = fit_linear(model, train, ridge_lambda=1e-7)
     assert fit["articles"] == len(train) and fit["tokens"] > 20 * len(train)
@@ -239,7 +232,7 @@ def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, mi
 
     from pipeline.diagnose import diagnose
 
-    model = make_tiny_mac(tiny_llama, minilm, **READOUT)
+    model = make_tiny_mac(tiny_llama, minilm)
     out = diagnose(model, entities=4, questions=6, max_new_tokens=4)
     assert 0 <= out["gold_only_selected_text"]["f1"] <= 100 and math.isfinite(out["info_gain"])
     w = model.windows("Kelvo Labs named Aru Penn as chief executive on May 2, 2025, replacing Ibo Ranz.")[0]

@@ -17,10 +17,10 @@ def test_configuration_reference_is_current():
 
 
 def test_reference_lists_every_field():
-    from pipeline.config import IngestConfig, ModelConfig, ServeConfig, TrainConfig
+    from pipeline.config import IngestConfig, ModelConfig, PromptTrainConfig, ReadoutTrainConfig, ServeConfig
 
     ref = reference_markdown()
-    for cls in (ModelConfig, TrainConfig, IngestConfig, ServeConfig):
+    for cls in (ModelConfig, ReadoutTrainConfig, PromptTrainConfig, IngestConfig, ServeConfig):
         for name, field in cls.model_fields.items():
             assert f"| `{name}` |" in ref, f"{cls.__name__}.{name} missing from the reference"
             assert field.description, f"{cls.__name__}.{name} has no description"

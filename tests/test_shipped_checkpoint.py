@@ -33,6 +33,20 @@ def test_checkpoint_is_small_and_versioned():
     assert not (SHIPPED_CHECKPOINT / "last.pt").exists()  # training state is not shipped
 
 
+def test_one_recipe_the_defaults_build_the_shipped_checkpoint():
+    """The shipped checkpoint's recipe (its config.json) is what `macstream train-readout` builds by default:
+    ReadoutTrainConfig's defaults equal its ``train`` record (``threads``, how many cores it ran on, aside), and the
+    model they build, ModelConfig's defaults, is its ``model`` record."""
+    from pipeline.config import ModelConfig, ReadoutTrainConfig
+    from pipeline.model.mac import model_config
+    from pipeline.train_readout import readout_model_config
+
+    meta = json.loads((SHIPPED_CHECKPOINT / "config.json").read_text())
+    recipe = ReadoutTrainConfig.model_validate(meta["train"])
+    assert recipe.model_dump(exclude={"threads"}) == ReadoutTrainConfig().model_dump(exclude={"threads"})
+    assert model_config(meta["model"]) == ModelConfig() == readout_model_config(ReadoutTrainConfig())
+
+
 def test_checkpoint_answers_with_citation_weights():
     from pipeline.data import synthetic
     from pipeline.evaluate import build_memory, run_questions

@@ -1,4 +1,4 @@
-"""Pre-LN cross-attention block shared by the amortizer's query heads and the aggregator.
+"""Pre-LN cross-attention block shared by the question encoder and the aggregator.
 
 No positional encoding anywhere: attention over the keys is a set operation, so permuting the key/value set
 (with its mask and bias) leaves the output unchanged — the aggregator's permutation invariance rests on this.

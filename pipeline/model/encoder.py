@@ -1,8 +1,9 @@
-"""The pretrained text encoder shared by the amortizer, the question encoder and retrieval.
+"""The pretrained text encoder shared by the question encoder and retrieval.
 
-One backbone (default all-MiniLM-L6-v2) gives (1) token states for the learned query heads and (2) the mean-pooled,
-L2-normalised sentence embedding that the store uses as the retrieval vector (the sentence-transformers recipe for
-this model). Long documents are split into overlapping token windows — one modulation per window — never truncated.
+One frozen backbone (default all-MiniLM-L6-v2) gives (1) a question's token states for the question encoder's query
+head and (2) the mean-pooled, L2-normalised sentence embedding that the store uses as the retrieval vector (the
+sentence-transformers recipe for this model) of a question or of a document window. ``window_spans`` and
+``split_windows`` also cut documents into the overlapping LM-token windows the memory stores one modulation each of.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def split_windows(ids: list[int], span: int, overlap: int) -> list[list[int]]:
 
 
 class TextEncoder(nn.Module):
-    """Frozen pretrained encoder; its top ``unfreeze`` layers may be trained with the MAC heads."""
+    """Frozen pretrained encoder; its top ``unfreeze`` layers can be made trainable (the product never does)."""
 
     def __init__(self, name: str, max_tokens: int = 256, overlap: int = 32, unfreeze: int = 0):
         super().__init__()

@@ -123,19 +123,6 @@ class FrozenLM(nn.Module):
         )
         return out.last_hidden_state
 
-    def soft_prefix(self, embeds: Tensor) -> Prefix:
-        """T soft input tokens (B, T, d_LM), in the LM's input-embedding space → the per-layer keys/values the LM
-        itself computes for them at positions 0..T-1: a Prefix (B, L, H_kv, T, D_h). Differentiable w.r.t. ``embeds``
-        (the LM's weights stay frozen). Real tokens then continue at positions T, T+1, ..., as for any prefix."""
-        B, T, _ = embeds.shape
-        dev = embeds.device
-        cache = DynamicCache(config=self.model.config)
-        self.model.base_model(inputs_embeds=embeds.to(self.model.dtype), attention_mask=torch.ones((B, T), dtype=torch.long, device=dev),
-                              position_ids=torch.arange(T, device=dev).expand(B, T), cache=cache, use_cache=True)
-        keys = torch.stack([layer.keys for layer in cache.layers], 1)  # (B, L, H_kv, T, D_h)
-        values = torch.stack([layer.values for layer in cache.layers], 1)
-        return Prefix(keys, values)
-
     def decoder_layers(self) -> nn.ModuleList:
         body = self.model.base_model
         for name in ("layers", "h"):  # Llama/Qwen/Mistral, GPT-2

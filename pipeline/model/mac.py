@@ -1,7 +1,17 @@
-"""The MAC model: frozen LM + encoder backbone + amortizer, question encoder, aggregator, expander.
+"""The MAC model with the readout memory: a frozen LM, and around it the four parts a checkpoint trains and stores.
 
-Only the four heads (and any unfrozen encoder layers) are trainable and stored in a checkpoint. The checkpoint
-version is the content hash of those weights; every modulation is stamped with it and refused by any other version.
+- **write** (ingest; one forward, question-independent, no gradient step): the frozen LM reads a document window up
+  to layer m; the **amortizer**, a token selector, keeps T of its tokens; the modulation is the LM's own
+  RMS-normalised layer-m states there, (T, d_LM), stored with the window's MiniLM retrieval vector;
+- **select** (query time): the **question encoder** turns the question into T query tokens and the **aggregator**
+  attends over the retrieved modulations; its attention mass per document is the citation weight, and the document
+  with the most mass is the one whose memory is read (and, in ``select+rag``, whose text the LM reads);
+- **read**: the **expander**, a linear K/V readout, maps each stored state to a key and a value for every layer of
+  the LM, behind a fixed sink: a prefix of 1 + T positions per layer (pipeline/model/readout.py).
+
+Only these four parts are trainable and stored in a checkpoint (``macstream train-readout``). The checkpoint version
+is the content hash of their weights file; every modulation is stamped with it and refused by any other version.
+The memories tried before this one (the slots checkpoint among them) are at git tag ``slots-checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,14 +28,13 @@ from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.aggregator import Aggregator
-from pipeline.model.amortizer import PointerHead, QueryHead
 from pipeline.model.encoder import TextEncoder, split_windows, window_spans
-from pipeline.model.expander import Expander, LMExpander, TokenExpander
 from pipeline.model.lm import FrozenLM, Prefix, pad_batch
 from pipeline.model.prompt import load_prompt
+from pipeline.model.question import QueryHead
 from pipeline.model.readout import KVReadout, TokenSelector, rms
 from pipeline.modulation import Modulation, ensure_compatible
-from pipeline.prompts import answer_continuation, document_text
+from pipeline.prompts import document_text
 from pipeline.schemas import Document, EncodedChunk
 
 
@@ -42,79 +51,59 @@ class QuestionEncoding(NamedTuple):
 
 WEIGHTS, CONFIG, METRICS = "weights.safetensors", "config.json", "metrics.json"
 
+# A checkpoint written before the engine kept one memory names it with these ModelConfig keys: accepted with exactly
+# these values (the readout memory) and dropped; any other value is a memory that runs at git tag slots-checkpoint.
+_READOUT_MEMORY = {"doc_states": "lm", "standardize_states": False, "amortizer": "select", "expander": "readout",
+                   "aggregator_output": "select", "unfreeze_encoder_layers": 0}
+_UNUSED_KEYS = ("prefix_len", "amortizer_blocks", "expander_hidden")  # sizes of parts the readout memory lacks
+
+
+def model_config(stored: dict) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json ``model`` record, older records included; a ValueError naming
+    the keys when the record is another memory than the readout memory (e.g. the slots checkpoint)."""
+    other = {k: stored[k] for k, v in _READOUT_MEMORY.items() if k in stored and stored[k] != v}
+    if other:
+        raise ValueError(f"{other}: not the readout memory, the one memory this engine runs; the memories tried "
+                         "before it run at git tag slots-checkpoint (`git checkout slots-checkpoint`)")
+    return ModelConfig.model_validate({k: v for k, v in stored.items() if k not in (*_READOUT_MEMORY, *_UNUSED_KEYS)})
+
 
 def assigned_device(gpu_ids: list | tuple = ()) -> torch.device:
     """The device a worker computes on, from the GPUs its scheduler assigned (``ray.get_gpu_ids()``; Ray also sets
     CUDA_VISIBLE_DEVICES to them, so the first assigned GPU is ``cuda`` in the process): CUDA when a GPU was
     assigned and torch can use it, else CPU (no GPU asked for, or a node that declares GPUs without CUDA)."""
     return torch.device("cuda") if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
-_CALIBRATION = (
-    "The city council met on Tuesday to approve a new budget for public transport, after months of debate. "
-    "Officials said the plan would add three bus lines and extend service hours across the northern districts."
-)
 
 
 class MACModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, lm: FrozenLM | None = None, encoder: TextEncoder | None = None, calibrate: bool = True):
+    """The frozen LM and the encoder backbone (neither trained nor stored) with the four trainable parts: amortizer
+    (:class:`TokenSelector`), question encoder (:class:`QueryHead`), aggregator (:class:`Aggregator`) and expander
+    (:class:`KVReadout`). Shapes: T = ``cfg.num_tokens``, D = d_LM, d_enc = the encoder's width."""
+
+    def __init__(self, cfg: ModelConfig, lm: FrozenLM | None = None, encoder: TextEncoder | None = None):
         super().__init__()
         self.cfg = cfg
         self.lm = lm if lm is not None else FrozenLM.load(cfg.lm)
-        self.encoder = encoder if encoder is not None else TextEncoder(
-            cfg.encoder, cfg.max_doc_tokens, cfg.chunk_overlap, cfg.unfreeze_encoder_layers
-        )
+        if encoder is None:
+            encoder = TextEncoder(cfg.encoder, cfg.max_doc_tokens, cfg.chunk_overlap)
+        self.encoder = encoder
         D, E, T = self.lm.hidden_size, self.encoder.width, cfg.num_tokens
-        if cfg.doc_states == "lm" and cfg.lm_state_layer > self.lm.num_layers:
+        if cfg.lm_state_layer > self.lm.num_layers:
             raise ValueError(f"lm_state_layer={cfg.lm_state_layer} but {cfg.lm} has {self.lm.num_layers} layers")
         head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
-        A = D if cfg.doc_states == "lm" else E  # width of the token states the amortizer reads
-        if cfg.amortizer == "select":
-            self.amortizer = TokenSelector(D)
-        else:
-            self.amortizer = PointerHead(D, T) if cfg.amortizer == "pointer" else QueryHead(A, D, T, cfg.amortizer_blocks, **head)
-        self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)
-        self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size, retrieval_bias=cfg.retrieval_bias, **head)
-        if cfg.expander == "lm":
-            self.expander = LMExpander(self.lm)
-        elif cfg.expander == "readout":
-            self.expander = KVReadout(self.lm, D)
-        else:
-            self.expander = (TokenExpander if cfg.expander == "tokens" else Expander)(
-                D, T, self.lm.num_layers, cfg.prefix_len, self.lm.num_kv_heads, self.lm.head_dim, cfg.expander_hidden)
+        self.amortizer = TokenSelector(D)  # write: which T tokens of a window a modulation keeps
+        self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)  # select: the question's T tokens
+        self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size,
+                                     retrieval_bias=cfg.retrieval_bias, **head)  # select: mass per memory
+        self.expander = KVReadout(self.lm, D)  # read: stored states → every layer's keys/values
         self.version = "untrained"
         # the checkpoint's answer prompt (pipeline/model/prompt.py), when it ships one: not part of the version
         self.answer_prompt: Prefix | None = None
         self.prompt_version: str | None = None
-        if calibrate and self.lm.tokenizer is not None and cfg.expander not in ("lm", "readout"):  # these need no scale
-            self._calibrate_expander()
-        if cfg.doc_states == "lm" and cfg.standardize_states:
-            self._state_stats()  # fixed statistics, recomputed on load (deterministic), never stored
 
     @property
     def model_id(self) -> str:
         return f"{self.cfg.lm}|{self.cfg.encoder}"
-
-    @torch.no_grad()
-    def _calibrate_expander(self) -> None:
-        """Initialise the prefix scale from the LM's own per-layer key/value statistics on a fixed text."""
-        ids = self.lm.tokenizer(_CALIBRATION)["input_ids"]
-        t = torch.tensor([ids], device=self.lm.device)
-        cache = self.lm._cache(None, 1)
-        self.lm._body(t, torch.ones_like(t), torch.arange(len(ids), device=t.device)[None], cache)
-        stats = []
-        for layer in cache.layers:
-            k = layer.keys[0].transpose(0, 1).reshape(len(ids), -1)  # (S, H_kv·D_h)
-            v = layer.values[0].transpose(0, 1).reshape(len(ids), -1)
-            stats.append((k.mean(0), k.std(0), v.mean(0), v.std(0)))
-        self.expander.calibrate(*(torch.stack(s).float() for s in zip(*stats)))
-
-    @torch.no_grad()
-    def _state_stats(self) -> None:
-        """Per-channel mean/std of the amortizer's LM states on a fixed text (first token excluded: the sink)."""
-        ids = self.lm.tokenizer(_CALIBRATION + " " + _CALIBRATION.lower(), add_special_tokens=False)["input_ids"]
-        t = torch.tensor([ids], device=self.lm.device)
-        st = self.lm.hidden_states_at(t, torch.ones_like(t), self.cfg.lm_state_layer).float()[0, 1:]  # (S-1, d_LM)
-        self.register_buffer("state_mean", st.mean(0), persistent=False)
-        self.register_buffer("state_std", st.std(0).clamp(min=1e-3), persistent=False)
 
     def to_device(self, device: str | torch.device) -> "MACModel":
         """Move every part (frozen LM, encoder, heads) to ``device``. On CUDA the frozen LM runs in bf16 (fp16 where
@@ -147,11 +136,17 @@ class MACModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, lm: FrozenLM | None = None, encoder: TextEncoder | None = None) -> "MACModel":
+        """The checkpoint in ``directory`` with its answer prompt, when it has one. FileNotFoundError without one;
+        ValueError when its config is not the readout memory or its weights do not fit the config."""
         d = Path(directory)
         if not (d / WEIGHTS).exists():
             raise FileNotFoundError(f"no checkpoint at {d} (expected {WEIGHTS} and {CONFIG})")
         meta = json.loads((d / CONFIG).read_text())
-        model = cls(ModelConfig.model_validate(meta["model"]), lm=lm, encoder=encoder, calibrate=False)
+        try:
+            cfg = model_config(meta["model"])
+        except ValueError as err:
+            raise ValueError(f"checkpoint {d}: {err}") from None
+        model = cls(cfg, lm=lm, encoder=encoder)
         state = load_file(str(d / WEIGHTS))
         expected = set(model.trainable_state())
         if set(state) != expected:
@@ -168,70 +163,40 @@ class MACModel(nn.Module):
             model.answer_prompt, model.prompt_version = found.prefix, found.version
         return model
 
-    # ---- encoding -------------------------------------------------------------------------------------------------
-    def _states(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
-        ids, mask = self.encoder.batch(pieces)  # on the encoder's device
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.unfreeze_encoder_layers > 0):
-            return self.encoder(ids, mask), mask
-
+    # ---- write: documents → modulations ---------------------------------------------------------------------------
     def windows(self, text: str) -> list[list[int]]:
-        """Token windows of a document in the tokenizer of whatever the amortizer reads; every token is covered."""
-        if self.cfg.doc_states == "encoder":
-            return self.encoder.chunk(text)
+        """LM-token windows of a document (``max_doc_tokens``, consecutive ones share ``chunk_overlap``); every token
+        is covered."""
         ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         return split_windows(ids, self.cfg.max_doc_tokens, self.cfg.chunk_overlap)
 
     def window_text(self, doc: Document, index: int) -> str:
         """The original text of window ``index`` of ``doc``, cut where :meth:`windows` cuts it (by character offsets,
-        so case and spacing survive any tokenizer); a one-window document is its whole text."""
+        so case and spacing survive the tokenizer); a one-window document is its whole text."""
         text = document_text(doc)
-        if self.cfg.doc_states == "encoder":
-            tok, span, overlap = self.encoder.tokenizer, self.encoder.max_tokens - 2, self.encoder.overlap
-        else:
-            tok, span, overlap = self.lm.tokenizer, self.cfg.max_doc_tokens, self.cfg.chunk_overlap
-        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        spans = window_spans(len(offsets), span, overlap)
+        offsets = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans = window_spans(len(offsets), self.cfg.max_doc_tokens, self.cfg.chunk_overlap)
         if len(spans) == 1:
             return text
         a, b = spans[min(index, len(spans) - 1)]
         return text[offsets[a][0]: offsets[b - 1][1]]
 
-    def amortize(self, windows: list[list[int]], with_attention: bool = False):
-        """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient steps.
-        ``with_attention`` (pointer amortizer): also the slots' attention over the window's tokens (N, T, S)."""
-        if self.cfg.doc_states == "encoder":
-            states, mask = self._states(windows)  # (N, S, d_enc)
-            return self.amortizer(states, mask), self.encoder.sentence_embedding(states.detach(), mask)
+    @torch.no_grad()
+    def amortize(self, windows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient."""
         ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
-        with torch.no_grad():
-            states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, d_LM)
-            vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
-            if self.cfg.amortizer == "select":
-                if with_attention:
-                    raise ValueError("with_attention needs the pointer amortizer")
-                return self._select(rms(states), [len(w) for w in windows]), vecs
-            if self.cfg.standardize_states:
-                # z-scored channels (outliers clipped); the first token is the LM's attention sink: drop it
-                states = ((states - self.state_mean) / self.state_std).clamp(-8, 8)
-                if states.shape[1] > 1:
-                    mask = mask.clone()
-                    mask[:, 0] = 0
-            if self.cfg.amortizer == "pointer":
-                embeds = self.lm.model.get_input_embeddings()(ids).float()  # (N, S, d_LM)
-        if self.cfg.amortizer == "pointer":
-            mods, attn = self.amortizer(states, embeds, mask)
-            return (mods, vecs, attn) if with_attention else (mods, vecs)
-        if with_attention:
-            raise ValueError("with_attention needs the pointer amortizer")
-        return self.amortizer(states, mask), vecs
+        states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, D)
+        vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
+        return self._select(rms(states), [len(w) for w in windows]), vecs
 
     @torch.no_grad()
     def selected_tokens(self, windows: list[list[int]]) -> list[list[int]]:
-        """amortizer='select': the token ids whose states each window's modulation stores, in document order (what
-        the same memory would be as plain text: the bar it must clear)."""
+        """The token ids whose states each window's modulation stores, in document order (what the same memory would
+        be as plain text: the bar it must clear)."""
         ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
         logits = self.amortizer(rms(self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()))
-        return [[w[p] for p in self.amortizer.positions(logits[i], len(w), self.cfg.num_tokens)] for i, w in enumerate(windows)]
+        T = self.cfg.num_tokens
+        return [[w[p] for p in self.amortizer.positions(logits[i], len(w), T)] for i, w in enumerate(windows)]
 
     def _select(self, states: Tensor, lengths: list[int]) -> Tensor:
         """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order. A
@@ -243,13 +208,6 @@ class MACModel(nn.Module):
             pos = self.amortizer.positions(logits[i], n, T)
             out[i, : len(pos)] = states[i, pos]
         return out
-
-    def encode_questions(self, questions: list[str]) -> QuestionEncoding:
-        """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc), from one encoder pass: retrieve with
-        ``.vectors``, then hand the whole encoding to :meth:`memory_prefix` (the question is never encoded twice)."""
-        states, mask = self._states([self.encoder.chunk(q)[0] for q in questions])
-        # retrieval vectors on the CPU (a no-op there): they go to the store as numpy, whatever device computed them
-        return QuestionEncoding(self.question_encoder(states, mask), self.encoder.sentence_embedding(states.detach(), mask).cpu())
 
     @torch.no_grad()
     def encode_documents(self, docs: list[Document], batch_size: int = 32) -> list[EncodedChunk]:
@@ -266,15 +224,24 @@ class MACModel(nn.Module):
                 out.append(EncodedChunk(Modulation(doc.id, i, n, m.astype(np.float16), self.model_id, self.version), v))
         return out
 
-    # ---- aggregation and answering ------------------------------------------------------------------------------
-    def prefix(self, q_tokens: Tensor, mods: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> tuple[Prefix, Tensor]:
-        """q_tokens (B, T, D), mods (B, K, T, D) → per-layer prefix and per-document attention mass (B, K)."""
-        phi, mass = self.aggregator(q_tokens, mods, mask, scores)  # φ*: (B, T, D)
-        if self.cfg.aggregator_output == "mixture":
-            phi = torch.einsum("bk,bktd->btd", mass.to(mods.dtype), mods)  # convex mix of the documents' modulations
-        elif self.cfg.aggregator_output == "select":
-            phi = mods[torch.arange(mods.shape[0], device=mods.device), mass.argmax(1)]  # (B, T, D): the top document
-        return self.expander(phi), mass
+    # ---- select and read: question + memories → prefix ------------------------------------------------------------
+    def encode_questions(self, questions: list[str]) -> QuestionEncoding:
+        """Questions → query tokens (B, T, D) and retrieval vectors (B, d_enc), from one encoder pass: retrieve with
+        ``.vectors``, then hand the whole encoding to :meth:`memory_prefix` (the question is never encoded twice)."""
+        ids, mask = self.encoder.batch([self.encoder.chunk(q)[0] for q in questions])
+        with torch.no_grad():  # the backbone is frozen; the question encoder's head trains on its states
+            states = self.encoder(ids, mask)
+        # retrieval vectors on the CPU (a no-op there): they go to the store as numpy, whatever device computed them
+        return QuestionEncoding(self.question_encoder(states, mask),
+                                self.encoder.sentence_embedding(states, mask).cpu())
+
+    def prefix(self, q_tokens: Tensor, mods: Tensor, mask: Tensor | None = None,
+               scores: Tensor | None = None) -> tuple[Prefix, Tensor]:
+        """q_tokens (B, T, D), mods (B, K, T, D) → the readout of the memory with the most aggregator mass, a prefix
+        (B, L, H_kv, 1 + T, D_h), and the mass per memory (B, K)."""
+        _, mass = self.aggregator(q_tokens, mods, mask, scores)
+        top = mods[torch.arange(mods.shape[0], device=mods.device), mass.argmax(1)]  # (B, T, D), unmixed
+        return self.expander(top), mass
 
     def stack_memories(self, memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor]:
         """Per-question lists of (modulation, retriever score) → mods (B, K, T, D), mask (B, K), scores (B, K)."""
@@ -299,7 +266,8 @@ class MACModel(nn.Module):
         return self.prefix(*self._aggregator_inputs(questions, memories))
 
     @torch.no_grad()
-    def selection(self, questions: "list[str] | QuestionEncoding", memories: list[list[tuple[Modulation, float]]]) -> Tensor:
+    def selection(self, questions: "list[str] | QuestionEncoding",
+                  memories: list[list[tuple[Modulation, float]]]) -> Tensor:
         """The aggregator's attention mass over each question's memories, (B, K), without building a prefix."""
         return self.aggregator(*self._aggregator_inputs(questions, memories))[1]
 
@@ -309,14 +277,6 @@ class MACModel(nn.Module):
         q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
         return (q_tokens, *self.stack_memories(memories))
 
-    def answer_logprobs(self, prompts: list[str], answers: list[str], prefix: Prefix | None) -> Tensor:
-        """Mean per-token log p(answer | prompt, prefix): (B,). The training loss is its negative."""
-        tok = self.lm.tokenizer
-        p_ids = [tok(p)["input_ids"] for p in prompts]
-        a_ids = [tok(answer_continuation(a), add_special_tokens=False)["input_ids"] for a in answers]
-        sums, counts = self.lm.continuation_logprobs(p_ids, a_ids, prefix)
-        return sums / counts
-
 
 def checkpoint_dir(path: str | Path | None = None) -> Path:
     """``path`` or the shipped checkpoint; a clear error when there is none."""
@@ -324,7 +284,8 @@ def checkpoint_dir(path: str | Path | None = None) -> Path:
 
     d = Path(path) if path else SHIPPED_CHECKPOINT
     if not (d / WEIGHTS).exists():
-        raise FileNotFoundError(f"no checkpoint at {d}: train one with `macstream train --out DIR` and pass DIR/best")
+        raise FileNotFoundError(f"no checkpoint at {d}: build one with `macstream train-readout --out DIR` and pass "
+                                "DIR")
     return d
 
 

@@ -113,6 +113,9 @@ class KVReadout(nn.Module):
 
     def __init__(self, lm: FrozenLM, width: int):
         super().__init__()
+        if getattr(lm.model.base_model, "rotary_emb", None) is None:
+            raise ValueError(f"the readout memory rotates its keys with the LM's RoPE; {lm.name} "
+                             f"({type(lm.model).__name__}) has none: use a RoPE LM (Llama, Qwen2, SmolLM2, ...)")
         self._lm = [lm]
         self.L, self.H, self.D = lm.num_layers, lm.num_kv_heads, lm.head_dim
         self.proj = nn.Linear(width, self.L * 2 * self.H * self.D)  # d → L·2·H·D
