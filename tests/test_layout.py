@@ -1,7 +1,8 @@
 """The house rules of the source tree, checked by walking every import (README, "Layout").
 
-Folders are floors: ``macstream`` (CLI, demo) > ``benchmarks`` > ``serving`` > ``workers`` > ``pipeline``. A module
-may import its own floor and the floors below, never a floor above; and no chain of imports between the project's
+Folders are floors: ``research`` (one-off studies) > ``macstream`` (CLI, demo) > ``benchmarks`` > ``serving`` >
+``workers`` > ``pipeline``. A module may import its own floor and the floors below, never a floor above (so nothing
+in the product imports a study); and no chain of imports between the project's
 modules may come back to where it started. Function-level imports count: hiding an import in a function does not
 hide the dependency.
 """
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FLOORS = ("pipeline", "workers", "serving", "benchmarks", "macstream")  # bottom to top
+FLOORS = ("pipeline", "workers", "serving", "benchmarks", "macstream", "research")  # bottom to top
 
 
 def _modules() -> dict[str, Path]:

@@ -1,14 +1,12 @@
 """The answer prompt: a trained, document-independent soft prompt of the memory's size.
 
 It holds what every answer shares (the answer's form, how to read a text in the prompt). ``select+rag`` answers
-behind it instead of behind the memory's prefix; :func:`two_stream` puts it in front of a memory's prefix (what
-``benchmarks/two_stream.py`` measured and the product does not ship: on real news the memory behind it cost ~10 F1).
-It is stored next to a checkpoint as ``prompt.safetensors`` and is *not* part of the checkpoint version: it never changes what a stored
-modulation means, only how answers are read from it, so adding or retraining it needs no re-encoding of the store.
-Trained by :mod:`pipeline.train_prompt` (``macstream train-prompt``).
+behind it instead of behind the memory's prefix (a prompt in front of the memory's prefix is a study that did not
+ship: research/two_stream.py). It is stored next to a checkpoint as ``prompt.safetensors`` and is *not* part of the
+checkpoint version: it never changes what a stored modulation means, only how answers are read from it, so adding or
+retraining it needs no re-encoding of the store. Trained by :mod:`pipeline.train_prompt` (``macstream train-prompt``).
 
-Shapes: the prompt is a :class:`Prefix` of batch 1, keys/values (1, L, H_kv, P, D_h); :func:`two_stream` puts it in
-front of a memory prefix (B, L, H_kv, P_m, D_h) → (B, L, H_kv, P + P_m, D_h).
+Shapes: the prompt is a :class:`Prefix` of batch 1, keys/values (1, L, H_kv, P, D_h).
 """
 
 from __future__ import annotations
@@ -36,14 +34,6 @@ class LoadedPrompt(NamedTuple):
 def batched(prompt: Prefix, b: int) -> Prefix:
     """(1, ...) → (b, ...) without copying."""
     return Prefix(prompt.keys.expand(b, *prompt.keys.shape[1:]), prompt.values.expand(b, *prompt.values.shape[1:]))
-
-
-def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
-    """The prompt's positions, then the memory's: (1 or B, L, H, P, D) ⧺ (B, L, H, P_m, D) → (B, L, H, P + P_m, D)."""
-    if prompt.keys.shape[0] == 1 and memory.keys.shape[0] != 1:
-        prompt = batched(prompt, memory.keys.shape[0])
-    return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),
-                  torch.cat([prompt.values, memory.values.to(prompt.values.dtype)], 3))
 
 
 def save_prompt(prompt: Prefix, directory: str | Path, meta: dict) -> str:

@@ -7,7 +7,7 @@ order); the modulation is the RMS-normalised layer-m states there, (T, d_LM) —
 Read (query time): the readout maps each stored state to a key and a value for every layer of the LM (one linear map
 d_LM → L·2·H_kv·D_h, fitted by ridge regression on the LM's own keys/values, then fine-tuned end to end); the keys
 get RoPE at prefix positions 1..N after a fixed sink (``<|endoftext|>`` at position 0). Why this shape
-(benchmarks/results/2026-11-29/memory-ceilings.md): the article's own K/V at selected positions beat the same tokens
+(research/results/2026-11-29/memory-ceilings.md): the article's own K/V at selected positions beat the same tokens
 as text, while every form that runs the frozen LM over a compressed input did not; the readout predicts those K/V
 from a state the memory can afford to store.
 """

@@ -3,7 +3,7 @@ top-k retrieved texts, retriever order; ``--mode mac+rag@1``: the one text the a
 prefixes: the aggregation of the retrieved documents' modulations, the aggregation of k random other documents'
 modulations, and none. Synthetic test split: unseen companies.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/prefix_ablation.py [--checkpoint DIR] [--mode mac+rag@1] [--questions 96]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.prefix_ablation [--checkpoint DIR] [--mode mac+rag@1] [--questions 96]
 
 If the two prefixes score alike, the prefix works as a learned, document-independent soft prompt, not as memory.
 """

@@ -20,7 +20,7 @@ Rows (greedy, 16 new tokens, the retriever's top-k of the product's memory; ``pi
 its memory`` (the same text as the soft-prompt row, the prefix from that document's memory: the only difference is what
 the prefix holds) and ``mac+rag@1`` (the product: the aggregator's pick, its text and its memory).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.mac_rag_baselines [--checkpoint DIR] [--soft-steps 150] \
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.mac_rag_baselines [--checkpoint DIR] [--soft-steps 150] \
         [--rerank-steps 300] [--entities 60] [--rtqa-questions 100] [--out FILE.json]
 """
 
@@ -61,7 +61,7 @@ def _progress(what: str, step: int, steps: int, loss: torch.Tensor, t0: float) -
 
 def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int) -> Prefix:
     """The soft prompt (1, L, H, 1+T, D) keys and values (module docstring): the product's answer-prompt training
-    (:mod:`pipeline.train_prompt`) without the memory behind it."""
+    (:mod:`pipeline.train_prompt`)."""
     return train_prompt(model, PromptTrainConfig(steps=steps, batch=batch, lr=lr, seed=seed), _log)
 
 
@@ -168,14 +168,11 @@ def _rerank(model: MACModel, ce: CrossEncoder, questions: list[str], hits) -> li
     return [int(ce([q] * len(h), [context_texts(model, one, [x], None)[0] for x in h]).argmax()) for q, h in zip(questions, hits)]
 
 
-def load_readout_model(checkpoint: str | None, threads: int, who: str) -> MACModel:
+def load_readout_model(checkpoint: str | None, threads: int) -> MACModel:
     """The (shipped, by default) readout-memory checkpoint, with ``threads`` torch threads and seed 0."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = MACModel.load(checkpoint_dir(checkpoint)).eval()
-    if model.cfg.expander != "readout":
-        raise SystemExit(f"{who}: needs a readout-memory checkpoint (expander='readout')")
-    return model
+    return MACModel.load(checkpoint_dir(checkpoint)).eval()
 
 
 def main() -> None:
@@ -192,7 +189,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args()
-    model = load_readout_model(args.checkpoint, args.threads, "mac_rag_baselines")
+    model = load_readout_model(args.checkpoint, args.threads)
     t0 = time.time()
     soft = train_soft_prompt(model, args.soft_steps, args.batch, args.soft_lr, seed=0)
     t1 = time.time()
@@ -200,7 +197,7 @@ def main() -> None:
     t2 = time.time()
     result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
                       "soft_prompt_train_seconds": round(t1 - t0), "reranker_train_seconds": round(t2 - t1),
-                      "command": "python -m benchmarks.mac_rag_baselines " + " ".join(
+                      "command": "python -m research.mac_rag_baselines " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")}}
     for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft, ce, docs, qs, args.top_k)

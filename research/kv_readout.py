@@ -10,7 +10,7 @@ input (the memory then also stores the T token ids, 2 bytes each). At query time
 to prefix positions 1..T after a fixed sink (the K/V of ``<|endoftext|>`` alone at position 0: document-independent,
 so the memory is exactly the T x 576 states).
 
-Rows (the same unseen questions and selection as ``benchmarks.ceilings``; its ``text``/``kv`` rows are rerun here for a
+Rows (the same unseen questions and selection as ``research.ceilings``; its ``text``/``kv`` rows are rerun here for a
 side-by-side reading):
   text:T         the selected tokens as plain text in the RAG prompt
   kv:T     (b)   the article's own per-layer K/V at the selected positions (exact; T x 30 x 384 stored)
@@ -25,8 +25,8 @@ raise. And the readout's fit: R^2 of keys and values on held-out (validation) to
 This is the ridge-only readout, the form-finding experiment. The product's readout is then tuned end to end on the
 answer NLL, with a learned selector: ``pipeline/train_readout.py`` (``macstream train-readout``).
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python -m benchmarks.kv_readout --questions 200 --layers 8 12 18 \\
-        --budgets 32 48 --out benchmarks/results/2026-11-29/kv-readout.json
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python -m research.kv_readout --questions 200 --layers 8 12 18 \\
+        --budgets 32 48 --out research/results/2026-11-29/kv-readout.json
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ceilings import answer_items, score
+from research.ceilings import answer_items, score
 from pipeline.config import DEFAULT_LM
 from pipeline.data import synthetic
 from pipeline.diagnose import KINDS, article_facts, fact_core, question_kind, same_type_others

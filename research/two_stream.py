@@ -1,16 +1,18 @@
 """Does the memory add anything once the prefix also holds a trained soft prompt? The two-stream prefix, measured.
 
-``benchmarks/mac_rag_baselines.py`` found that with the gold-or-retrieved text in the prompt, a soft prompt of the
+``research/mac_rag_baselines.py`` found that with the gold-or-retrieved text in the prompt, a soft prompt of the
 memory's size (no document in it) beats the document's memory as the prefix on real news. That leaves one question
 open: is the memory worse than *text*, or only worse than a prompt that learned the answer form? The two-stream prefix
 separates the two: a soft prompt trained in front of the (frozen) document memory — prefix = soft prompt ⧺ memory —
-against the same soft prompt trained alone, same data, steps, seed and learning rate (:mod:`pipeline.train_prompt`).
+against the same soft prompt trained alone (:mod:`pipeline.train_prompt`, the product's answer prompt), same data,
+steps, seed and learning rate. The product does not ship the two-stream prefix: :func:`two_stream` and
+:func:`train_two_stream` live here.
 
 Two steps (the trainings are independent: run them side by side, one core each):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant soft --out soft/ --threads 1
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream train --variant two-stream --out two/ --threads 1
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.two_stream compare --soft soft/ --two-stream two/ --out r.json
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.two_stream train --variant soft --out soft/ --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.two_stream train --variant two-stream --out two/ --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python -m research.two_stream compare --soft soft/ --two-stream two/ --out r.json
 
 Rows (greedy, 16 new tokens, the product's retrieval over the test memory, top-k 4, the ``mac+rag`` prompt):
 the retriever's top text with (a) the soft prompt, (b) the two-stream prompt ⧺ that document's memory, (c) the
@@ -24,19 +26,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.mac_rag_baselines import eval_sets, load_readout_model, side_by_side
+import torch
+
 from benchmarks.machine import machine
 from pipeline.answering import citation_weights, context_texts, prepare
 from pipeline.config import PromptTrainConfig
 from pipeline.model.lm import Prefix
 from pipeline.model.mac import MACModel
-from pipeline.model.prompt import PROMPT_FILE, LoadedPrompt, batched, load_prompt, save_prompt, two_stream
+from pipeline.model.prompt import PROMPT_FILE, LoadedPrompt, batched, load_prompt, save_prompt
 from pipeline.modes import Mode
 from pipeline.prompts import prompt_with
-from pipeline.train_prompt import train_prompt
+from pipeline.train_prompt import answer_nll, prompt_data, train_prompt
+from pipeline.train_readout import modulations
+from research.mac_rag_baselines import eval_sets, load_readout_model, side_by_side
+
+
+def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
+    """The prompt's positions, then the memory's: (1 or B, L, H, P, D) ⧺ (B, L, H, P_m, D) → (B, L, H, P + P_m, D)."""
+    if prompt.keys.shape[0] == 1 and memory.keys.shape[0] != 1:
+        prompt = batched(prompt, memory.keys.shape[0])
+    return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),
+                  torch.cat([prompt.values, memory.values.to(prompt.values.dtype)], 3))
+
+
+def train_two_stream(model: MACModel, cfg: PromptTrainConfig, log: Callable[[str], None] = print) -> Prefix:
+    """The product's answer-prompt training (:func:`pipeline.train_prompt.train_prompt`: same data, start, sampling
+    and loss) with each question's gold article's frozen memory behind the prompt: keys/values (1, L, H, 1+T, D)."""
+    by_id, pool = prompt_data(cfg)
+    with torch.no_grad():
+        mods = modulations(model, list(by_id.values())[:256])  # the rest on first use (frozen: computed once)
+        init = model.expander(torch.stack(list(mods.values())).mean(0, keepdim=True))  # (1, L, H, 1+T, D)
+    keys, values = (torch.nn.Parameter(t.detach().float().clone()) for t in (init.keys, init.values))
+    opt = torch.optim.Adam([keys, values], lr=cfg.lr)
+    rng, t0 = random.Random(cfg.seed), time.time()
+    for step in range(1, cfg.steps + 1):
+        part = rng.sample(pool, cfg.batch)
+        with torch.no_grad():
+            missing = {q.doc_ids[0]: by_id[q.doc_ids[0]] for q in part if q.doc_ids[0] not in mods}
+            mods.update(modulations(model, list(missing.values())))
+            memory = model.expander(torch.stack([mods[q.doc_ids[0]] for q in part]))  # (B, L, H, 1+T, D)
+        loss = answer_nll(model, part, by_id, two_stream(batched(Prefix(keys, values), cfg.batch), memory))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps:
+            log(f"two-stream prompt step {step}/{cfg.steps} loss {loss.item():.3f} "
+                f"{step / (time.time() - t0):.2f} steps/s")
+    return Prefix(keys.detach(), values.detach())
 
 
 def _load(model: MACModel, directory: str) -> LoadedPrompt:
@@ -92,11 +133,11 @@ def main() -> None:
         p.add_argument("--checkpoint", help="a readout-memory checkpoint (default: the shipped one)")
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    model = load_readout_model(args.checkpoint, args.threads, "two_stream")
+    model = load_readout_model(args.checkpoint, args.threads)
     if args.cmd == "train":
         t0 = time.time()
         cfg = PromptTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr)
-        prompt = train_prompt(model, cfg, with_memory=args.variant == "two-stream")
+        prompt = (train_two_stream if args.variant == "two-stream" else train_prompt)(model, cfg)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         save_prompt(prompt, args.out, {"variant": args.variant, "checkpoint": model.version, "config": cfg.model_dump(),
                                        "seconds": round(time.time() - t0), "machine": machine()})
@@ -104,7 +145,7 @@ def main() -> None:
     soft, two = _load(model, args.soft), _load(model, args.two_stream)
     result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
                       "soft": soft.meta, "two_stream": two.meta,
-                      "command": "python -m benchmarks.two_stream compare " + " ".join(
+                      "command": "python -m research.two_stream compare " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "cmd"))}}
     for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft.prefix, two.prefix, docs, qs, args.top_k)

@@ -4,7 +4,7 @@ against the old path (``encoder.embed`` for retrieval, then ``encode_questions``
 Measured side by side in one process, the two paths interleaved round by round on the same batches of synthetic test
 questions, one torch thread; prints the median milliseconds per batch of each path and their ratio.
 
-    python -m benchmarks.question_encoding --rounds 30 --batch 8
+    python -m research.question_encoding --rounds 30 --batch 8
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Rows:
   base            the LM alone (one-shot prompt, no document)
   rag1            the whole article as text in the prompt (RAG-1, the project's RAG prompt)
   text:T          the selected tokens as plain text in the same RAG prompt (extractive text compression)
-  emb:T     (a)   [sink] + the selected tokens' input embeddings as a soft prefix (``FrozenLM.soft_prefix``)
+  emb:T     (a)   [sink] + the selected tokens' input embeddings as a soft prefix (:func:`soft_prefix`)
   kv:T      (b)   the article's own per-layer K/V at [its first token (sink)] + the selected positions, keys re-rotated
                   (RoPE) to prefix positions 0..T (SnapKV-style; stores T x 30 layers x 2 x 192 values)
   hid@m:T   (c)   [sink] + T filler tokens through ``soft_prefix``, with a forward hook on decoder layer m that overwrites
@@ -26,9 +26,9 @@ Rows:
 Latent rows (emb/kv/hid) use the prompt "\\n\\n" + the base one-shot prompt after the prefix, so emb:T is text:T up
 to the sink token and re-tokenisation. The sink is <|endoftext|>; the filler is the single-space token.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python -m benchmarks.ceilings --questions 200 \\
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python -m research.ceilings --questions 200 \\
         --rows base rag1 text emb kv hid --budgets facts 16 32 48 --layers 4 8 12 18 \\
-        --out benchmarks/results/2026-11-29/ceilings.json
+        --out research/results/2026-11-29/ceilings.json
 """
 
 from __future__ import annotations
@@ -55,13 +55,28 @@ SINK, FILLER = "<|endoftext|>", " "
 
 
 # ---- latent forms -------------------------------------------------------------------------------------------------
+def soft_prefix(lm: FrozenLM, embeds: torch.Tensor) -> Prefix:
+    """T soft input tokens (B, T, d_LM), in the LM's input-embedding space → the per-layer keys/values the LM
+    itself computes for them at positions 0..T-1: a Prefix (B, L, H_kv, T, D_h). Differentiable w.r.t. ``embeds``
+    (the LM's weights stay frozen). Real tokens then continue at positions T, T+1, ..., as for any prefix."""
+    B, T, _ = embeds.shape
+    dev = embeds.device
+    cache = DynamicCache(config=lm.model.config)
+    lm.model.base_model(inputs_embeds=embeds.to(lm.model.dtype), attention_mask=torch.ones((B, T), dtype=torch.long,
+                                                                                           device=dev),
+                        position_ids=torch.arange(T, device=dev).expand(B, T), cache=cache, use_cache=True)
+    keys = torch.stack([layer.keys for layer in cache.layers], 1)  # (B, L, H_kv, T, D_h)
+    values = torch.stack([layer.values for layer in cache.layers], 1)
+    return Prefix(keys, values)
+
+
 @torch.no_grad()
 def spliced_prefix(lm: FrozenLM, lower_ids: torch.Tensor, states: torch.Tensor | None, layer: int | None) -> Prefix:
     """soft_prefix of the input embeddings of ``lower_ids`` (B, 1+T); with ``states`` (B, T, d), the residual stream
     of positions 1..T after decoder layer ``layer`` (1-based) is replaced by ``states``."""
     embeds = lm.model.get_input_embeddings()(lower_ids)
     if states is None:
-        return lm.soft_prefix(embeds)
+        return soft_prefix(lm, embeds)
 
     def hook(_module, _inputs, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -70,7 +85,7 @@ def spliced_prefix(lm: FrozenLM, lower_ids: torch.Tensor, states: torch.Tensor |
 
     handle = lm.decoder_layers()[layer - 1].register_forward_hook(hook)
     try:
-        return lm.soft_prefix(embeds)
+        return soft_prefix(lm, embeds)
     finally:
         handle.remove()
 
