@@ -2,8 +2,8 @@
 
 How it is measured (printed with the results): one Ray Serve app (one model replica, ``replica_threads`` torch
 threads) over an embedded store holding the synthetic test split (40–90-word articles) or, with ``docs="realtimeqa"``,
-RealTimeQA 2024 news (real-length articles of several 256-token windows) encoded by the checkpoint. The same LM, the
-same top_k and the same max_new_tokens for every mode. Each mode answers the same questions from one client, one
+RealTimeQA 2022 news (real-length articles of several 256-token windows: the search results that come with its
+questions) encoded by the checkpoint. The same LM, the same top_k and the same max_new_tokens for every mode. Each mode answers the same questions from one client, one
 request at a time (p50/p99 latency, requests/s); then MAC answers them 4 times over from 1 and from ``clients``
 concurrent clients (throughput ratio: what request batching buys). Every client is a thread with its own keep-alive
 HTTP connection, in the benchmark's process. Warm-up requests are not counted.

@@ -1,5 +1,6 @@
-"""Online fine-tuning baselines (pipeline/baselines.py) on tiny random LMs: the shared frozen LM never changes, each
-run trains its own copy and drops it, the salient mask, retention checkpoints, tuning, and the CLI/bench paths."""
+"""Online fine-tuning baselines (the pipeline/baselines/ package) on tiny random LMs: the shared frozen LM never
+changes, each run trains its own copy and drops it, the salient mask, retention checkpoints, tuning, and the CLI/bench
+paths."""
 
 from __future__ import annotations
 
