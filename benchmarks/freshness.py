@@ -512,3 +512,147 @@ def stages(run: dict) -> str:
             f"{1 / run['answer_server_s']['mean'] if run['answer_server_s']['mean'] else 0:.1f} answers/s against "
             f"{run['rate_docs_per_s']:.1f} questions/s asked, the rest queueing; "
             f"{run['polls_per_document']['mean']:.1f} polls per document")
+
+
+
+FEED_SLACK_S = 2.0  # issue 23: a story in a feed is answerable, citing it, within the poll interval + 2 s at p99
+
+
+def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: float = 5.0, spacing_s: float | None = None,
+             poll_interval_s: float = 0.05, timeout_s: float = 90.0, seed: int = 0, mode: str | None = None) -> dict:
+    """Feed mode: what ``macstream up --feeds`` runs (local broker, Ray, ingest, Serve and the feed poller polling a
+    local news site every ``interval_s``). Each article is published as a page and an RSS item at once; its clock
+    starts when the item appears in the feed. Articles appear ``spacing_s`` apart (default 0.77 × the interval, so
+    their moments fall at every phase of the poll cycle); the poll of the API for each starts once the store holds
+    it (``gate: store``). time-to-queryable = the later of (in store, the first citing poll sent) − appearance;
+    the wait for the next poll (uniform over the interval) is part of it, hence the goal interval + 2 s at p99."""
+    import ray
+    from ray import serve
+
+    from benchmarks.feed_server import FeedSite, Story, article, rss
+    from pipeline.config import FeedsConfig
+    from pipeline.store.actor import connect_store
+    from workers.feed_parse import story_id
+    from workers.feeds import FeedPoller
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    spacing_s = spacing_s if spacing_s is not None else 0.77 * interval_s
+    load_before = os.getloadavg()
+    tag = f"{time.time_ns():x}"
+    pool = articles(WARMUP_DOCS + documents, seed, tag)
+    tmp = Path(tempfile.mkdtemp(prefix="macstream-bench-freshness-feed-"))
+    store = str(tmp / "store")
+    out: dict = {}
+    with FeedSite() as site, LocalBroker(log_dir=tmp / "logs") as broker:
+        stories: list[Story] = []
+
+        def appear(doc: Document) -> tuple[Document, float]:
+            link = site.url(f"/news/{doc.id}.html")
+            site.put(f"/news/{doc.id}.html", article(doc.title or doc.id, doc.text.split("\n")))
+            stories.insert(0, Story(doc.title or doc.id, link, datetime.now(timezone.utc)))
+            site.put("/feed.xml", rss("Freshness wire", site.base, stories[:50]), "application/rss+xml")
+            return doc.model_copy(update={"id": story_id(link), "url": link}), time.monotonic()
+
+        site.put("/feed.xml", rss("Freshness wire", site.base, []), "application/rss+xml")
+        topic = f"freshness-feed-{tag}"
+        init_ray()
+        try:
+            scfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=store)
+            cfg = IngestConfig(bootstrap_servers=broker.bootstrap, topic=topic, group_id=f"freshness-feed-{tag}",
+                               store=store, checkpoint=checkpoint)
+            job = IngestJob(cfg, progress=False).start()
+            sup = _Supervisor(job)
+            sup.start()
+            start_serving(scfg)
+            base = f"http://{scfg.host}:{scfg.port}"
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    if requests.get(base + "/ready", timeout=10).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the API did not become ready within 600 s")
+                time.sleep(0.2)
+            watcher = _StoreWatcher(connect_store(scfg.store_location()), job.collection)
+            watcher.start()
+            api = _Api(base, timeout_s, mode)
+            fcfg = FeedsConfig(sources=[site.url("/feed.xml")], topic=topic, bootstrap_servers=broker.bootstrap,
+                               interval=interval_s, per_host_delay=0.0, state_dir=str(tmp / "feeds"))
+            poller = FeedPoller(fcfg).start()
+            try:
+                warm = []
+                for d, q in pool[:WARMUP_DOCS]:
+                    doc, t = appear(d)
+                    warm.append(_Tracked(doc, q, t, t))
+                    watcher.add(warm[-1])
+                if _wait_in_store(watcher, warm, timeout_s + interval_s) is None:
+                    raise RuntimeError(f"warm-up stories were not ingested within {timeout_s + interval_s:.0f} s")
+                for t in warm:
+                    _track(api, t, "store", poll_interval_s, timeout_s)
+                kwatch = _KafkaWatcher(broker.bootstrap, topic)
+                kwatch.start()
+                lat0 = len(api.latencies)
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(max_workers=64, thread_name_prefix="freshness-feed-poll") as ex:
+                    futures, tracked = [], []
+                    for i, (d, q) in enumerate(pool[WARMUP_DOCS:]):
+                        time.sleep(max(0.0, t0 + i * spacing_s - time.monotonic()))
+                        doc, t = appear(d)
+                        tracked.append(_Tracked(doc, q, t, t))
+                        watcher.add(tracked[-1])
+                        futures.append(ex.submit(_track, api, tracked[-1], "store", poll_interval_s,
+                                                 timeout_s + interval_s))
+                    rows = [f.result() for f in futures]
+                kwatch.halt.set()
+                kwatch.join(timeout=10)
+                poll_snap = poller.snapshot()
+            finally:
+                poller.stop()
+                watcher.halt.set()
+                watcher.join(timeout=5)
+                ingest_snap = sup.finish()
+            for row, t in zip(rows, tracked):
+                fetched = kwatch.seen.get(t.doc.id)
+                row["on_topic_s"] = None if fetched is None else fetched - t.acked
+                row.pop("_acked", None)
+            ok = [r for r in rows if r["queryable"]]
+            out = {
+                "documents": len(rows), "queryable": len(ok), "interval_s": interval_s, "spacing_s": spacing_s,
+                "ttq_s": summary([r["ttq_s"] for r in ok]),
+                "on_topic_s": summary([r["on_topic_s"] for r in rows if r["on_topic_s"] is not None]),
+                "in_store_s": summary([r["in_store_s"] for r in rows if r["in_store_s"] is not None]),
+                "store_to_cited_s": summary([r["store_to_cited_s"] for r in ok if "store_to_cited_s" in r]),
+                "answered_s": summary([r["answered_s"] for r in ok]),
+                "poll_response_s": summary(api.latencies[lat0:]),
+                "feeds": {k: poll_snap[k] for k in ("polls", "new", "updated", "failed", "dead_lettered")},
+                "page_fetch_seconds_mean": next(iter(poll_snap["feeds"].values()))["page_fetch_seconds_mean"],
+                "ingest_dead_lettered": ingest_snap.get("dead_lettered"), "per_document": rows,
+            }
+            p99 = out["ttq_s"]["p99"]
+            goal = interval_s + FEED_SLACK_S
+            out["goal"] = {"p99_s": goal, "met": bool(p99 is not None and p99 <= goal and len(ok) == len(rows))}
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                  "load_average_before": [round(x, 2) for x in load_before],
+                  "load_average_after": [round(x, 2) for x in os.getloadavg()], "checkpoint": checkpoint or "shipped",
+                  "mode": mode or "server default", "poll_interval_s": poll_interval_s, "gate": "store",
+                  "warmup_documents": WARMUP_DOCS, "method": run_feed.__doc__.split("Feed mode: ")[1].strip()}
+    return out
+
+
+def feed_table(result: dict) -> str:
+    f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    t, s, o = result["ttq_s"], result["in_store_s"], result["on_topic_s"]
+    return ("| feed interval s | stories | queryable | ttq p50 | p90 | p99 | max | on topic p50 / p99 "
+            f"| in store p50 / p99 | goal p99 ≤ interval + {FEED_SLACK_S:g} s |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            f"| {result['interval_s']:g} | {result['documents']} | {result['queryable']}/{result['documents']} | "
+            f"{f(t['p50'])} | {f(t['p90'])} | {f(t['p99'])} | {f(t['max'])} | {f(o['p50'])} / {f(o['p99'])} | "
+            f"{f(s['p50'])} / {f(s['p99'])} | {'met' if result['goal']['met'] else 'NOT met'} |")

@@ -262,6 +262,10 @@ def run_benchmark(what: str, out_dir: Path, args) -> dict:
         return baselines.run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
                    rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
                    threads=args.threads, top_k=args.quality_top_k, max_new_tokens=args.max_new_tokens)
+    elif what == "freshness" and getattr(args, "freshness_source", "produce") == "feed":
+        result = freshness.run_feed(args.checkpoint, args.freshness_docs, args.feeds_interval,
+                                    poll_interval_s=args.poll_interval, mode=args.freshness_mode)
+        what = "freshness-feed"  # its own file beside the produce-path one
     elif what == "freshness":
         result = freshness.run(args.checkpoint, args.freshness_docs, args.freshness_rate, args.freshness_burst,
                                args.poll_interval, tuple(freshness.parse_variant(v) for v in args.freshness_variants),

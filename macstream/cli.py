@@ -1,6 +1,6 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, ingest, stats, replay (streaming);
+Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, feeds, ingest, stats, replay (streaming);
 serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from macstream import flags
-from pipeline.config import DEFAULT_MODE, IngestConfig, ServeConfig
+from pipeline.config import DEFAULT_MODE, FeedsConfig, IngestConfig, ServeConfig
 from pipeline.store.actor import StoreBusy
 
 # Model, Ray and Kafka code is imported inside each command: `macstream --help` and a bad flag answer at once.
@@ -183,6 +183,40 @@ def cmd_produce(args) -> None:
     print(json.dumps({"topic": args.topic, "produced": n}))
 
 
+def _feeds_config(args):
+    """``macstream feeds``: defaults < --config file < $MACSTREAM_FEEDS_* < flags; SOURCES read here."""
+    from workers.feeds import read_sources
+
+    return flags.build(FeedsConfig, "feeds", args, {"sources": read_sources(args.feed_sources)})
+
+
+def cmd_feeds(args) -> None:
+    import signal
+
+    from kafka.errors import KafkaError
+
+    from workers import kafka_io
+    from workers.feeds import FeedPoller
+
+    logging.getLogger("workers").setLevel(logging.INFO)
+    cfg = _feeds_config(args)
+    try:
+        kafka_io.check_reachable(cfg.bootstrap_servers)
+    except (KafkaError, OSError) as err:
+        raise ValueError(f"no Kafka broker answers at {cfg.bootstrap_servers} ({type(err).__name__}): start one "
+                         "(`macstream broker`) or pass --bootstrap-servers") from None  # exit 2 (main)
+    poller = FeedPoller(cfg, partitions=args.partitions).open()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop after the current step; what was not produced is re-fetched
+        signal.signal(sig, lambda *_: poller.halt.set())
+    print(json.dumps({"feeds": len(cfg.sources), "topic": cfg.topic, "interval": cfg.interval,
+                      "state": str(poller.state_path), "metrics_port": poller.metrics_port}), flush=True)
+    try:
+        snapshot = poller.run(polls=args.polls)
+    finally:
+        poller.close()
+    print(json.dumps(snapshot, indent=2), flush=True)
+
+
 def _ingest_config(args):
     return flags.build(IngestConfig, "ingest", args)
 
@@ -202,7 +236,17 @@ def cmd_up(args) -> None:
 
     logging.getLogger("workers").setLevel(logging.INFO)
     local_broker = not flags.given(IngestConfig, "ingest", args, "bootstrap_servers")
-    up(_ingest_config(args), _serve_config(args), local_broker, args.partitions)
+    ingest = _ingest_config(args)
+    feeds = None
+    if args.feeds:  # validated here, before anything starts; up() points it at the local broker when it runs one
+        from pipeline.config import load_config
+        from workers.feeds import read_sources
+
+        data = flags.from_env(FeedsConfig, "feeds") | {"sources": read_sources(args.feeds), "topic": ingest.topic,
+                                                       "bootstrap_servers": ingest.bootstrap_servers}
+        feeds = load_config(FeedsConfig, data | ({"interval": args.feeds_interval} if args.feeds_interval else {}),
+                            "feeds")
+    up(ingest, _serve_config(args), local_broker, args.partitions, feeds)
 
 
 def cmd_stats(args) -> None:
@@ -273,9 +317,10 @@ def cmd_bench(args) -> None:
         elif what == "baselines":
             print(result["table"])
         elif what == "freshness":
+            from benchmarks.freshness import feed_table
             from benchmarks.freshness import table as freshness_table
 
-            print(freshness_table(result))
+            print(feed_table(result) if args.freshness_source == "feed" else freshness_table(result))
         else:
             print(json.dumps({k: v for k, v in result.items() if k != "datasets"} if what == "quality" else result,
                              indent=2, default=str)[:4000])
@@ -392,6 +437,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(fn=cmd_produce)
 
+    fd = sub.add_parser("feeds", help="poll RSS/Atom/JSON feeds into the topic: each story's article text, once "
+                        "(again when it changes)", epilog=f"Every setting is also read from "
+                        f"${flags.env_prefix('feeds')}<SETTING> (flags win). State: MACSTREAM_HOME/feeds/<topic>.sqlite.")
+    fd.add_argument("feed_sources", metavar="SOURCES", help="a feed URL, or a file with one feed URL per line")
+    flags.add_flags(fd, FeedsConfig, skip=("sources",))
+    fd.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
+    fd.add_argument("--polls", type=_positive, help="stop after this many polls (default: until Ctrl-C/SIGTERM)")
+    fd.add_argument("--config", help="JSON file of feeds settings (environment and flags override it)")
+    fd.set_defaults(fn=cmd_feeds)
+
     i = sub.add_parser("ingest", help="stream a topic into the store with Ray workers",
                        epilog=f"Every setting is also read from ${flags.env_prefix('ingest')}<SETTING> (flags win).")
     flags.add_flags(i, IngestConfig)
@@ -406,6 +461,9 @@ def parser() -> argparse.ArgumentParser:
     flags.add_flags(u, ServeConfig, skip=("api_keys", *IngestConfig.model_fields))  # store, checkpoint: shared
     u.add_argument("--api-keys", dest="api_keys_file", help='JSON file {"KEY": "TENANT", ...}; none: no auth')
     u.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
+    u.add_argument("--feeds", metavar="SOURCES", help="also poll these feeds into the topic (a feed URL, or a file "
+                   f"with one per line); other feeds settings from ${flags.env_prefix('feeds')}<SETTING>")
+    u.add_argument("--feeds-interval", dest="feeds_interval", type=float, help="seconds between polls of the feeds")
     u.set_defaults(fn=cmd_up, config=None)
 
     st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
@@ -470,6 +528,11 @@ def parser() -> argparse.ArgumentParser:
                     help="freshness: encoder workers of the ingest job")
     bn.add_argument("--freshness-mode", dest="freshness_mode",
                     help="freshness: answer mode of the polls, e.g. mac (default: the server's default mode)")
+    bn.add_argument("--freshness-source", dest="freshness_source", choices=["produce", "feed"], default="produce",
+                    help="freshness: documents produced to Kafka (produce), or stories appearing in a local RSS feed "
+                         "that the feed poller polls (feed: from appearance to cited; writes freshness-feed.json)")
+    bn.add_argument("--feeds-interval", dest="feeds_interval", type=float, default=5.0,
+                    help="freshness, feed source: the poller's interval in seconds")
     bn.set_defaults(fn=cmd_bench)
 
     dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free control "

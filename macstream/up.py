@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from kafka.errors import KafkaError
 
 from pipeline.cluster import init_ray
-from pipeline.config import IngestConfig, ServeConfig
+from pipeline.config import FeedsConfig, IngestConfig, ServeConfig
 from pipeline.store.actor import ensure_store_free
 from serving.app import start as start_serving
 from workers import kafka_io
@@ -59,7 +59,8 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partitions: int = 4) -> dict:
+def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partitions: int = 4,
+       feeds: FeedsConfig | None = None) -> dict:
     """Run until interrupted; return the ingest job's final snapshot (committed offsets included)."""
     check_port(serving.host, serving.port)
     if not local_broker:
@@ -75,6 +76,11 @@ def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partition
         stack.callback(_shutdown_ray)
         start_serving(serving)
         job = IngestJob(ingest, partitions=partitions).start()
+        if feeds is not None:  # the feed poller (a thread) produces to ingest's topic; stopped first on the way out
+            from workers.feeds import FeedPoller
+
+            feeds = feeds.model_copy(update={"topic": ingest.topic, "bootstrap_servers": ingest.bootstrap_servers})
+            stack.enter_context(FeedPoller(feeds, partitions))
         print(json.dumps({"url": f"http://{serving.host}:{serving.port}", "ready": f"http://{serving.host}:{serving.port}/ready",
                           "topic": ingest.topic, "bootstrap_servers": ingest.bootstrap_servers,
                           "store": ingest.store_location(), "default_mode": serving.default_mode}), flush=True)
@@ -93,9 +99,10 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def main(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partitions: int) -> None:
+def main(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partitions: int,
+         feeds: FeedsConfig | None = None) -> None:
     try:
-        snapshot = up(ingest, serving, local_broker, partitions)
+        snapshot = up(ingest, serving, local_broker, partitions, feeds)
     except KeyboardInterrupt:  # interrupted while starting: everything started has been stopped
         print(json.dumps({"stopped": "before ingest started"}), file=sys.stderr)
         return

@@ -218,6 +218,62 @@ class ServeConfig(StrictModel):
         return store_location(self.store)
 
 
+class FeedsConfig(StrictModel):
+    """Live feeds in (workers/feeds.py): RSS, Atom and JSON feeds polled, each new or changed story's page fetched and
+    its article text extracted, one document per story on the topic. The politeness knobs trade freshness for load
+    on the publishers."""
+
+    @field_validator("sources")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) feed URL: {url[:200]!r}")
+        return list(dict.fromkeys(v))  # each feed once, in the order given
+
+    sources: list[str] = Field(min_length=1,
+                               description="Feed URLs (http or https): RSS 0.9x/1.0/2.0, Atom or JSON Feed.")
+    topic: str = Field(min_length=1, description="Topic the documents go to (key = story id); dead letters go to "
+                       "<topic>.dlq.")
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    interval: float = Field(60.0, ge=0.1, le=86400.0, description="Seconds from the start of one poll of every feed "
+                            "to the next: a story reaches the topic at most this long (plus its fetch) after it "
+                            "appears in its feed.")
+    timeout: float = Field(10.0, gt=0.0, le=300.0, description="Seconds one GET may take (each socket read, and the "
+                           "whole body); a page that takes longer is dead-lettered as timeout and tried again at the "
+                           "next poll.")
+    per_host_concurrency: int = Field(2, ge=1, le=64, description="Most GETs to one host at a time.")
+    per_host_delay: float = Field(1.0, ge=0.0, le=300.0, description="Least seconds between the starts of two GETs "
+                                  "to one host (a longer robots.txt Crawl-delay wins).")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a GET after a connection error, 429 or 5xx, with "
+                         "exponential backoff (Retry-After honoured, at most 30 s).")
+    backoff: float = Field(1.0, ge=0.0, le=60.0,
+                           description="Seconds before the first retry; doubled for each next one.")
+    robots: bool = Field(True, description="Obey each host's robots.txt (RFC 9309): a disallowed page is never "
+                         "fetched and is dead-lettered as robots_disallowed.")
+    user_agent: str = Field("macstream-feeds/0.1", min_length=1, description="User-Agent of every GET, and the agent "
+                            "robots.txt rules are matched against.")
+    max_feed_bytes: int = Field(10 << 20, ge=1024, description="Largest feed body read; a larger feed is a feed error "
+                                "(too_large).")
+    max_page_bytes: int = Field(5 << 20, ge=1024, description="Largest article page read; a larger page is "
+                                "dead-lettered as too_large.")
+    min_text_chars: int = Field(80, ge=1, description="Least characters of article text the extractor must find; "
+                                "less is dead-lettered as no_text (a page of navigation, a paywall stub).")
+    item_attempts: int = Field(3, ge=1, le=100, description="Polls on which a story that failed for a passing reason "
+                               "(timeout, connection, 429/5xx, unreadable robots.txt) is tried; after that it is "
+                               "retried only when its feed entry changes. Final failures (404, too_large, no_text, "
+                               "robots_disallowed, missing_link) wait for that at once.")
+    fetch_threads: int = Field(8, ge=1, le=128, description="GETs in flight at once over all hosts.")
+    state_dir: str | None = Field(None, description="Directory of the poller's state (ids seen, content hashes, "
+                                  "ETag/Last-Modified), one SQLite file per topic; default MACSTREAM_HOME/feeds.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve per-feed Prometheus metrics on "
+                                     "metrics_host:PORT (0 = pick a free port).")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds.")
+
+
 def reference_markdown() -> str:
     """The configuration reference (docs/configuration.md): every config model's fields, types, defaults, meanings."""
     import typing
@@ -234,6 +290,7 @@ def reference_markdown() -> str:
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
+    sections.append((FeedsConfig, "feeds", "`macstream feeds` flags; `macstream up --feeds` reads $MACSTREAM_FEEDS_<SETTING>"))
     out = []
     for cls, key, where in sections:
         out += [f"#### `{key}` ({cls.__name__}: {where})", "", " ".join((cls.__doc__ or "").split()), "",
