@@ -13,11 +13,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
+LONG_RUNNING = ("up", "ingest", "serve")
+if sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:  # asked to stop while still importing: nothing started yet, so a
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean exit; the command's GracefulStop takes over later
+
 from macstream import flags
 from pipeline.config import DEFAULT_MODE, FeedsConfig, IngestConfig, ServeConfig
+from pipeline.placement import Unplaceable
 from pipeline.store.actor import StoreBusy
 
 # Model, Ray and Kafka code is imported inside each command: `macstream --help` and a bad flag answer at once.
@@ -222,13 +228,23 @@ def _ingest_config(args):
 
 
 def cmd_ingest(args) -> None:
+    from macstream.lifecycle import GracefulStop
+    from pipeline.cluster import init_ray
     from workers.ingest import IngestJob
 
     logging.getLogger("workers").setLevel(logging.INFO)
-    job = IngestJob(_ingest_config(args), partitions=args.partitions).start()
-    if job.metrics_server is not None:
-        print(f"metrics: http://{job.cfg.metrics_host}:{job.metrics_port}/metrics", file=sys.stderr)
-    print(json.dumps(job.run(), indent=2))
+    cfg = _ingest_config(args)
+    with GracefulStop() as stop:  # SIGTERM/Ctrl-C: drain and commit, or (while starting) stop what started; exit 0
+        try:
+            with stop.deferred():
+                init_ray()
+            job = IngestJob(cfg, partitions=args.partitions).start()
+        except KeyboardInterrupt:
+            print(json.dumps({"stopped": "during start-up"}), file=sys.stderr)
+            return
+        if job.metrics_server is not None:
+            print(f"metrics: http://{job.cfg.metrics_host}:{job.metrics_port}/metrics", file=sys.stderr)
+        print(json.dumps(job.run(), indent=2))
 
 
 def cmd_up(args) -> None:
@@ -279,19 +295,24 @@ def cmd_serve(args) -> None:
 
     from ray import serve
 
+    from macstream.lifecycle import GracefulStop
+    from pipeline.cluster import init_ray
     from serving.app import start
 
     cfg = _serve_config(args)
-    start(cfg)
-    print(json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "ready": f"http://{cfg.host}:{cfg.port}/ready",
-                      "docs": f"http://{cfg.host}:{cfg.port}/docs"}), flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    with GracefulStop() as stop:  # SIGTERM/Ctrl-C at any stage: stop what started, exit 0
+        try:
+            with stop.deferred():
+                init_ray()
+            start(cfg)
+            print(json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "ready": f"http://{cfg.host}:{cfg.port}/ready",
+                              "docs": f"http://{cfg.host}:{cfg.port}/docs"}), flush=True)
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
 
 
 BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness")
@@ -560,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, StoreBusy) as err:
+    except (ValueError, FileNotFoundError, StoreBusy, Unplaceable) as err:
         print(f"macstream: {err}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -5,7 +5,8 @@ config file (KubeRay ``RayService``) names."""
 # no `from __future__ import annotations` here: Serve validates an application builder's args by its real type hint
 from ray import serve
 
-from pipeline.cluster import init_ray
+from pipeline import placement
+from pipeline.cluster import init_ray, started_here
 from pipeline.config import ServeConfig
 from pipeline.store.actor import connect_store
 from serving.gateway import Gateway
@@ -36,10 +37,28 @@ def build_app(cfg: ServeConfig):
     return Gateway.options(**rolling).bind(model, cfg_static)
 
 
+def demand(cfg: ServeConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the app reserves at start: the model replicas (the first one when autoscaling); the gateway
+    reserves none."""
+    replicas = 1 if cfg.autoscale_max_replicas else cfg.replicas
+    return replicas * cfg.replica_threads, replicas * cfg.replica_gpus
+
+
+def serve_running(name: str) -> bool:
+    """Whether app ``name`` is already deployed here (a redeploy is a rolling update: its surge is Serve's to place)."""
+    try:
+        return name in serve.status().applications
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        return False
+
+
 def start(cfg: ServeConfig, name: str = "macstream", route_prefix: str = "/", blocking: bool = False):
     """Start (or update in place) the app on cfg.host:cfg.port; returns when the deployments are up (the model
-    replicas may still be loading: see /ready)."""
+    replicas may still be loading: see /ready). On a cluster started here, a plan it cannot place is refused first
+    (:class:`placement.Unplaceable`), instead of a deployment that waits for its replicas without end."""
     init_ray()
+    if started_here() and not serve_running(name):
+        placement.check_serve(*demand(cfg))
     connect_store(cfg.store_location())  # the store's owner on this node; StoreBusy here, not a never-ready replica
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(cfg), name=name, route_prefix=route_prefix, blocking=blocking)

@@ -113,12 +113,15 @@ def test_killed_encoder_and_consumer_lose_and_duplicate_nothing(cluster, broker,
     def chaos(snap):
         if not killed and snap["upserted"] >= 10:
             ray.kill(ray.get_actor("macstream-encoder-0"), no_restart=False)  # restarted by Ray, calls retried
-            ray.kill(ray.get_actor("macstream-consumer-0"), no_restart=False)  # replaced by the supervisor
+            ray.kill(ray.get_actor("macstream-consumer-0.0"), no_restart=False)  # replaced by the supervisor
+            killed.append(snap["upserted"])
+        elif len(killed) == 1 and job.incarnation[0] == 1 and snap["upserted"] >= killed[0] + 10:
+            ray.kill(ray.get_actor("macstream-consumer-0.1"), no_restart=False)  # the replacement dies too
             killed.append(snap["upserted"])
 
     snap = _drive(job, chaos)
-    assert killed and killed[0] < n, "the faults must hit mid-stream"
-    assert snap["consumer_restarts"] >= 1
+    assert len(killed) == 2 and killed[1] < n, "the faults must hit mid-stream"
+    assert snap["consumer_restarts"] >= 2 and job.incarnation[0] >= 2
     assert job.store.counts(job.collection) == {"documents": n, "chunks": n}
     assert sorted(_doc_ids(job)) == sorted(d.id for d in _docs(n))
 

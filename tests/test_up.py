@@ -153,3 +153,77 @@ def test_up_with_a_local_broker_when_none_is_given(tiny_checkpoint, tmp_path) ->
     host, broker_port = started["bootstrap_servers"].rsplit(":", 1)
     with socket.socket() as s:  # the local broker stopped with it
         assert s.connect_ex((host, int(broker_port))) != 0
+
+
+def _tree(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _left_behind(procs: list) -> list[str]:
+    """The processes of a stopped command's tree (Ray's GCS, raylet, workers, the local broker) still running."""
+    import psutil
+
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    return [f"{p.pid} {p.name()}" for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_up_fits_two_workers_to_two_cores_and_serves_only_once_ingest_runs(tiny_checkpoint, tmp_path) -> None:
+    """On this 2-core machine `--workers 2` plus one Serve replica asks for 3 CPUs: the encoders are fitted to the
+    free share with a warning (it used to start one encoder and wait for the second forever), documents are ingested,
+    and SIGTERM leaves no process of the run behind."""
+    port = free_port()
+    proc = _up("--topic", "news", "--port", str(port), "--store", str(tmp_path / "store"), "--workers", "2",
+               "--checkpoint", str(tiny_checkpoint), "--partitions", "2")
+    tree: list = []
+    try:
+        started = json.loads(proc.stdout.readline() or "{}")
+        assert started.get("url"), proc.stderr.read()[-3000:]
+        _wait(lambda: _ready(started["url"]), 120, "/ready")
+        kafka_io.produce(started["bootstrap_servers"], "news", _docs("w", 6))
+        _wait(lambda: requests.get(started["url"] + "/v1/memory/stats", timeout=10).json().get("documents") == 6, 120,
+              "6 documents ingested by two fitted encoders")
+        tree = _tree(proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "each reserves 0.5 CPU instead" in err, err[-3000:]
+    assert not _left_behind(tree)
+
+
+@pytest.mark.parametrize("after_s", [0.5, 4.0, 12.0])
+def test_sigterm_at_any_stage_of_start_up_exits_0_and_leaves_nothing_running(tiny_checkpoint, tmp_path, after_s) -> None:
+    """SIGTERM while the broker, Ray, the encoders or Serve are starting: exit 0 and no process of the run left (it
+    used to abort with 134 and leave Ray behind when the signal came before start-up had finished)."""
+    proc = _up("--topic", "news", "--port", str(free_port()), "--store", str(tmp_path / "store"), "--workers", "2",
+               "--checkpoint", str(tiny_checkpoint))
+    tree: list = []
+    try:
+        deadline = time.monotonic() + after_s
+        while time.monotonic() < deadline:  # collect the tree as it grows: the signal may come before all of it exists
+            tree = list({p.pid: p for p in tree + _tree(proc)}.values())
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert not _left_behind(tree), err[-3000:]
+
+
+def test_plans_the_cluster_cannot_hold_are_refused_in_one_line(tiny_checkpoint, tmp_path) -> None:
+    """Too little of this 2-core machine for the plan even when fitted: one line naming the shortfall, exit 2."""
+    line = _refused("--port", str(free_port()), "--store", str(tmp_path / "a"), "--replicas", "3",
+                    "--checkpoint", str(tiny_checkpoint), command="serve")
+    assert "serve needs 3 CPU" in line and "--replicas" in line
+    line = _refused("--topic", "t", "--port", str(free_port()), "--store", str(tmp_path / "b"), "--workers", "8",
+                    "--checkpoint", str(tiny_checkpoint))
+    assert "ingest needs 8 encoder(s)" in line and "kept for serving" in line and "--workers" in line

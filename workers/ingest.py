@@ -18,7 +18,8 @@ import time
 
 import ray
 
-from pipeline.cluster import init_ray
+from pipeline import placement
+from pipeline.cluster import init_ray, started_here
 from pipeline.config import IngestConfig
 from pipeline.model.mac import checkpoint_identity
 from pipeline.store import collection_name
@@ -33,12 +34,13 @@ UNASSIGNED_GIVE_UP_S = 60.0
 STOP_TIMEOUT_S = 60  # a member drains its in-flight batches, commits (≤ 30 s) and leaves the group (≤ 5 s)
 
 
-def encoder_options(cfg: IngestConfig, index: int) -> dict:
+def encoder_options(cfg: IngestConfig, index: int, cpus: float | None = None) -> dict:
     """Ray options of encoder actor ``index``: ``encoder_threads`` CPUs, ``gpus_per_worker`` GPUs when above 0 (the
     actor then computes on the GPU Ray assigns it), and SPREAD scheduling, so the model copies land on different
     nodes of a multi-node cluster (more compute, and one lost node does not take every encoder with it). On one
-    node SPREAD places them as the default would."""
-    opts: dict = {"name": f"macstream-encoder-{index}", "num_cpus": cfg.encoder_threads,
+    node SPREAD places them as the default would. ``cpus`` overrides the CPU reservation (a plan fitted to a small
+    cluster: pipeline/placement.py)."""
+    opts: dict = {"name": f"macstream-encoder-{index}", "num_cpus": cfg.encoder_threads if cpus is None else cpus,
                   "scheduling_strategy": "SPREAD"}
     if cfg.gpus_per_worker:
         opts["num_gpus"] = cfg.gpus_per_worker
@@ -53,6 +55,7 @@ class IngestJob:
         self.collection = collection_name(self.version)
         self.encoders: list = []
         self.members: dict[int, tuple] = {}  # slot → (actor, run ref)
+        self.incarnation: dict[int, int] = {}  # slot → how many members it has had (names are never reused)
         self.restarts = 0
         self.last: dict[int, dict] = {}  # slot → last stats seen (kept after a member dies, for totals)
         self.base: dict[int, dict] = {}  # counters of members that were replaced, per slot
@@ -60,16 +63,35 @@ class IngestJob:
         self.metrics_server = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
-    def start(self) -> "IngestJob":
+    def start(self, reserve_cpus: float = 0.0, reserve_gpus: float = 0.0) -> "IngestJob":
+        """Create the topic, the encoders (once their model is loaded) and the consumers. The plan is checked against
+        the cluster first (pipeline/placement.py): on a cluster started here it is fitted or refused in one line
+        (:class:`Unplaceable`, nothing left running); on a joined one the encoders must load within
+        ``PLACEMENT_TIMEOUT_S``. ``reserve_*``: resources kept for something started after (``up``'s Serve)."""
         cfg = self.cfg
         kafka_io.ensure_topic(cfg.bootstrap_servers, cfg.topic, self.create_partitions)
         kafka_io.ensure_topic(cfg.bootstrap_servers, kafka_io.dlq_topic(cfg.topic), 1)
         n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
         init_ray()
+        self.encoder_cpus: float = cfg.encoder_threads
+        if started_here():  # a joined cluster may be about to grow: no fitting there, the wait below has a deadline
+            self.encoder_cpus = placement.fit_encoders(cfg.workers, cfg.encoder_threads, cfg.gpus_per_worker,
+                                                       reserve_cpus=reserve_cpus, reserve_gpus=reserve_gpus)
         self.store = connect_store(cfg.store_location())
-        self.encoders = [EncoderActor.options(**encoder_options(cfg, i)).remote(cfg.checkpoint, cfg.encoder_threads)
-                         for i in range(cfg.workers)]
-        ids = ray.get([e.identity.remote() for e in self.encoders])
+        self.encoders = [EncoderActor.options(**encoder_options(cfg, i, self.encoder_cpus)).remote(
+            cfg.checkpoint, cfg.encoder_threads) for i in range(cfg.workers)]
+        ready, pending = ray.wait([e.identity.remote() for e in self.encoders], num_returns=cfg.workers,
+                                  timeout=placement.PLACEMENT_TIMEOUT_S)
+        if pending:
+            for e in self.encoders:
+                ray.kill(e, no_restart=True)
+            self.encoders = []
+            raise placement.Unplaceable(
+                f"{len(pending)} of {cfg.workers} encoders were not placed and loaded within "
+                f"{placement.PLACEMENT_TIMEOUT_S:g} s (each wants {self.encoder_cpus:g} CPU"
+                f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''}; the cluster has "
+                f"{ray.available_resources().get('CPU', 0):g} CPU free): lower --workers or add nodes")
+        ids = ray.get(ready)
         if any(i != (self.version, self.model_id) for i in ids):
             raise RuntimeError(f"encoders loaded {ids}, expected {(self.version, self.model_id)}")
         self.n_members = min(cfg.consumers or cfg.workers, n_parts)
@@ -83,12 +105,23 @@ class IngestJob:
         return self
 
     def _spawn(self, slot: int) -> None:
-        actor = ConsumerActor.options(name=f"macstream-consumer-{slot}").remote(
+        """Start the next member of ``slot`` under a name of its own (``macstream-consumer-<slot>.<n>``): a member
+        lost with its node stays registered under its name until the GCS declares it dead, and ``ray.kill`` is
+        asynchronous, so reusing the name would fail exactly when a replacement is needed."""
+        n = self.incarnation.get(slot, -1) + 1
+        self.incarnation[slot] = n
+        actor = ConsumerActor.options(name=f"macstream-consumer-{slot}.{n}").remote(
             self.cfg, slot, self.encoders, self.store, self.collection)
         self.members[slot] = (actor, actor.run.remote())
 
     def supervise(self) -> None:
         """Replace members whose run loop died (actor crash or killed); refresh their stats."""
+        for slot in range(self.n_members):  # a slot whose replacement failed last pass gets another
+            if slot not in self.members:
+                try:
+                    self._spawn(slot)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("consumer %d: replacement failed (%s); retrying", slot, err)
         for slot, (actor, ref) in list(self.members.items()):
             done, _ = ray.wait([ref], timeout=0)
             if done:
@@ -102,7 +135,11 @@ class IngestJob:
                         ray.kill(actor, no_restart=True)
                     except Exception:  # noqa: BLE001 - already gone
                         pass
-                    self._spawn(slot)
+                    try:
+                        self._spawn(slot)
+                    except Exception as spawn_err:  # noqa: BLE001 - e.g. the cluster is still losing a node
+                        log.warning("consumer %d: replacement failed (%s); retrying", slot, spawn_err)
+                        self.members.pop(slot, None)
                     continue
             try:
                 self.last[slot] = ray.get(actor.stats.remote(), timeout=10)
@@ -122,7 +159,7 @@ class IngestJob:
         """Backfill done: every member has nothing in flight and saw no record for exit_when_idle seconds *while it
         held partitions*. A member still waiting for its group assignment (a slow rebalance) is not idle, unless it
         waited UNASSIGNED_GIVE_UP_S (the broker never assigned it: stop rather than hang)."""
-        if len(self.last) < len(self.members):
+        if len(self.members) < self.n_members or len(self.last) < len(self.members):
             return False
         wait = self.cfg.exit_when_idle
         return all(s["in_flight"] == 0 and s["idle_s"] >= (wait if s["assigned"] else max(UNASSIGNED_GIVE_UP_S, wait))
