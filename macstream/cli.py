@@ -358,7 +358,7 @@ def cmd_diagnose(args) -> None:
 def cmd_demo(args) -> None:
     from macstream.demo import main as demo
 
-    demo()
+    demo(feed=args.feed)
 
 
 def _positive(v: str) -> int:
@@ -565,6 +565,8 @@ def parser() -> argparse.ArgumentParser:
     dg.set_defaults(fn=cmd_diagnose)
 
     dm = sub.add_parser("demo", help="the whole system on embedded defaults (what `make demo` runs)")
+    dm.add_argument("--feed", action="store_true", help="the held-back articles arrive through a local RSS feed and "
+                    "the feed poller instead of being produced to Kafka")
     dm.set_defaults(fn=cmd_demo)
 
     r = sub.add_parser("replay", parents=[kafka], help="reset the ingest group to re-encode from a point in the topic")

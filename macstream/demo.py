@@ -9,6 +9,10 @@
 4. A short quality and speed table over held-out questions (answered over HTTP), then a clean shutdown (no processes
    left behind) and how to run each part alone.
 
+With ``feed=True`` (``macstream demo --feed``) the held-back articles arrive the way live news does: they appear as
+pages and items of an RSS feed on a local web server (127.0.0.1), and the feed poller (workers/feeds.py, polling
+every second) fetches them, extracts their text and produces them to the topic.
+
 Everything runs in a throw-away data directory; nothing persists after the demo.
 """
 
@@ -19,12 +23,14 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
+from benchmarks.feed_server import Story, article, rss
 from pipeline.cluster import init_ray
 from pipeline.config import DEFAULT_MODE, IngestConfig, ServeConfig
 from pipeline.data import realtimeqa, synthetic
@@ -105,7 +111,19 @@ def _show(q, before: dict, after: dict) -> None:
               f"retriever score {top['score']:.2f}, aggregator weight {top.get('weight') or 0:.2f}")
 
 
-def main() -> None:
+def _publish_in_feed(site, docs) -> None:
+    """Each document as an article page and an item of the site's RSS feed (newest first), published at once."""
+    from datetime import datetime, timezone
+
+    stories = []
+    for i, d in enumerate(docs):
+        path = f"/news/{i}-{d.id}.html"
+        site.put(path, article(d.title or d.id, d.text.split("\n"), d.published_at))
+        stories.append(Story(d.title or d.id, site.url(path), d.published_at or datetime.now(timezone.utc)))
+    site.put("/feed.xml", rss("macstream demo wire", site.base, stories), "application/rss+xml")
+
+
+def main(feed: bool = False) -> None:
     import ray
     import requests
     from ray import serve
@@ -135,6 +153,16 @@ def main() -> None:
         cfg = ServeConfig(port=free_port(), store=store)
         start(cfg)
         stack.callback(serve.shutdown)
+        if feed:  # a local news site and the feed poller (stopped first on the way out)
+            from benchmarks.feed_server import FeedSite
+            from pipeline.config import FeedsConfig
+            from workers.feeds import FeedPoller
+
+            site = stack.enter_context(FeedSite())
+            site.put("/feed.xml", rss("macstream demo wire", site.base, []), "application/rss+xml")
+            stack.enter_context(FeedPoller(FeedsConfig(
+                sources=[site.url("/feed.xml")], topic=topic, bootstrap_servers=broker.bootstrap, interval=1.0,
+                per_host_delay=0.0, state_dir=os.path.join(data_dir, "feeds"))))
         base = f"http://127.0.0.1:{cfg.port}"
         _wait("model replica loading", lambda: requests.get(base + "/ready", timeout=30).status_code == 200, 300)
 
@@ -155,13 +183,17 @@ def main() -> None:
         print(f"[3/4] asking about the {len(late)} held-back articles before and after they arrive")
         before = {q.id: {m: _post(base, q.question, m)[0] for m in SHOW_MODES} for q in asked}
         t0 = time.monotonic()
-        kafka_io.produce(broker.bootstrap, topic, late)
+        if feed:
+            _publish_in_feed(site, late)
+        else:
+            kafka_io.produce(broker.bootstrap, topic, late)
         _wait("the new articles arrive", documents, 300, total=len(docs))
         fresh_s = time.monotonic() - t0
         after = {q.id: {m: _post(base, q.question, m)[0] for m in SHOW_MODES} for q in asked}
         for q in asked:
             _show(q, before[q.id], after[q.id])
-        print(f"\n   the new articles were answerable {fresh_s:.1f}s after they were published to Kafka "
+        print(f"\n   the new articles were answerable {fresh_s:.1f}s after they were "
+              f"{'in the RSS feed (polled every 1 s)' if feed else 'published to Kafka'} "
               f"(no gradient step: one amortizer forward each)")
 
         print("\n[4/4] quality and speed over held-out questions (HTTP, top-k 4, all articles in memory)")
@@ -189,6 +221,7 @@ def main() -> None:
 Run each part alone (see README):
   macstream broker --port 9092                              # local Kafka-protocol broker
   macstream produce --topic news synthetic --split test     # publish a news stream
+  macstream feeds feeds.txt --topic news                    # or poll live RSS/Atom/JSON feeds into it
   macstream ingest --topic news --workers 2                 # Kafka -> Ray encoder workers -> Qdrant
   macstream serve --port 8000                               # HTTP API on Ray Serve
   curl -s localhost:8000/v1/answer -d '{"question": "...", "mode": "mac+rag"}' -H 'content-type: application/json'
@@ -196,4 +229,4 @@ Run each part alone (see README):
 
 
 if __name__ == "__main__":
-    main()
+    main(feed="--feed" in sys.argv[1:])
