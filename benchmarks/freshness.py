@@ -514,7 +514,6 @@ def stages(run: dict) -> str:
             f"{run['polls_per_document']['mean']:.1f} polls per document")
 
 
-
 FEED_SLACK_S = 2.0  # issue 23: a story in a feed is answerable, citing it, within the poll interval + 2 s at p99
 
 
