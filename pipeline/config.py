@@ -67,7 +67,8 @@ class ModelConfig(StrictModel):
                              "than M chunk by chunk.")
     max_doc_tokens: int = Field(256, ge=16, le=4096, description="Window in LM tokens; longer documents are cut into "
                                 "overlapping windows, one modulation each.")
-    chunk_overlap: int = Field(32, ge=0, le=1024, description="Tokens shared by consecutive windows of a long document.")
+    chunk_overlap: int = Field(32, ge=0, le=1024,
+                               description="Tokens shared by consecutive windows of a long document.")
     retrieval_bias: bool = Field(True, description="Add a learned multiple of the retriever's score to aggregator "
                                  "logits (re-rank, never lose the prior).")
 

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 
-from research.ceilings import answer_items, score
 from pipeline.config import DEFAULT_LM
 from pipeline.data import synthetic
 from pipeline.diagnose import KINDS, article_facts, fact_core, question_kind, same_type_others
@@ -49,6 +48,7 @@ from pipeline.model.lm import FrozenLM, Prefix
 from pipeline.model.readout import KVReadout, article_states, kv_targets, rerotate, rms, select
 from pipeline.prompts import BASE_PROMPT, RAG_PROMPT, answer_continuation, document_text
 from pipeline.train_readout import fit_selector, ridge
+from research.ceilings import answer_items, score
 
 
 def features(lm: FrozenLM, states: torch.Tensor, ids: list[int], with_ids: bool) -> torch.Tensor:

@@ -47,7 +47,7 @@ from research.mac_rag_baselines import eval_sets, load_readout_model, side_by_si
 
 
 def two_stream(prompt: Prefix, memory: Prefix) -> Prefix:
-    """The prompt's positions, then the memory's: (1 or B, L, H, P, D) ⧺ (B, L, H, P_m, D) → (B, L, H, P + P_m, D)."""
+    """The prompt's positions, then the memory's: (1 or B, L, H, P, D) ⧺ (B, L, H, P_m, D) → (B, L, H, P+P_m, D)."""
     if prompt.keys.shape[0] == 1 and memory.keys.shape[0] != 1:
         prompt = batched(prompt, memory.keys.shape[0])
     return Prefix(torch.cat([prompt.keys, memory.keys.to(prompt.keys.dtype)], 3),

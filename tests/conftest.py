@@ -112,8 +112,8 @@ def minilm():
 
 def tiny_config(**overrides) -> ModelConfig:
     """The shipped memory (the readout memory) at a tiny size: T = 4 states of layer 1 of the 2-layer LM."""
-    base = dict(lm="tiny-llama", num_tokens=4, lm_state_layer=1, head_dim=16, heads=2, bucket_size=4,
-                question_blocks=1, aggregator_blocks=2, ffn_mult=1, max_doc_tokens=256, chunk_overlap=32)
+    base = {"lm": "tiny-llama", "num_tokens": 4, "lm_state_layer": 1, "head_dim": 16, "heads": 2, "bucket_size": 4,
+            "question_blocks": 1, "aggregator_blocks": 2, "ffn_mult": 1, "max_doc_tokens": 256, "chunk_overlap": 32}
     return ModelConfig(**(base | overrides))
 
 

@@ -303,12 +303,12 @@ def test_a_checkpoint_of_the_older_config_format_loads_and_another_memory_is_ref
     memory (the slots checkpoint's) is refused naming the git tag where it runs."""
     mac = make_tiny_mac(tiny_llama, minilm)
     version = mac.save(tmp_path / "ok")
-    older = dict(doc_states="lm", standardize_states=False, amortizer="select", expander="readout",
-                 aggregator_output="select", unfreeze_encoder_layers=0, prefix_len=2, amortizer_blocks=2,
-                 expander_hidden=1024)
+    older = {"doc_states": "lm", "standardize_states": False, "amortizer": "select", "expander": "readout",
+             "aggregator_output": "select", "unfreeze_encoder_layers": 0, "prefix_len": 2, "amortizer_blocks": 2,
+             "expander_hidden": 1024}
     loaded = MACModel.load(_tamper(tmp_path / "ok", tmp_path / "older", **older), lm=tiny_llama, encoder=minilm)
     assert loaded.cfg == mac.cfg and loaded.version == version
-    slots = older | dict(amortizer="queries", expander="slots", aggregator_output="tokens")
+    slots = older | {"amortizer": "queries", "expander": "slots", "aggregator_output": "tokens"}
     with pytest.raises(ValueError, match="slots-checkpoint") as err:
         MACModel.load(_tamper(tmp_path / "ok", tmp_path / "slots", **slots), lm=tiny_llama, encoder=minilm)
     assert "'expander': 'slots'" in str(err.value) and str(tmp_path / "slots") in str(err.value)

@@ -90,7 +90,7 @@ class MACModel(nn.Module):
         D, E, T = self.lm.hidden_size, self.encoder.width, cfg.num_tokens
         if cfg.lm_state_layer > self.lm.num_layers:
             raise ValueError(f"lm_state_layer={cfg.lm_state_layer} but {cfg.lm} has {self.lm.num_layers} layers")
-        head = dict(heads=cfg.heads, head_dim=cfg.head_dim, ffn_mult=cfg.ffn_mult)
+        head = {"heads": cfg.heads, "head_dim": cfg.head_dim, "ffn_mult": cfg.ffn_mult}
         self.amortizer = TokenSelector(D)  # write: which T tokens of a window a modulation keeps
         self.question_encoder = QueryHead(E, D, T, cfg.question_blocks, **head)  # select: the question's T tokens
         self.aggregator = Aggregator(D, cfg.aggregator_blocks, bucket_size=cfg.bucket_size,
