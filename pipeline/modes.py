@@ -6,8 +6,8 @@
 - ``mac+rag``: both;
 - ``select+rag``: the aggregator, reading the retrieved modulations, *selects* the texts that enter the prompt, and
   the LM reads them behind the checkpoint's trained answer prompt (:mod:`pipeline.model.prompt`) instead of the
-  memory's prefix (on real news the memory in the prefix costs more than it adds once the text is there: README,
-  "MAC + RAG"). Without an answer prompt in the checkpoint, no prefix at all.
+  memory's prefix (on real news the memory in the prefix costs more than it adds once the text is there:
+  docs/results.md, "The two-stream prefix"). Without an answer prompt in the checkpoint, no prefix at all.
 
 ``rag``, ``mac+rag`` and ``select+rag`` take ``context_docs`` (written ``rag@N`` / ``mac+rag@N`` / ``select+rag@N``):
 only N documents' texts enter the prompt — the retriever's best N for ``rag``, the N the aggregator weighs most for
