@@ -36,7 +36,9 @@ def home() -> Path:
 
 
 def store_location(store: str) -> str:
-    """'embedded' → qdrant-client local mode under the data directory; anything else as given."""
+    """'embedded' → the embedded store (Qdrant Edge) under the data directory; anything else as given. The directory
+    is the one the old embedded engine (qdrant-client local mode) used, so a store left in that format is found and
+    refused with how to re-encode it, never read as empty."""
     return str(home() / "store" / "qdrant") if store == "embedded" else store
 
 
@@ -179,7 +181,7 @@ class IngestConfig(StrictModel):
     max_in_flight: int = Field(2, ge=1, le=64, description="Encode batches a consumer may have outstanding before it stops polling (backpressure).")
     poll_timeout_ms: int = Field(200, ge=10, le=60000, description="Longest wait of one poll when the topic is quiet and nothing is in flight (while a batch encodes, polls last at most 20 ms, so its write and commit are not held up).")
     max_message_bytes: int = Field(1 << 20, ge=256, description="Larger messages are dead-lettered as oversize.")
-    store: str = Field("embedded", description="'embedded' (qdrant-client local mode under MACSTREAM_HOME/store, owned by one actor), a directory, ':memory:', 'memory' (in-process numpy) or a Qdrant server URL.")
+    store: str = Field("embedded", description="'embedded' (Qdrant Edge, Qdrant's engine in-process, under MACSTREAM_HOME/store, owned by one actor), a directory (the same engine), 'local:DIR' (qdrant-client's pure-Python local mode, the old embedded engine), ':memory:', 'memory' (in-process numpy) or a Qdrant server URL.")
     checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one.")
     encoder_threads: int = Field(1, ge=1, le=64, description="torch threads per encoder actor (= its CPU reservation).")
     gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="GPUs each encoder actor reserves from Ray (fractions share one GPU between actors). 0: CPU only. Above 0 the actor runs only on a node that declares GPUs and computes on the GPU Ray assigns it (frozen LM in bf16, or fp16 where bf16 is unsupported); without CUDA in the process it falls back to CPU.")
@@ -202,7 +204,7 @@ class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Deploying again with another one is a rolling update (new replicas load it before taking traffic).")
-    store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, ':memory:', 'memory' or a Qdrant URL.")
+    store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, 'local:DIR', ':memory:', 'memory' or a Qdrant URL.")
     replicas: int = Field(1, ge=1, le=64, description="Model replicas (each holds the LM and the MAC heads), when autoscaling is off.")
     autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description="Turn on autoscaling between 1 and this many model replicas.")
     replica_threads: int = Field(1, ge=1, le=64, description="torch threads per model replica (= its CPU reservation).")

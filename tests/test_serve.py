@@ -128,13 +128,13 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
 def test_a_store_owned_by_another_process_is_a_503_with_the_reason(server, tmp_path) -> None:
     """Serve started on an embedded store that another process holds open: up, never ready, and every data endpoint
     answers 503 JSON naming the cause (it used to say ready and then 500 on every request)."""
-    from qdrant_client import QdrantClient
     from ray import serve
 
     from pipeline.store.actor import StoreBusy
+    from pipeline.store.edge import EdgeStore
     from serving.app import build_app, start
 
-    held = QdrantClient(path=str(tmp_path / "held"))  # this process owns the directory now
+    held = EdgeStore(str(tmp_path / "held"))  # this process owns the directory now
     cfg = server["cfg"].model_copy(update={"store": str(tmp_path / "held")})
     try:
         with pytest.raises(StoreBusy, match="macstream up"):  # `serve` refuses at once, naming the fixes

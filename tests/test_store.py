@@ -1,16 +1,24 @@
 """Store congruence: the same operations through every backend give the same results (in the style of
-qdrant-client's own congruence tests), plus the semantics each backend must keep."""
+qdrant-client's own congruence tests), plus the semantics each backend must keep.
+
+Backends: the in-memory store (numpy, exact), the embedded default (Qdrant Edge, with and without its segment
+optimizers having run) and qdrant-client: ":memory:" and local mode on a directory. No Qdrant server can be run on this
+machine, so qdrant-client's local mode stands in for the server path (the same client code and collection layout: only
+the transport differs); against a server, add ``QdrantStore("http://HOST:6333")`` to ``BACKENDS``."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.modulation import Modulation
 from pipeline.schemas import Document, EncodedChunk
-from pipeline.store import SearchFilter, Store, collection_name
+from pipeline.store import SearchFilter, Store, StoreBusy, StoreFormatError, collection_name, open_store, point_id
+from pipeline.store.edge import EdgeStore
 from pipeline.store.inmemory import InMemoryStore
 from pipeline.store.qdrant import QdrantStore
 
@@ -38,10 +46,17 @@ def _fill(store: Store) -> None:
         store.upsert(COLL, _doc(i), f"h{i}", _chunks(f"d{i}", [i] if i % 4 else [i, 100 + i]))
 
 
-@pytest.fixture(params=["memory", "qdrant-memory", "qdrant-path"])
+BACKENDS = {"memory": lambda tmp: InMemoryStore(),
+            "edge": lambda tmp: EdgeStore(str(tmp / "edge")),
+            # the optimizers (index building, segment merging) after every write
+            "edge-optimized": lambda tmp: EdgeStore(str(tmp / "edge-opt"), optimize_every=1),
+            "qdrant-memory": lambda tmp: QdrantStore(":memory:"),
+            "qdrant-path": lambda tmp: QdrantStore(str(tmp / "q"))}
+
+
+@pytest.fixture(params=list(BACKENDS))
 def store(request, tmp_path) -> Store:
-    s = {"memory": lambda: InMemoryStore(), "qdrant-memory": lambda: QdrantStore(":memory:"),
-         "qdrant-path": lambda: QdrantStore(str(tmp_path / "q"))}[request.param]()
+    s = BACKENDS[request.param](tmp_path)
     yield s
     s.close()
 
@@ -73,8 +88,8 @@ def _run_ops(store: Store) -> dict:
 
 def test_backends_are_congruent(tmp_path) -> None:
     results = {}
-    for name, s in {"memory": InMemoryStore(), "qdrant-memory": QdrantStore(":memory:"),
-                    "qdrant-path": QdrantStore(str(tmp_path / "q"))}.items():
+    for name, make in BACKENDS.items():
+        s = make(tmp_path)
         results[name] = _run_ops(s)
         s.close()
     ref = results["memory"]
@@ -100,14 +115,19 @@ def test_filters_and_tenant_isolation(store: Store) -> None:
         assert hits and all(h.document.published_at >= since and h.document.source == "wire" for h in hits)
 
 
-def test_persistent_path_survives_reopen(tmp_path) -> None:
-    s = QdrantStore(str(tmp_path / "q"))
+@pytest.mark.parametrize("location", ["edge", "local:q"])
+def test_persistent_path_survives_reopen(tmp_path, location) -> None:
+    location = str(tmp_path / location) if location == "edge" else "local:" + str(tmp_path / "q")
+    s = open_store(location)
     _fill(s)
     s.close()
-    s = QdrantStore(str(tmp_path / "q"))
+    s = open_store(location)
     assert s.counts(COLL) == {"documents": 12, "chunks": 15}
-    with pytest.raises(RuntimeError, match="another process"):
-        QdrantStore(str(tmp_path / "q"))
+    with pytest.raises(StoreBusy, match="another process"):
+        open_store(location)
+    s.close()
+    s = open_store(location)  # closing released it
+    assert s.stats() == {COLL: {"documents": 12, "chunks": 15}}
     s.close()
 
 
@@ -134,7 +154,130 @@ def test_every_backend_keeps_the_store_interface() -> None:
 
     names = [n for n, f in vars(Store).items() if callable(f) and not n.startswith("_")]
     assert {"counts", "newest_published", "search", "upsert"} <= set(names)
-    for cls in (InMemoryStore, QdrantStore, RemoteStore):
+    for cls in (InMemoryStore, EdgeStore, QdrantStore, RemoteStore):
         for name in names:
             want = list(inspect.signature(getattr(Store, name)).parameters)
             assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
+
+
+def test_open_store_picks_the_backend_by_location(tmp_path) -> None:
+    kinds = {"memory": InMemoryStore, ":memory:": QdrantStore, str(tmp_path / "e"): EdgeStore,
+             "local:" + str(tmp_path / "l"): QdrantStore}
+    for location, cls in kinds.items():
+        s = open_store(location)
+        try:
+            assert type(s) is cls, location
+        finally:
+            s.close()
+
+
+def _old_store(path) -> None:
+    """A directory written by the old embedded engine (qdrant-client local mode) with data in it."""
+    s = QdrantStore(str(path))
+    _fill(s)
+    s.close()
+
+
+def test_a_store_of_the_old_format_is_refused_with_how_to_re_encode_never_read_as_empty(tmp_path, capsys) -> None:
+    from macstream.cli import main
+    from pipeline.store.actor import ensure_store_free
+
+    old = tmp_path / "old"
+    _old_store(old)
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    for attempt in (lambda: EdgeStore(str(old)), lambda: open_store(str(old)), lambda: ensure_store_free(str(old))):
+        with pytest.raises(StoreFormatError) as err:
+            attempt()
+        msg = str(err.value)
+        assert "old format" in msg and "macstream replay" in msg and "--from earliest" in msg and f"local:{old}" in msg
+    with pytest.raises(SystemExit) as code:  # `macstream stats` says so in one line, exit 2
+        main(["stats", "--store", str(old)])
+    assert code.value.code == 2 and "macstream replay" in capsys.readouterr().err
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # nothing written into it
+    s = open_store(f"local:{old}")  # the old engine still reads it, all of it
+    try:
+        assert s.counts(COLL) == {"documents": 12, "chunks": 15}
+    finally:
+        s.close()
+    main(["stats", "--store", f"local:{old}"])
+    assert json.loads(capsys.readouterr().out)["collections"] == {COLL: {"documents": 12, "chunks": 15}}
+
+
+def test_a_directory_that_is_not_a_store_is_refused(tmp_path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreFormatError, match="not a macstream store"):
+        EdgeStore(str(tmp_path / "x"))
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "macstream-store.json").write_text('{"engine": "qdrant-edge", "format": 99}')
+    with pytest.raises(StoreFormatError, match="format"):
+        EdgeStore(str(tmp_path / "y"))
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def test_modulations_are_stored_natively_and_read_back_bit_exact(tmp_path) -> None:
+    """A real-shape modulation (48 x 576 float16, including subnormals, signed zeros and the largest finite values)
+    comes back from a search bit for bit; it lives in the engine's float16 multivector field, not in the payload."""
+    rng = np.random.default_rng(7)
+    tokens = rng.normal(size=(48, 576)).astype(np.float16)
+    tokens.flat[:6] = np.array([0.0, -0.0, 6.1e-5, -5.96e-8, 65504.0, -65504.0], np.float16)
+    v = rng.normal(size=384).astype(np.float32)
+    chunk = EncodedChunk(Modulation("d0", 0, 1, tokens, "lm|enc", "v1"), v / np.linalg.norm(v))
+    s = EdgeStore(str(tmp_path / "e"))
+    try:
+        s.upsert(COLL, _doc(0), "h", [chunk])
+        w = rng.normal(size=384).astype(np.float32)  # a second document, of fewer tokens, does not disturb it
+        short = EncodedChunk(Modulation("d1", 0, 1, tokens[:5], "lm|enc", "v1"), w / np.linalg.norm(w))
+        s.upsert(COLL, _doc(1), "h1", [short])
+        hit = s.search(COLL, chunk.vector[None], 1)[0][0]
+        got = hit.chunk.modulation.tokens
+        assert got.dtype == np.float16 and got.shape == (48, 576)
+        assert np.array_equal(got.view(np.uint16), tokens.view(np.uint16))
+        assert s.search(COLL, chunk.vector[None], 2)[0][1].chunk.modulation.tokens.shape == (5, 576)
+        shards = s._get(COLL)
+        pid = point_id("v1", "d0", 0)
+        indexed = shards.index.retrieve([pid], with_payload=True, with_vector=True)[0]
+        assert "tokens" not in indexed.payload and set(indexed.vector) == {"retrieval"}  # not in the payload
+        stored = shards.modulations.retrieve([pid], with_payload=True, with_vector=True)[0]
+        assert set(stored.vector) == {"modulation"} and len(stored.vector["modulation"]) == 48
+    finally:
+        s.close()
+
+
+def test_a_write_survives_a_process_that_dies_without_closing(tmp_path) -> None:
+    """upsert returns once the write is in the WAL: a process killed right after (no close, no flush) loses nothing,
+    and its death releases the directory."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); from tests.test_store import _fill, COLL; "
+            "from pipeline.store.edge import EdgeStore; s = EdgeStore(sys.argv[1]); _fill(s); "
+            "print(s.counts(COLL), flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e")], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = EdgeStore(str(tmp_path / "e"))
+    try:
+        assert s.counts(COLL) == {"documents": 12, "chunks": 15}
+        assert s.content_hashes(COLL, ["d3", "d11"]) == {"d3": "h3", "d11": "h11"}
+    finally:
+        s.close()
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")
+def test_a_server_url_carries_the_collections_layout() -> None:
+    """`http://host:6333?shards=6&replicas=2` lays new collections out on a distributed Qdrant; anything else in the
+    query is refused at the edge (the layout is applied when a collection is created: no server needed here)."""
+    from pipeline.store.qdrant import ServerLayout
+
+    url, layout = ServerLayout.from_url("http://qdrant-0:6333?shards=6&replicas=2&write_consistency=2")
+    assert url == "http://qdrant-0:6333" and layout == ServerLayout(shards=6, replicas=2, write_consistency=2)
+    assert ServerLayout.from_url("http://qdrant:6333") == ("http://qdrant:6333", ServerLayout())
+    for bad in ("shard=6", "replicas=0", "replicas=1&write_consistency=2", "shards=six"):
+        with pytest.raises(ValueError, match="server layout"):
+            ServerLayout.from_url(f"http://qdrant:6333?{bad}")
+    s = QdrantStore("http://127.0.0.1:9?shards=3&replicas=2")  # no server there: qdrant-client only warns
+    try:
+        assert s.layout == ServerLayout(shards=3, replicas=2)
+    finally:
+        s.close()

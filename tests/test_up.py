@@ -48,7 +48,7 @@ def _refused(*args: str, command: str = "up") -> str:
 
 
 def test_up_refuses_a_busy_port_an_unreachable_broker_and_a_held_store(tmp_path) -> None:
-    from qdrant_client import QdrantClient
+    from pipeline.store.edge import EdgeStore
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +57,7 @@ def test_up_refuses_a_busy_port_an_unreachable_broker_and_a_held_store(tmp_path)
         assert "in use" in _refused("--topic", "t", "--port", str(busy), "--store", str(tmp_path / "a"))
     assert "no Kafka broker answers" in _refused("--topic", "t", "--port", str(free_port()), "--store", str(tmp_path / "b"),
                                                  "--bootstrap-servers", f"127.0.0.1:{free_port()}")
-    held = QdrantClient(path=str(tmp_path / "held"))
+    held = EdgeStore(str(tmp_path / "held"))
     try:
         line = _refused("--topic", "t", "--port", str(free_port()), "--store", str(tmp_path / "held"))
         assert "another process" in line and "macstream up" in line
@@ -91,7 +91,7 @@ def _ready(base: str) -> bool:
 
 
 def test_up_ingests_and_serves_then_stops_on_sigterm_losing_nothing(tiny_checkpoint, tmp_path) -> None:
-    from pipeline.store.qdrant import QdrantStore
+    from pipeline.store.edge import EdgeStore
 
     port, store = free_port(), tmp_path / "store"
     with LocalBroker(log_dir=tmp_path / "logs") as broker:
@@ -125,7 +125,7 @@ def test_up_ingests_and_serves_then_stops_on_sigterm_losing_nothing(tiny_checkpo
         assert len(below) >= 8
     with pytest.raises(requests.ConnectionError):  # nothing is left serving
         requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    s = QdrantStore(str(store))  # nothing is left holding the store
+    s = EdgeStore(str(store))  # nothing is left holding the store
     try:
         present = s.content_hashes(snapshot["collection"], sorted(below))
     finally:

@@ -1,6 +1,6 @@
-"""The store owner: one Ray actor does all I/O of an embedded store (qdrant-client local mode allows one process
-per path). :class:`RemoteStore` is the same :class:`~pipeline.store.Store` interface, forwarded to that actor, so
-consumers and serve replicas never know which backend they write to.
+"""The store owner: one Ray actor does all I/O of an embedded store (Qdrant Edge, like qdrant-client local mode,
+allows one process per directory). :class:`RemoteStore` is the same :class:`~pipeline.store.Store` interface,
+forwarded to that actor, so consumers and serve replicas never know which backend they write to.
 
 Calls from one caller run in the order they were made (Ray actor ordering), which is what keeps a consumer's writes
 in offset order. The actor restarts after a crash and retries the call it was running: every store operation is
@@ -18,7 +18,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store import SearchFilter, Store, open_store
+from pipeline.store import LOCAL_MODE, SearchFilter, Store, StoreBusy, is_remote, open_store
+
+__all__ = ["RemoteStore", "StoreActor", "StoreBusy", "connect_store", "ensure_store_free", "store_actor_name"]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -88,31 +90,46 @@ def store_actor_name(location: str) -> str:
     return "macstream-store-" + hashlib.sha1(location.encode()).hexdigest()[:10]
 
 
-class StoreBusy(RuntimeError):
-    """The embedded store directory is open in a process outside this Ray cluster (qdrant-client local mode allows one
-    process per directory). The message names the ways out."""
-
-
 def ensure_store_free(location: str) -> None:
-    """Raise :class:`StoreBusy` at once when no owner of ``location`` exists in this cluster yet and another process
-    holds the directory: a second `ingest` or `serve` on one machine would otherwise start, report ready, and fail on
-    every store call. Joining a cluster whose owner already exists is fine: that is how ingest and serve share it."""
-    if location.startswith(("http://", "https://")) or location in ("memory", ":memory:") or not Path(location).exists():
+    """Raise at once, before anything starts, when the embedded store at ``location`` cannot be opened here:
+    :class:`~pipeline.store.StoreFormatError` for a directory of another format (the old qdrant-client local mode: the
+    message says how to re-encode), :class:`StoreBusy` when no owner of ``location`` exists in this cluster yet and
+    another process holds the directory (a second `ingest` or `serve` on one machine would otherwise start, report
+    ready, and fail on every store call). Joining a cluster whose owner already exists is fine: that is how ingest
+    and serve share it."""
+    if is_remote(location) or location in ("memory", ":memory:"):
         return
+    local_mode, path = location.startswith(LOCAL_MODE), location.removeprefix(LOCAL_MODE)
+    if not Path(path).exists():
+        return
+    if not local_mode:
+        from pipeline.store.edge import check_format
+
+        check_format(Path(path))  # the format first: an old directory is refused even while another process holds it
+    try:
+        if local_mode:
+            from qdrant_client import QdrantClient
+
+            try:
+                QdrantClient(path=path).close()
+            except RuntimeError:
+                raise StoreBusy(path) from None
+        else:
+            from pipeline.store.edge import check_free
+
+            check_free(path)
+        return  # free: nobody holds it (and no Ray cluster was needed to find out)
+    except StoreBusy:
+        pass
     try:
         ray.get_actor(store_actor_name(location), namespace="macstream")
-        return  # this cluster owns it already: share
+        return  # this cluster's owner holds it: share
     except ValueError:
         pass
-    from qdrant_client import QdrantClient
-
-    try:
-        QdrantClient(path=location).close()
-    except RuntimeError:
-        raise StoreBusy(
-            f"store {location} is open in another process (an embedded store has one owner). Run ingest and serve "
-            f"together with `macstream up`, or join one Ray cluster (`ray start --head`, then RAY_ADDRESS=auto for "
-            f"both), or use a Qdrant server (--store http://HOST:6333)") from None
+    raise StoreBusy(
+        f"store {path} is open in another process (an embedded store has one owner). Run ingest and serve "
+        f"together with `macstream up`, or join one Ray cluster (`ray start --head`, then RAY_ADDRESS=auto for "
+        f"both), or use a Qdrant server (--store http://HOST:6333)")
 
 
 def _head_node_id() -> str | None:
@@ -127,7 +144,7 @@ def connect_store(location: str) -> Store:
     """A Qdrant server URL → a direct client (any number of processes may connect). Anything else → the one named
     actor in this Ray cluster that owns it (created on first use, shared by ingest and serve). Raises
     :class:`StoreBusy` when a process outside the cluster holds the directory."""
-    if location.startswith(("http://", "https://")):
+    if is_remote(location):
         return open_store(location)
     ensure_store_free(location)
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced).

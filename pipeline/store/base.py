@@ -1,19 +1,22 @@
 """The memory store: modulations + retrieval vectors + document metadata, one collection per checkpoint version.
 
-One small interface, two backends, and congruence tests (tests/test_store.py) that run the same operations through
+One small interface, three backends, and congruence tests (tests/test_store.py) that run the same operations through
 each and assert equal results:
 
 - :class:`~pipeline.store.inmemory.InMemoryStore`: exact numpy search (evaluation, unit tests);
-- :class:`~pipeline.store.qdrant.QdrantStore`: ``qdrant-client`` against a server URL (production), a local path (the
-  embedded default, pure Python, **one process per path**: in a Ray job one actor owns it, see
-  :mod:`pipeline.store.actor`) or ``":memory:"``.
+- :class:`~pipeline.store.edge.EdgeStore`: the embedded default, Qdrant's engine in-process (Qdrant Edge) on a local
+  directory, modulations stored natively as float16 multivectors; **one process per directory**: in a Ray job one
+  actor owns it, see :mod:`pipeline.store.actor`;
+- :class:`~pipeline.store.qdrant.QdrantStore`: ``qdrant-client`` against a server URL (production), ``":memory:"``, or
+  ``local:DIR`` (qdrant-client's pure-Python local mode, the embedded engine before Qdrant Edge; kept to read stores
+  of that format).
 
 Semantics every backend guarantees:
 - ``upsert`` is idempotent. Point ids are deterministic (uuid5 of checkpoint version, document id, chunk index), so a
   redelivered document overwrites itself. A new version of a document overwrites its chunks in place, *then* removes
   the chunks past its new length: the document is never absent from retrieval while it is replaced, and chunks of
   one document are replaced together.
-- A point is written with its modulation in the same payload: no point exists without one.
+- A point is written with its modulation in the same write: no point exists without one.
 - ``delete`` removes every chunk of the document; deleting an absent document is a no-op returning False.
 - ``content_hashes`` returns what ``upsert`` stored, so a writer can skip re-encoding unchanged content.
 """
@@ -34,6 +37,16 @@ class StoreRejection(ValueError):
     """The store refuses a write because of what was sent (no chunks, chunks of another document or checkpoint, out of
     order). The only store error a consumer dead-letters: anything else is the store's or the code's fault and is
     retried or crashes loudly, never silently dropped."""
+
+
+class StoreFormatError(ValueError):
+    """The store location holds data this backend does not read (e.g. a directory of the old embedded format). Never
+    read as empty: the message says how to re-encode or which backend reads it."""
+
+
+class StoreBusy(RuntimeError):
+    """The embedded store directory is open in another process (an embedded store has one owner). The message names
+    the ways out."""
 
 
 _NAMESPACE = uuid.UUID("6f1d3c52-8a0e-4c55-9a43-2f6c1d0b7e11")

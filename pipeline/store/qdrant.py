@@ -1,5 +1,6 @@
-"""The Qdrant backend (qdrant-client): a server URL in production, a local directory (the embedded default, pure
-Python, **one process per path**: in a Ray job one actor owns it, see :mod:`pipeline.store.actor`) or ":memory:".
+"""The Qdrant backend (qdrant-client): a server URL in production, ":memory:", or a local directory in qdrant-client's
+pure-Python local mode (the embedded engine before Qdrant Edge, chosen with ``--store local:DIR``; **one process per
+path**: in a Ray job one actor owns it, see :mod:`pipeline.store.actor`).
 
 Same semantics as every backend (see :mod:`pipeline.store.base`).
 """
@@ -7,16 +8,51 @@ Same semantics as every backend (see :mod:`pipeline.store.base`).
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.modulation import Modulation
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store.base import SearchFilter, Store, _utc, point_id
+from pipeline.store.base import SearchFilter, Store, StoreBusy, _utc, point_id
+
+
+class ServerLayout(BaseModel):
+    """How a collection is laid out on a Qdrant server in distributed mode, from the store URL's query string, e.g.
+    ``http://qdrant:6333?shards=6&replicas=2``. Applied when a collection is created (one per checkpoint version: the
+    next checkpoint's collection gets the new layout); an existing collection keeps its own (Qdrant moves and
+    replicates shards online). Unset: the server's defaults (one shard, replication factor 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: int | None = Field(None, ge=1, description="Shards per collection (spread over the peers).")
+    replicas: int | None = Field(None, ge=1, description="Copies of each shard (replication factor): a collection "
+                                 "stays readable and writable with replicas - 1 peers down.")
+    write_consistency: int | None = Field(None, ge=1, description="Replicas that must acknowledge a write before it "
+                                          "returns (write consistency factor); at most ``replicas``.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServerLayout":
+        if self.write_consistency and self.write_consistency > (self.replicas or 1):
+            raise ValueError(f"write_consistency={self.write_consistency} exceeds replicas={self.replicas or 1}")
+        return self
+
+    @classmethod
+    def from_url(cls, url: str) -> tuple[str, "ServerLayout"]:
+        """Split ``url`` into the server URL (query removed) and its layout. Raises ValueError on unknown keys."""
+        parts = urlsplit(url)
+        try:
+            layout = cls.model_validate(dict(parse_qsl(parts.query, strict_parsing=bool(parts.query))))
+        except (ValidationError, ValueError) as err:
+            raise ValueError(f"store URL {url}: the query sets the server layout (shards, replicas, "
+                             f"write_consistency): {err}") from None
+        return urlunsplit(parts._replace(query="")), layout
 
 
 class QdrantStore(Store):
-    """qdrant-client: ``location`` is a server URL (http://host:6333), a local directory, or ":memory:".
+    """qdrant-client: ``location`` is a server URL (http://host:6333, optionally ``?shards=N&replicas=R``: see
+    :class:`ServerLayout`), a local directory (local mode), or ":memory:".
 
     Payload (JSON, as local mode requires): the modulation as base64 float16, the document's fields, and filterable
     top-level keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant``; on a server
@@ -29,15 +65,16 @@ class QdrantStore(Store):
         self._m = models
         self.location = location
         self.remote = location.startswith(("http://", "https://"))
+        url, self.layout = ServerLayout.from_url(location) if self.remote else (location, ServerLayout())
         if self.remote:
-            self.client = QdrantClient(url=location, api_key=api_key)
+            self.client = QdrantClient(url=url, api_key=api_key)
         elif location == ":memory:":
             self.client = QdrantClient(location=":memory:")
         else:
             try:
                 self.client = QdrantClient(path=location)
             except RuntimeError as err:  # the storage folder is locked by another process
-                raise RuntimeError(f"store {location} is open in another process (an embedded store has one owner: "
+                raise StoreBusy(f"store {location} is open in another process (an embedded store has one owner: "
                                    f"stop the running ingest/serve job or point at a Qdrant server): {err}") from None
         self._known: set[str] = set()
 
@@ -47,10 +84,13 @@ class QdrantStore(Store):
             return
         m = self._m
         if not self.client.collection_exists(collection):
-            self.client.create_collection(collection, vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE))
+            self.client.create_collection(collection, vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+                                          shard_number=self.layout.shards, replication_factor=self.layout.replicas,
+                                          write_consistency_factor=self.layout.write_consistency)
             if self.remote:  # local mode ignores payload indexes (and warns)
+                tenant = m.KeywordIndexParams(type=m.KeywordIndexType.KEYWORD, is_tenant=True)  # co-locates a tenant
                 for field, kind in (("doc_id", m.PayloadSchemaType.KEYWORD), ("source", m.PayloadSchemaType.KEYWORD),
-                                    ("tenant", m.PayloadSchemaType.KEYWORD), ("published_ts", m.PayloadSchemaType.FLOAT),
+                                    ("tenant", tenant), ("published_ts", m.PayloadSchemaType.FLOAT),
                                     ("chunk", m.PayloadSchemaType.INTEGER)):
                     self.client.create_payload_index(collection, field, kind)
         self._known.add(collection)

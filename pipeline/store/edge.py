@@ -1,0 +1,347 @@
+"""The embedded default: Qdrant's own engine in-process (``qdrant-edge-py``, the Rust storage of the Qdrant server:
+segments, HNSW, payload indexes, a write-ahead log), two shards per collection under one directory.
+
+Layout of a store directory::
+
+    <dir>/macstream-store.json                    {"engine": "qdrant-edge", "format": 1}
+    <dir>/macstream.lock                          held (flock) by the one process that has the store open
+    <dir>/collections/<collection>/index/         Edge shard: retrieval vectors + payload (one point per window)
+    <dir>/collections/<collection>/modulations/   Edge shard: the windows' modulations, under the same point ids
+
+- ``index``: the window's retrieval vector (``retrieval``: d_enc, cosine, HNSW graph over int8-quantised copies in
+  RAM, the k best rescored with the float32 originals) and its payload: the document's fields (``document``), the
+  filterable keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant`` (each
+  payload-indexed; ``tenant`` as Qdrant's tenant key), and ``n_chunks``, ``content_hash``, ``model_id``,
+  ``checkpoint``.
+- ``modulations``: the modulation stored natively, a float16 multivector (``modulation``: T rows of d_LM; distance
+  Dot so the engine never normalises it; no index; on disk, memory-mapped). Read back, bit-exact, only for the k
+  hits of a search. It has a shard of its own so that building and merging the index never copies it (55 KB per
+  window against about 3 KB for everything else).
+
+Write order keeps the contract that no point is retrievable without its modulation: an upsert writes the
+modulations first, then the index points; removals go the other way. Same semantics as every backend otherwise
+(see :mod:`pipeline.store.base`). A write is in both shards' write-ahead logs when ``upsert`` returns: a process that
+dies afterwards loses nothing (the next open replays them). The index's segment optimizers (HNSW building, merging)
+run inline every ``optimize_every`` windows written to a collection: the Python binding holds the GIL while they
+run, so that one call takes longer (``bench store`` reports the longest write). **One process per directory** (the
+lock file; each shard's WAL locks too): in a Ray job one actor owns it (:mod:`pipeline.store.actor`). A directory
+left in the old format (qdrant-client local mode) is refused with :class:`~pipeline.store.base.StoreFormatError`,
+never read as empty.
+
+Not reclaimed automatically: the space of modulations deleted, or replaced by a re-encoded document (the modulation
+shard is append-only; :meth:`EdgeStore.compact` rewrites it on demand).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.modulation import Modulation
+from pipeline.schemas import Document, EncodedChunk, Hit
+from pipeline.store.base import SearchFilter, Store, StoreBusy, StoreFormatError, _utc, point_id
+
+FORMAT = {"engine": "qdrant-edge", "format": 1}
+MARKER, LOCK, COLLECTIONS = "macstream-store.json", "macstream.lock", "collections"
+RETRIEVAL, MODULATION = "retrieval", "modulation"
+INDEX, MODULATIONS = "index", "modulations"
+# Windows written to a collection between two runs of the index shard's optimizers (the binding runs them in the
+# caller's thread, holding the GIL) and between two flushes of both shards (a flush writes the segments and
+# truncates the write-ahead log, which otherwise keeps every write: about 80 KB per modulation).
+OPTIMIZE_EVERY = 4096
+FLUSH_EVERY = 1024
+_NAME = re.compile(r"^macstream-[A-Za-z0-9._-]+$")
+
+
+def old_format_message(location: str) -> str:
+    return (f"store {location} is in the old format (qdrant-client local mode: meta.json, collection/*/storage.sqlite),"
+            f" which the embedded engine (Qdrant Edge) does not read; it is not opened as empty. Either re-encode: "
+            f"move "
+            f"it aside (mv {location} {location}.old), start ingest (or `macstream up`) on {location} and rewind the "
+            f"ingest group to the start of the topic with `macstream replay --bootstrap-servers HOST:PORT --topic "
+            f"TOPIC --from earliest`; or keep reading it with the old engine: --store local:{location}")
+
+
+def check_format(root: Path) -> bool:
+    """Raise :class:`StoreFormatError` when ``root`` is not an Edge store (or empty); return whether it is one."""
+    if (root / "meta.json").exists() or (root / "collection").is_dir():
+        raise StoreFormatError(old_format_message(str(root)))
+    marker = root / MARKER
+    if marker.exists():
+        try:
+            found = json.loads(marker.read_text())
+        except ValueError:
+            found = None
+        if found != FORMAT:
+            raise StoreFormatError(f"store {root}: {MARKER} says {found!r}; this version reads {FORMAT}")
+        return True
+    others = [p.name for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
+    if others:
+        raise StoreFormatError(f"{root} is not a macstream store (it holds {sorted(others)[:5]}): give an empty or new "
+                               f"directory")
+    return False
+
+
+def lock(root: Path) -> int:
+    """Take the store's lock (non-blocking); return the file descriptor that holds it. Raises :class:`StoreBusy`."""
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusy(f"store {root} is open in another process (an embedded store has one owner: stop the running "
+                        f"ingest/serve job or point at a Qdrant server)") from None
+    return fd
+
+
+def check_free(location: str) -> None:
+    """Raise :class:`StoreFormatError` (old or foreign directory) or :class:`StoreBusy` (held by another process)
+    without opening the store; a directory that does not exist yet is free."""
+    root = Path(location)
+    if not root.exists():
+        return
+    check_format(root)
+    os.close(lock(root))  # closing the descriptor releases the lock at once
+
+
+class _Collection:
+    """The two open shards of one collection and the windows written since the last optimize / flush."""
+
+    def __init__(self, index, modulations):
+        self.index, self.modulations = index, modulations
+        self.since_optimize = self.since_flush = 0
+
+
+class EdgeStore(Store):
+    """Qdrant Edge in this process: ``location`` is a directory (created when absent). ``optimize_every`` and
+    ``flush_every``: windows written to a collection between two runs of the index optimizers / two flushes."""
+
+    def __init__(self, location: str, optimize_every: int = OPTIMIZE_EVERY, flush_every: int = FLUSH_EVERY):
+        import qdrant_edge as qe
+
+        self.q = qe
+        self.location = location
+        self.root = Path(location)
+        self.root.mkdir(parents=True, exist_ok=True)
+        known = check_format(self.root)
+        self._lock: int | None = lock(self.root)
+        if not known:
+            (self.root / MARKER).write_text(json.dumps(FORMAT))
+        self.optimize_every, self.flush_every = optimize_every, flush_every
+        self._open: dict[str, _Collection] = {}
+
+    # ---- shards --------------------------------------------------------------------------------------------------
+    def _path(self, collection: str) -> Path:
+        if not _NAME.match(collection) or ".." in collection:
+            raise ValueError(f"not a collection name: {collection!r}")
+        return self.root / COLLECTIONS / collection
+
+    def _get(self, collection: str) -> _Collection | None:
+        """The open shards of ``collection``, or None when it does not exist."""
+        if collection in self._open:
+            return self._open[collection]
+        path = self._path(collection)
+        if not (path / INDEX / "edge_config.json").exists():
+            return None
+        if not (path / MODULATIONS / "edge_config.json").exists():
+            raise StoreFormatError(f"store {self.location}: collection {collection} has an index but no modulations")
+        load = self.q.EdgeShard.load
+        self._open[collection] = c = _Collection(load(str(path / INDEX)), load(str(path / MODULATIONS)))
+        return c
+
+    def _create(self, collection: str, d_enc: int, d_lm: int) -> _Collection:
+        q, path = self.q, self._path(collection)
+        # modulations first: an index without them is refused on open, modulations without an index are invisible
+        modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(
+            vectors={MODULATION: q.EdgeVectorParams(
+                size=d_lm, distance=q.Distance.Dot, datatype=q.VectorStorageDatatype.Float16,
+                multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim),
+                hnsw_config=q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),  # no graph
+                memory=q.Memory.Cold)},
+            payload_memory=q.Memory.Cold))
+        index = q.EdgeShard.create(str(path / INDEX), q.EdgeConfig(
+            vectors={RETRIEVAL: q.EdgeVectorParams(
+                size=d_enc, distance=q.Distance.Cosine,
+                hnsw_config=q.HnswIndexConfig(m=16, ef_construct=64, full_scan_threshold=10_000),
+                quantization_config=q.ScalarQuantizationConfig(q.ScalarType.Int8, quantile=0.99, always_ram=True))},
+            payload_memory=q.Memory.Cold,
+            optimizers=q.EdgeOptimizersConfig(default_segment_number=4)))
+        for field, schema in (("doc_id", q.PayloadSchemaType.Keyword), ("chunk", q.PayloadSchemaType.Integer),
+                              ("tenant", q.KeywordIndexParams(is_tenant=True)), ("source", q.PayloadSchemaType.Keyword),
+                              ("published_ts", q.PayloadSchemaType.Float)):
+            index.update(q.UpdateOperation.create_field_index(field, schema))
+        self._open[collection] = c = _Collection(index, modulations)
+        return c
+
+    def _wrote(self, c: _Collection, n: int) -> None:
+        c.since_optimize += n
+        c.since_flush += n
+        if c.since_optimize >= self.optimize_every:
+            c.index.optimize()
+            c.since_optimize = 0
+        if c.since_flush >= self.flush_every:
+            c.modulations.flush()
+            c.index.flush()
+            c.since_flush = 0
+
+    def optimize(self, collection: str | None = None) -> None:
+        """Run the index shard's optimizers now (build the HNSW graph and quantised copies, merge segments) and flush
+        both shards, on one collection or on every open one."""
+        for name in [collection] if collection else list(self._open):
+            c = self._get(name)
+            if c is not None:
+                c.index.optimize()
+                c.modulations.flush()
+                c.index.flush()
+                c.since_optimize = c.since_flush = 0
+
+    def compact(self, collection: str) -> None:
+        """Reclaim the space of deleted or replaced modulations (rewrites the modulation shard: as long as copying
+        it takes; the store answers nothing meanwhile)."""
+        c = self._get(collection)
+        if c is not None:
+            c.modulations.optimize()
+
+    # ---- filters -------------------------------------------------------------------------------------------------
+    def _doc_filter(self, doc_id: str, min_chunk: int | None = None):
+        q = self.q
+        must = [q.FieldCondition("doc_id", match=q.MatchValue(doc_id))]
+        if min_chunk is not None:
+            must.append(q.FieldCondition("chunk", range=q.RangeFloat(gte=min_chunk)))
+        return q.Filter(must=must)
+
+    def _filter(self, flt: SearchFilter | None, *extra):
+        q, must = self.q, list(extra)
+        if flt is not None:
+            if flt.since or flt.until:
+                must.append(q.FieldCondition("published_ts", range=q.RangeFloat(
+                    gte=_utc(flt.since).timestamp() if flt.since else None,
+                    lte=_utc(flt.until).timestamp() if flt.until else None)))
+            for key in ("source", "tenant"):
+                if getattr(flt, key) is not None:
+                    must.append(q.FieldCondition(key, match=q.MatchValue(getattr(flt, key))))
+        return q.Filter(must=must) if must else None
+
+    def _ids(self, c: _Collection, flt) -> list:
+        """Ids of every index point matching ``flt`` (a document's chunks: a handful)."""
+        q, ids, offset = self.q, [], None
+        while True:
+            records, offset = c.index.scroll(q.ScrollRequest(offset=offset, limit=1024, filter=flt,
+                                                             with_payload=False, with_vector=False))
+            ids += [r.id for r in records]
+            if offset is None:
+                return ids
+
+    def _remove(self, c: _Collection, ids: list) -> None:
+        """Index points first, then their modulations: never a retrievable point without its modulation."""
+        c.index.update(self.q.UpdateOperation.delete_points(ids))
+        c.modulations.update(self.q.UpdateOperation.delete_points(ids))
+
+    # ---- interface -----------------------------------------------------------------------------------------------
+    def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
+        version = self.check_chunks(doc, chunks)
+        q = self.q
+        c = self._get(collection) or self._create(collection, int(chunks[0].vector.shape[0]),
+                                                   int(chunks[0].modulation.tokens.shape[1]))
+        ids = [point_id(version, doc.id, ch.modulation.chunk) for ch in chunks]
+        flat = {"doc_id": doc.id, "content_hash": content_hash, "source": doc.source, "tenant": doc.tenant,
+                "published_ts": _utc(doc.published_at).timestamp() if doc.published_at else None,
+                "document": doc.model_dump(mode="json", exclude_none=True)}
+        # one operation per shard (every chunk of the document or none), modulations before the points that use them
+        c.modulations.update(q.UpdateOperation.upsert_points(
+            [q.Point(i, {MODULATION: ch.modulation.tokens.astype(np.float32).tolist()}) for i, ch in zip(ids, chunks)]))
+        c.index.update(q.UpdateOperation.upsert_points(
+            [q.Point(i, {RETRIEVAL: np.asarray(ch.vector, np.float32).tolist()},
+                     flat | {"chunk": ch.modulation.chunk, "n_chunks": ch.modulation.n_chunks,
+                             "model_id": ch.modulation.model_id, "checkpoint": ch.modulation.checkpoint})
+             for i, ch in zip(ids, chunks)]))
+        # overwrite first, then drop the tail of a document that shrank: never a moment without the document
+        tail = self._ids(c, self._doc_filter(doc.id, len(chunks)))
+        if tail:
+            self._remove(c, tail)
+        self._wrote(c, len(chunks))
+
+    def delete(self, collection: str, doc_id: str) -> bool:
+        c = self._get(collection)
+        ids = self._ids(c, self._doc_filter(doc_id)) if c is not None else []
+        if ids:
+            self._remove(c, ids)
+        return bool(ids)
+
+    def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
+        c = self._get(collection)
+        if not doc_ids or c is None:
+            return {}
+        version = collection.removeprefix("macstream-")
+        records = c.index.retrieve([point_id(version, d, 0) for d in doc_ids], with_payload=["doc_id", "content_hash"],
+                                   with_vector=False)
+        return {r.payload["doc_id"]: r.payload["content_hash"] for r in records}
+
+    def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
+        c = self._get(collection)
+        if k <= 0 or c is None or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        q, qf = self.q, self._filter(flt)
+        exact_scores = q.SearchParams(quantization=q.QuantizationSearchParams(rescore=True, oversampling=2.0))
+        reqs = [q.QueryRequest(limit=k, query=q.Query.Nearest(np.asarray(v, np.float32).tolist(), using=RETRIEVAL),
+                               filter=qf, params=exact_scores, with_payload=True, with_vector=[RETRIEVAL])
+                for v in vectors]
+        found = c.index.query_batch(q.QueryBatchRequest(reqs))
+        ids = list({str(p.id): p.id for points in found for p in points}.values())  # the top-k only, once each
+        mods = {str(r.id): r.vector[MODULATION] for r in c.modulations.retrieve(ids, with_payload=False,
+                                                                                with_vector=[MODULATION])}
+        missing = [i for i in ids if str(i) not in mods]
+        if missing:
+            raise RuntimeError(f"store {self.location}: {collection} points without a modulation: {missing[:3]}")
+        return [[self._hit(p, mods[str(p.id)]) for p in points] for points in found]
+
+    @staticmethod
+    def _hit(point, modulation) -> Hit:
+        p = point.payload
+        tokens = np.asarray(modulation, dtype=np.float32).astype(np.float16)  # stored as float16: exact
+        mod = Modulation(p["doc_id"], p["chunk"], p["n_chunks"], tokens, p["model_id"], p["checkpoint"])
+        return Hit(EncodedChunk(mod, np.asarray(point.vector[RETRIEVAL], np.float32)),
+                   Document.model_validate(p["document"]), float(point.score))
+
+    def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
+        c = self._get(collection)
+        if c is None:
+            return {"documents": 0, "chunks": 0}
+        q, scope = self.q, SearchFilter(tenant=tenant)
+        chunks = c.index.count(q.CountRequest(exact=True, filter=self._filter(scope)))
+        first = q.FieldCondition("chunk", match=q.MatchValue(0))
+        docs = c.index.count(q.CountRequest(exact=True, filter=self._filter(scope, first)))
+        return {"documents": docs, "chunks": chunks}
+
+    def collections(self) -> list[str]:
+        base = self.root / COLLECTIONS
+        names = [p.name for p in base.iterdir() if _NAME.match(p.name)] if base.is_dir() else []
+        return sorted(n for n in names if self.counts(n)["chunks"])
+
+    def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
+        c = self._get(collection)
+        if c is None:
+            return None
+        q = self.q
+        records, _ = c.index.scroll(q.ScrollRequest(limit=1, filter=self._filter(SearchFilter(tenant=tenant)),
+                                                    with_payload=["published_ts"], with_vector=False,
+                                                    order_by=q.OrderBy("published_ts", q.Direction.Desc)))
+        if not records or records[0].payload.get("published_ts") is None:
+            return None
+        return datetime.fromtimestamp(records[0].payload["published_ts"], timezone.utc)
+
+    def close(self) -> None:
+        """Flush and close every shard, then release the directory. Idempotent."""
+        for c in self._open.values():
+            c.modulations.close()
+            c.index.close()
+        self._open.clear()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
