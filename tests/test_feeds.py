@@ -352,7 +352,7 @@ def test_up_with_feeds_answers_about_a_story_that_appeared_in_a_feed_citing_its_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
 
-    def wait(check, timeout: float, what: str):
+    def wait(check, timeout: float, what: str, last=None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -362,7 +362,7 @@ def test_up_with_feeds_answers_about_a_story_that_appeared_in_a_feed_citing_its_
             if got:
                 return got
             time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}")
+        raise AssertionError(f"timed out waiting for {what}" + (f"; last answer: {last}" if last else ""))
 
     try:
         started = json.loads(proc.stdout.readline() or "{}")
@@ -382,11 +382,14 @@ def test_up_with_feeds_answers_about_a_story_that_appeared_in_a_feed_citing_its_
         question = {"question": "When did the ferry line between Osterby and Lundholm resume?", "top_k": 1,
                     "max_new_tokens": 4}
 
+        last: list = []
+
         def cited():
             r = requests.post(base + "/v1/answer", json=question, timeout=60)
+            last[:] = [r.status_code, r.text[:1500]]
             return r.status_code == 200 and [s["url"] for s in r.json()["sources"]] == [ferry.link] and r.json()
 
-        body = wait(cited, 120, "an answer citing the new story's URL")
+        body = wait(cited, 120, "an answer citing the new story's URL", last)
         assert body["sources"][0]["id"] == story_id(ferry.link) and body["sources"][0]["title"] == ferry.title
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=180)
