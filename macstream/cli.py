@@ -318,9 +318,26 @@ def cmd_serve(args) -> None:
 BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness")
 
 
+def cmd_bench_store(args) -> None:
+    """`bench store`: the embedded store (Qdrant Edge) beside qdrant-client local mode, one row per size; its own
+    JSON and PNG (no model, not part of `all` or the report)."""
+    from datetime import date
+
+    from benchmarks.store import run, table
+
+    out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/store.json")
+    result = run(args.points, out, local_cap=args.local_cap, workdir=args.store_workdir, queries=args.store_queries,
+                 k=args.quality_top_k, command="macstream bench " + " ".join(getattr(args, "argv", ["store"])))
+    print(table(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def cmd_bench(args) -> None:
     """Run one benchmark (or all of them, one after the other, never overlapping) and rewrite the report."""
     from datetime import date
+
+    if args.what == "store":
+        return cmd_bench_store(args)
 
     import torch
 
@@ -366,6 +383,12 @@ def _positive(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
+
+
+def _points(v: str) -> list[int]:
+    from benchmarks.store import parse_points
+
+    return parse_points(v)
 
 
 def _mode(v: str) -> str:
@@ -500,11 +523,12 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks measured side by side in one run; rewrites the report")
-    bn.add_argument("what", choices=["all", *BENCHMARKS],
+    bn.add_argument("what", choices=["all", *BENCHMARKS, "store"],
                     help="quality: eval of every mode on synthetic test + RealTimeQA 2024; ingest: docs/s by worker "
                          "count; serve: latency per mode and batching throughput over HTTP; baselines: base, rag, mac "
                          "vs online fine-tuning (accuracy, adaptation cost, retention); freshness: time from produce "
-                         "to an HTTP answer citing the document, on the always-on path; all: each in turn")
+                         "to an HTTP answer citing the document, on the always-on path; all: each in turn; store: "
+                         "the embedded store's write rate, query latency, RSS and disk by size (not part of all)")
     bn.add_argument("--out-dir", dest="out_dir", help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
     bn.add_argument("--quality-entities", dest="quality_entities", type=_positive, default=60,
                     help="quality: synthetic test entities (about 5 questions each)")
@@ -554,6 +578,14 @@ def parser() -> argparse.ArgumentParser:
                          "that the feed poller polls (feed: from appearance to cited; writes freshness-feed.json)")
     bn.add_argument("--feeds-interval", dest="feeds_interval", type=float, default=5.0,
                     help="freshness, feed source: the poller's interval in seconds")
+    bn.add_argument("--points", type=_points, default=[10_000, 100_000],
+                    help="store: window counts, comma-separated (e.g. 10000,100000 or 1e4,1e5)")
+    bn.add_argument("--out", help="store: the JSON to write (default benchmarks/results/<date>/store.json; PNG beside)")
+    bn.add_argument("--local-cap", dest="local_cap", type=_positive, default=10_000,
+                    help="store: largest size qdrant-client local mode is run at (it keeps everything in RAM)")
+    bn.add_argument("--store-queries", dest="store_queries", type=_positive, default=200,
+                    help="store: searches timed per filter")
+    bn.add_argument("--store-workdir", dest="store_workdir", help="store: where the stores are built (default: $TMPDIR)")
     bn.set_defaults(fn=cmd_bench)
 
     dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free control "

@@ -56,6 +56,11 @@ INDEX, MODULATIONS = "index", "modulations"
 # truncates the write-ahead log, which otherwise keeps every write: about 80 KB per modulation).
 OPTIMIZE_EVERY = 4096
 FLUSH_EVERY = 1024
+# The index's segments: at most MAX_SEGMENT_KB of retrieval vectors each (about 26,000 windows of 384 float32), so an
+# inline optimizer run never rebuilds a larger graph; the optimizers keep about SEGMENTS of them (merging the
+# smallest). A search visits every segment: SEARCH_EF candidates per graph, OVERSAMPLING x k rescored exactly.
+MAX_SEGMENT_KB, SEGMENTS = 40_000, 8
+SEARCH_EF, OVERSAMPLING = 256, 4.0
 _NAME = re.compile(r"^macstream-[A-Za-z0-9._-]+$")
 
 
@@ -171,7 +176,7 @@ class EdgeStore(Store):
                 hnsw_config=q.HnswIndexConfig(m=16, ef_construct=64, full_scan_threshold=10_000),
                 quantization_config=q.ScalarQuantizationConfig(q.ScalarType.Int8, quantile=0.99, always_ram=True))},
             payload_memory=q.Memory.Cold,
-            optimizers=q.EdgeOptimizersConfig(default_segment_number=4)))
+            optimizers=q.EdgeOptimizersConfig(default_segment_number=SEGMENTS, max_segment_size=MAX_SEGMENT_KB)))
         for field, schema in (("doc_id", q.PayloadSchemaType.Keyword), ("chunk", q.PayloadSchemaType.Integer),
                               ("tenant", q.KeywordIndexParams(is_tenant=True)), ("source", q.PayloadSchemaType.Keyword),
                               ("published_ts", q.PayloadSchemaType.Float)):
@@ -209,12 +214,8 @@ class EdgeStore(Store):
             c.modulations.optimize()
 
     # ---- filters -------------------------------------------------------------------------------------------------
-    def _doc_filter(self, doc_id: str, min_chunk: int | None = None):
-        q = self.q
-        must = [q.FieldCondition("doc_id", match=q.MatchValue(doc_id))]
-        if min_chunk is not None:
-            must.append(q.FieldCondition("chunk", range=q.RangeFloat(gte=min_chunk)))
-        return q.Filter(must=must)
+    def _doc_filter(self, doc_id: str):
+        return self.q.Filter(must=[self.q.FieldCondition("doc_id", match=self.q.MatchValue(doc_id))])
 
     def _filter(self, flt: SearchFilter | None, *extra):
         q, must = self.q, list(extra)
@@ -250,6 +251,8 @@ class EdgeStore(Store):
         c = self._get(collection) or self._create(collection, int(chunks[0].vector.shape[0]),
                                                    int(chunks[0].modulation.tokens.shape[1]))
         ids = [point_id(version, doc.id, ch.modulation.chunk) for ch in chunks]
+        before = c.index.retrieve(ids[:1], with_payload=["n_chunks"], with_vector=False)  # the stored version's length
+        stored = before[0].payload["n_chunks"] if before else 0
         flat = {"doc_id": doc.id, "content_hash": content_hash, "source": doc.source, "tenant": doc.tenant,
                 "published_ts": _utc(doc.published_at).timestamp() if doc.published_at else None,
                 "document": doc.model_dump(mode="json", exclude_none=True)}
@@ -262,7 +265,7 @@ class EdgeStore(Store):
                              "model_id": ch.modulation.model_id, "checkpoint": ch.modulation.checkpoint})
              for i, ch in zip(ids, chunks)]))
         # overwrite first, then drop the tail of a document that shrank: never a moment without the document
-        tail = self._ids(c, self._doc_filter(doc.id, len(chunks)))
+        tail = [point_id(version, doc.id, i) for i in range(len(chunks), stored)]
         if tail:
             self._remove(c, tail)
         self._wrote(c, len(chunks))
@@ -288,7 +291,8 @@ class EdgeStore(Store):
         if k <= 0 or c is None or len(vectors) == 0:
             return [[] for _ in range(len(vectors))]
         q, qf = self.q, self._filter(flt)
-        exact_scores = q.SearchParams(quantization=q.QuantizationSearchParams(rescore=True, oversampling=2.0))
+        exact_scores = q.SearchParams(hnsw_ef=SEARCH_EF, quantization=q.QuantizationSearchParams(
+            rescore=True, oversampling=OVERSAMPLING))
         reqs = [q.QueryRequest(limit=k, query=q.Query.Nearest(np.asarray(v, np.float32).tolist(), using=RETRIEVAL),
                                filter=qf, params=exact_scores, with_payload=True, with_vector=[RETRIEVAL])
                 for v in vectors]

@@ -1,0 +1,239 @@
+"""``macstream bench store``: the embedded store at 10^4–10^6 windows, the Edge engine beside qdrant-client's local
+mode (the old embedded engine) at the sizes that one survives.
+
+Per engine and size, in a fresh process (so RSS is that store's alone) and a fresh directory:
+
+1. write N windows through the product's :class:`~pipeline.store.Store` interface, one document of one window per
+   upsert (a random 48 x 576 float16 modulation, a random unit 384-d retrieval vector, a ``text_chars`` text, one of
+   10 tenants, one of 5 sources, published over 90 days): ``upserts_per_s`` is windows/s over the whole load, the
+   engine's inline index building and merging included (``write_max_ms`` is the longest single upsert: the stall
+   while it runs);
+2. close, reopen (``open_s``), and time ``queries`` top-k searches per filter: none, tenant (1/10 of the points),
+   since (the last 30 of 90 days), tenant+since. A search returns its k hits with their documents and modulations
+   (what the serve path reads), so ``query_*_ms`` include reading the k modulations back; ``recall_at_k``: the
+   share of the exact top-k (numpy over every vector) the unfiltered searches return (the index is approximate);
+3. RSS of that process after the queries (``rss_mb``: resident set, memory-mapped store files included;
+   ``rss_anon_mb``: the process's own heap), its peak (``rss_peak_mb``, during the load), and the directory's size
+   on disk (``disk_mb``; ``bytes_per_window`` = disk / N).
+
+Rows are written as they finish (``--out``, default ``benchmarks/results/<date>/store.json``) with a PNG beside the
+JSON; a size whose run fails is recorded with its error and the next one still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+TENANTS, SOURCES, DAYS = 10, 5, 90
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+LOCAL_CAP = 10_000  # local mode holds everything in RAM in pure Python: beyond this it is hours per size
+FILTERS = ("none", "tenant", "since", "tenant+since")
+
+
+def parse_points(text: str) -> list[int]:
+    """"10000,100000" or "1e4,1e5" → [10000, 100000]; every size ≥ 1."""
+    try:
+        sizes = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--points: comma-separated window counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--points: at least one size, each >= 1, got {text!r}")
+    return sizes
+
+
+def _memory() -> dict:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kb = lambda key: int(status.get(key, "0 kB").split()[0]) if key in status else 0  # noqa: E731
+    return {"rss_mb": kb("VmRSS") / 1024, "rss_anon_mb": kb("RssAnon") / 1024, "rss_file_mb": kb("RssFile") / 1024,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes the directory occupies (allocated blocks: sparse files count what they use)."""
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def _doc(i: int, text: str, rng: np.random.Generator):
+    from pipeline.schemas import Document
+
+    return Document(id=f"doc-{i}", text=text, title=f"story {i}", source=f"wire-{i % SOURCES}",
+                    tenant=f"t{i % TENANTS}", published_at=T0 + timedelta(seconds=float(rng.uniform(0, DAYS * 86400))),
+                    url=f"https://news.example/{i}")
+
+
+def _window(doc_id: str, rng: np.random.Generator, dim: int, tokens: int, d_lm: int, version: str):
+    from pipeline.modulation import Modulation
+    from pipeline.schemas import EncodedChunk
+
+    mod = rng.standard_normal((tokens, d_lm), dtype=np.float32).astype(np.float16)
+    v = rng.standard_normal(dim, dtype=np.float32)
+    return EncodedChunk(Modulation(doc_id, 0, 1, mod, "bench|bench", version), v / np.linalg.norm(v))
+
+
+def _location(engine: str, path: Path) -> str:
+    return f"local:{path}" if engine == "local" else str(path)
+
+
+def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int = 48, d_lm: int = 576, k: int = 4,
+            queries: int = 200, text_chars: int = 1000, seed: int = 0) -> dict:
+    """One row: load ``points`` windows into a fresh store at ``path`` with ``engine`` ("edge" or "local"), reopen it,
+    time searches. Runs in the calling process (``run`` gives each row its own)."""
+    from pipeline.store import SearchFilter, collection_name, open_store
+
+    if path.exists():
+        shutil.rmtree(path)
+    rng = np.random.default_rng(seed)
+    coll, version = collection_name("bench"), "bench"
+    text = ("Markets moved as the central bank held rates; analysts expect growth to slow. " * 40)[:text_chars]
+    store = open_store(_location(engine, path))
+    spent, worst = 0.0, 0.0
+    kept = np.empty((points, dim), np.float32)  # for the exact top-k
+    load0 = os.getloadavg()[0]
+    for i in range(points):
+        doc = _doc(i, text, rng)
+        chunk = _window(doc.id, rng, dim, tokens, d_lm, version)
+        kept[i] = chunk.vector
+        t = time.perf_counter()
+        store.upsert(coll, doc, f"h{i}", [chunk])
+        dt = time.perf_counter() - t
+        spent, worst = spent + dt, max(worst, dt)
+    counted = store.counts(coll)
+    store.close()
+    t = time.perf_counter()
+    store = open_store(_location(engine, path))
+    assert store.counts(coll) == counted == {"documents": points, "chunks": points}, (counted, points)
+    open_s = time.perf_counter() - t
+    qs = rng.standard_normal((queries, dim), dtype=np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    since = T0 + timedelta(days=DAYS - 30)
+    flts = {"none": None, "tenant": SearchFilter(tenant="t3"), "since": SearchFilter(since=since),
+            "tenant+since": SearchFilter(tenant="t3", since=since)}
+    exact = np.argsort(-(qs @ kept.T), axis=1)[:, :k]
+    latency, found = {}, 0
+    for name, flt in flts.items():
+        store.search(coll, qs[:1], k, flt)  # warm
+        times = []
+        for j, q in enumerate(qs):
+            t = time.perf_counter()
+            hits = store.search(coll, q[None], k, flt)[0]
+            times.append(time.perf_counter() - t)
+            assert len(hits) == k and all(h.chunk.modulation.tokens.shape == (tokens, d_lm) for h in hits)
+            assert flt is None or all(flt.matches(h.document) for h in hits)
+            if flt is None:
+                found += len({f"doc-{i}" for i in exact[j]} & {h.document.id for h in hits})
+        latency[name] = {"p50_ms": float(np.percentile(times, 50) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3)}
+    mem = _memory()
+    store.close()
+    disk = _disk_bytes(path)
+    return {"engine": engine, "points": points, "upserts_per_s": points / spent, "write_s": spent,
+            "write_max_ms": worst * 1e3, "open_s": open_s,
+            "query_p50_ms": latency["none"]["p50_ms"], "query_p99_ms": latency["none"]["p99_ms"],
+            "query_by_filter": latency, **mem, "disk_mb": disk / 2**20, "bytes_per_window": disk / points,
+            "recall_at_k": found / (queries * k), "modulation_bytes": tokens * d_lm * 2, "k": k, "queries": queries,
+            "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _child(engine: str, points: int, path: Path, settings: dict, timeout: float | None) -> dict:
+    """``measure`` in a fresh interpreter (its RSS is this row's alone), at a lower CPU priority."""
+    code = ("import json, sys; from pathlib import Path; from benchmarks.store import measure; "
+            "a = json.loads(sys.argv[1]); print(json.dumps(measure(a['engine'], a['points'], Path(a['path']), "
+            "**a['settings'])))")
+    arg = json.dumps({"engine": engine, "points": points, "path": str(path), "settings": settings})
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run([sys.executable, "-c", code, arg], cwd=root, capture_output=True, text=True,
+                             timeout=timeout, env=os.environ | {"PYTHONPATH": str(root)})
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "points": points, "error": f"did not finish in {timeout:.0f} s"}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    if out.returncode != 0:
+        return {"engine": engine, "points": points, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:500]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    for engine, style in (("edge", "o-"), ("local", "s--")):
+        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["points"])
+        if not mine:
+            continue
+        n = [r["points"] for r in mine]
+        label = "Qdrant Edge" if engine == "edge" else "qdrant-client local mode"
+        axes[0].plot(n, [r["upserts_per_s"] for r in mine], style, label=label)
+        for f, shade in (("none", 1.0), ("tenant+since", 0.5)):
+            axes[1].plot(n, [r["query_by_filter"][f]["p99_ms"] for r in mine], style, alpha=shade,
+                         label=f"{label}, {'no filter' if f == 'none' else f}")
+        axes[2].plot(n, [r["rss_mb"] for r in mine], style, label=f"{label}: RSS")
+        axes[2].plot(n, [r["disk_mb"] for r in mine], style, alpha=0.5, label=f"{label}: disk")
+    for ax, title, unit in ((axes[0], "write rate", "windows/s"), (axes[1], f"query p99, top-{result['how']['k']}", "ms"),
+                            (axes[2], "RSS and disk", "MB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("windows in the store")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(points: list[int], out: Path, *, engines: tuple[str, ...] = ("edge", "local"), local_cap: int = LOCAL_CAP,
+        workdir: Path | None = None, timeout: float | None = None, command: str = "", **settings) -> dict:
+    """Every (engine, size) row, local mode only up to ``local_cap``; the JSON (and its PNG) rewritten after each."""
+    work = Path(tempfile.mkdtemp(prefix="macstream-bench-store-", dir=workdir))
+    result = {"how": {"command": command or "macstream bench store", "method": __doc__.split("\n\n", 1)[1].strip(),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "local_cap": local_cap,
+                      "k": settings.get("k", 4), "settings": settings,
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+              "rows": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for engine in engines:  # every Edge size first: the local-mode rows are the slow ones
+            for n in points:
+                if engine == "local" and n > local_cap:
+                    continue
+                print(f"store bench: {engine} at {n} windows", file=sys.stderr, flush=True)
+                row = _child(engine, n, work / f"{engine}-{n}", settings, timeout)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                result["rows"].append(row)
+                out.write_text(json.dumps(result, indent=2))
+                plot(result, out.with_suffix(".png"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| engine | windows | windows/s | longest write ms | query p50 / p99 ms (none, tenant, since, tenant+since) "
+             "| open s | RSS MB (anon) | disk MB | bytes/window |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['points']} | error: {r['error']} |  |  |  |  |  |  |")
+            continue
+        q = ", ".join(f"{r['query_by_filter'][f]['p50_ms']:.1f} / {r['query_by_filter'][f]['p99_ms']:.1f}"
+                      for f in FILTERS)
+        lines.append(f"| {r['engine']} | {r['points']} | {r['upserts_per_s']:.0f} | {r['write_max_ms']:.0f} | {q} | "
+                     f"{r['open_s']:.2f} | {r['rss_mb']:.0f} ({r['rss_anon_mb']:.0f}) | {r['disk_mb']:.0f} | "
+                     f"{r['bytes_per_window']:.0f} |")
+    return "\n".join(lines)
