@@ -658,3 +658,31 @@ def test_docker_compose_config_accepts_the_file():
     proc = subprocess.run([*client, "-f", str(COMPOSE), "--profile", "grafana", "config", "-q"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_qdrant_cluster_profile_forms_one_cluster_and_the_store_url_lays_out_its_collections(compose, capsys):
+    """`--profile qdrant-cluster`: three peers with cluster mode on, the others bootstrapping from the first over its
+    p2p port; ingest and serve reach it through MACSTREAM_STORE, whose query (shards, replicas) the store validates."""
+    from macstream.cli import _ingest_config
+    from pipeline.store.qdrant import ServerLayout
+
+    services = compose["services"]
+    peers = {n: s for n, s in services.items() if "qdrant-cluster" in s.get("profiles", [])}
+    assert len(peers) >= 3, "a distributed Qdrant needs at least three peers to survive one down with replicas=2"
+    first = next(n for n, s in peers.items() if "--bootstrap" not in s["command"])
+    p2p = int(_env(peers[first])["QDRANT__CLUSTER__P2P__PORT"])
+    for name, peer in peers.items():
+        cmd = peer["command"]
+        assert _env(peer)["QDRANT__CLUSTER__ENABLED"] == "true" and p2p in _exposed(peer)
+        assert cmd[cmd.index("--uri") + 1] == f"http://{name}:{p2p}"
+        if name != first:
+            assert cmd[cmd.index("--bootstrap") + 1] == f"http://{first}:{p2p}"
+        assert "/qdrant/storage" in " ".join(peer["volumes"]) and peer["volumes"] != services["qdrant"]["volumes"]
+    documented = [ln.lstrip("# ").partition("=")[2] for ln in ENV_EXAMPLE.read_text().splitlines()
+                  if ln.lstrip("# ").startswith("MACSTREAM_STORE=") and "qdrant-0" in ln]
+    assert documented, ".env.example shows the distributed store URL"
+    url, layout = ServerLayout.from_url(documented[0])
+    assert urlparse(url).hostname == first and layout.replicas and layout.replicas <= len(peers)
+    env = _env_example() | {"MACSTREAM_STORE": documented[0]}
+    ingest = _interpolate(yaml.safe_load(COMPOSE.read_text()), env)["services"]["ingest"]
+    assert _ingest_config(_parse_cli(_cli_args(ingest), capsys)).store == documented[0]
