@@ -44,7 +44,8 @@ class ApiError(Exception):
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status,
+                        headers=headers)
 
 
 @api.exception_handler(ApiError)
@@ -82,11 +83,13 @@ class Gateway:
         except AuthError as err:
             raise ApiError(401, str(err), "authentication_error", headers={"WWW-Authenticate": "Bearer"}) from None
         if tenant is not None and controls.tenant not in (None, tenant):
-            raise ApiError(403, "tenant: this API key may only read its own tenant's documents", "permission_error", "tenant")
+            raise ApiError(403, "tenant: this API key may only read its own tenant's documents", "permission_error",
+                           "tenant")
         return tenant if tenant is not None else controls.tenant
 
     def _job(self, question: str, c: MemoryControls, max_new_tokens: int | None, tenant: str | None) -> AnswerJob:
-        flt = {k: v for k, v in {"since": c.since, "until": c.until, "source": c.source, "tenant": tenant}.items() if v is not None}
+        flt = {k: v for k, v in {"since": c.since, "until": c.until, "source": c.source, "tenant": tenant}.items()
+               if v is not None}
         return AnswerJob(question=question, mode=self._mode(c), top_k=c.top_k or self.cfg.default_top_k,
                          max_new_tokens=max_new_tokens or self.cfg.default_max_new_tokens,
                          filter=SearchFilter(**flt) if flt else None)
@@ -104,8 +107,8 @@ class Gateway:
 
     def _admit(self) -> None:
         if self.pending >= self.cfg.max_pending:
-            raise ApiError(503, f"the service has {self.pending} requests in flight (limit {self.cfg.max_pending}); retry shortly",
-                           "overloaded", headers={"Retry-After": "1"})
+            raise ApiError(503, f"the service has {self.pending} requests in flight (limit {self.cfg.max_pending}); "
+                           "retry shortly", "overloaded", headers={"Retry-After": "1"})
 
     async def _answer(self, job: AnswerJob, endpoint: str) -> dict:
         self._admit()
@@ -125,7 +128,8 @@ class Gateway:
 
     def _model_name(self, name: str) -> None:
         if name != MODEL_NAME:
-            raise ApiError(404, f"model: unknown model {name!r}; this server has {MODEL_NAME!r}", "model_not_found", "model")
+            raise ApiError(404, f"model: unknown model {name!r}; this server has {MODEL_NAME!r}", "model_not_found",
+                           "model")
 
     # ---- endpoints -----------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -145,14 +149,16 @@ class Gateway:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "macstream"}]}
+        return {"object": "list",
+                "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "macstream"}]}
 
     @api.get("/v1/memory/stats")
     async def memory_stats(self, request: Request):
         tenant = self._tenant(request, MemoryControls())  # same auth as the data endpoints; scopes the counts
         status = await self.model.status.remote()
         if not status["ready"]:
-            raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
+            raise ApiError(503, status["error"] or "the model is still loading", "not_ready",
+                           headers={"Retry-After": "2"})
         out = await self.model.memory_stats.remote(tenant)
         if "error" in out:
             raise ApiError(503, out["message"], out["error"], headers={"Retry-After": "2"})
@@ -200,7 +206,8 @@ class Gateway:
         self._admit()
         status = await self.model.status.remote()
         if not status["ready"]:
-            raise ApiError(503, status["error"] or "the model is still loading", "not_ready", headers={"Retry-After": "2"})
+            raise ApiError(503, status["error"] or "the model is still loading", "not_ready",
+                           headers={"Retry-After": "2"})
         return StreamingResponse(self._sse(job, rid, created, chat, include_usage), media_type="text/event-stream")
 
     async def _sse(self, job: AnswerJob, rid: str, created: int, chat: bool, include_usage: bool):

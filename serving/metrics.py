@@ -13,7 +13,8 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         self.latency = Histogram("macstream_request_seconds", "End-to-end request latency in the gateway",
                                  ["endpoint", "mode"], buckets=_LATENCY, registry=self.registry)
-        self.stage = Histogram("macstream_stage_seconds", "Per-question time in each stage (retrieve/aggregate/generate)",
+        self.stage = Histogram("macstream_stage_seconds",
+                               "Per-question time in each stage (retrieve/aggregate/generate)",
                                ["stage"], buckets=_LATENCY, registry=self.registry)
         self.batch = Histogram("macstream_batch_size", "Requests answered together by one replica",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)

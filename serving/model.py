@@ -167,7 +167,7 @@ class MACServer:
         return cur
 
     # ---- answering -------------------------------------------------------------------------------------------------
-    def _retrieve(self, cur: _Loaded, jobs: list[AnswerJob]) -> tuple[list[list[Hit]], "_Encoded", float]:
+    def _retrieve(self, cur: _Loaded, jobs: list[AnswerJob]) -> tuple[list[list[Hit]], _Encoded, float]:
         """Encode every question that uses memory once (MiniLM + the question head): the retrieval vectors query the
         store, and the same encoding later conditions the aggregator. One store query per distinct (filter, top_k).
         Returns per-job hits, the encoding of the memory jobs and the per-job share of the time."""
@@ -177,7 +177,8 @@ class MACServer:
         encoded = _Encoded(None, {})
         if need:
             with torch.no_grad():
-                enc = cur.model.encode_questions([jobs[i].question for i in need])  # tokens (N, T, D), vectors (N, d_enc)
+                # tokens (N, T, D), vectors (N, d_enc)
+                enc = cur.model.encode_questions([jobs[i].question for i in need])
             vecs = enc.vectors.numpy()
             encoded = _Encoded(enc, {i: row for row, i in enumerate(need)})
             groups: dict[str, list[int]] = defaultdict(list)
@@ -225,10 +226,10 @@ class MACServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def answer(self, jobs: list[AnswerJob]) -> list[dict]:
-        """The compute runs on the event loop on purpose: Serve forms the next batch while one runs, so a free loop would
-        close small batches on the wait timeout; with the loop busy, everything that queued during a generation forms
-        the next batch. One generation per (mode, length) group; a job whose retrieval found nothing is answered by
-        the LM alone and says so (``fallback``)."""
+        """The compute runs on the event loop on purpose: Serve forms the next batch while one runs, so a free loop
+        would close small batches on the wait timeout; with the loop busy, everything that queued during a generation
+        forms the next batch. One generation per (mode, length) group; a job whose retrieval found nothing is answered
+        by the LM alone and says so (``fallback``)."""
         try:
             cur = self._current()
         except NotReady as err:
@@ -261,7 +262,8 @@ class MACServer:
         cur = self._current()
         hits, encoded, _ = self._retrieve(cur, [job])
         mode = job.mode if (job.mode == BASE or hits[0]) else BASE
-        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits, encoded.of([0]) if mode.uses_aggregator else None)
+        prompts, prefix, mass = prepare(cur.model, mode, [job.question], hits,
+                                        encoded.of([0]) if mode.uses_aggregator else None)
         weights = citation_weights(hits[0], mass[0]) if mass is not None else {}
         yield {"sources": self._sources(hits[0], weights), "checkpoint": cur.model.version,
                "fallback": _fallback(mode, job)}

@@ -26,13 +26,19 @@ class MemoryControls(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Kind | None = Field(None, description="mac (aggregated modulations), rag (texts in the prompt), mac+rag, select+rag (the texts the aggregator selects, read behind the checkpoint's answer prompt), or base (no memory). Default: the server's best measured mode (GET /health names it; out of the box select+rag with context_docs 1).")
+    mode: Kind | None = Field(None, description=(
+        "mac (aggregated modulations), rag (texts in the prompt), mac+rag, select+rag (the texts the aggregator "
+        "selects, read behind the checkpoint's answer prompt), or base (no memory). Default: the server's best "
+        "measured mode (GET /health names it; out of the box select+rag with context_docs 1)."))
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Chunks retrieved (default: the server's).")
     since: datetime | None = Field(None, description="Only documents published at or after (ISO-8601).")
     until: datetime | None = Field(None, description="Only documents published at or before (ISO-8601).")
     source: str | None = Field(None, max_length=200, description="Only documents of this source.")
-    tenant: str | None = Field(None, max_length=200, description="Only this tenant's documents; with API keys it must be the key's tenant.")
-    context_docs: int | None = Field(None, ge=1, le=MAX_TOP_K, description="rag, mac+rag and select+rag: put only this many retrieved documents' texts in the prompt — the retriever's best for rag, the ones the aggregator weighs most for the other two (default: all retrieved).")
+    tenant: str | None = Field(None, max_length=200,
+                               description="Only this tenant's documents; with API keys it must be the key's tenant.")
+    context_docs: int | None = Field(None, ge=1, le=MAX_TOP_K, description=(
+        "rag, mac+rag and select+rag: put only this many retrieved documents' texts in the prompt — the retriever's "
+        "best for rag, the ones the aggregator weighs most for the other two (default: all retrieved)."))
 
     @model_validator(mode="after")
     def _range(self):
@@ -62,7 +68,8 @@ class Source(BaseModel):
     url: str | None = None
     published_at: datetime | None = None
     score: float = Field(description="Retriever cosine similarity of the question and the document's best chunk.")
-    weight: float | None = Field(None, description="Aggregator attention mass on the document (MAC modes): the citation weight.")
+    weight: float | None = Field(
+        None, description="Aggregator attention mass on the document (MAC modes): the citation weight.")
 
 
 class Usage(BaseModel):
@@ -90,7 +97,8 @@ class AnswerResponse(BaseModel):
     mode: str = Field(description="The mode that answered, as MODE or MODE@context_docs (e.g. mac+rag@1).")
     sources: list[Source]
     checkpoint: str
-    fallback: str | None = Field(None, description="Set when the answer could not use memory (e.g. no document matched the filters).")
+    fallback: str | None = Field(
+        None, description="Set when the answer could not use memory (e.g. no document matched the filters).")
     timings: dict[str, float]
     usage: Usage = Field(description="Tokens the request cost (prompt, completion, total), as in the OpenAI endpoints.")
 
