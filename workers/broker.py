@@ -107,7 +107,7 @@ class LocalBroker:
             start_new_session=True)
         _wait_port(self.port, self._broker, "the Tansu broker")
 
-    def start(self) -> "LocalBroker":
+    def start(self) -> LocalBroker:
         if self.durable:
             self._start_s3()
         self._start_broker()
@@ -131,7 +131,7 @@ class LocalBroker:
                     proc.wait()
         self._broker = self._s3 = None
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import feedparser
@@ -75,7 +75,7 @@ def _fingerprint(*fields) -> str:
 
 
 def _time(struct) -> datetime | None:
-    return datetime.fromtimestamp(calendar.timegm(struct), timezone.utc) if struct else None
+    return datetime.fromtimestamp(calendar.timegm(struct), UTC) if struct else None
 
 
 def _iso(text) -> datetime | None:
@@ -85,7 +85,7 @@ def _iso(text) -> datetime | None:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _json_feed(obj, url: str) -> list[Entry]:

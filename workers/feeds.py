@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -118,7 +118,7 @@ def _page_date(text: str | None) -> datetime | None:
         t = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 class FeedPoller:
@@ -141,7 +141,7 @@ class FeedPoller:
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
-    def open(self) -> "FeedPoller":
+    def open(self) -> FeedPoller:
         cfg = self.cfg
         kafka_io.ensure_topic(cfg.bootstrap_servers, cfg.topic, self.partitions)
         kafka_io.ensure_topic(cfg.bootstrap_servers, kafka_io.dlq_topic(cfg.topic), 1)
@@ -180,7 +180,7 @@ class FeedPoller:
                 self.halt.wait(max(0.0, started + self.cfg.interval - time.monotonic()))
         return self.snapshot()
 
-    def start(self) -> "FeedPoller":
+    def start(self) -> FeedPoller:
         if self.state is None:
             self.open()
         self._thread = threading.Thread(target=self.run, name="macstream-feeds", daemon=True)
@@ -201,7 +201,7 @@ class FeedPoller:
                  snap["new"], snap["updated"], snap["failed"], snap["dead_lettered"])
         return snap
 
-    def __enter__(self) -> "FeedPoller":
+    def __enter__(self) -> FeedPoller:
         return self.start()
 
     def __exit__(self, *exc) -> None:

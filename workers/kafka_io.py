@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
@@ -36,8 +36,10 @@ def consumer(bootstrap: str, group_id: str | None, **kw) -> KafkaConsumer:
 
 
 def producer(bootstrap: str, **kw) -> KafkaProducer:
-    """acks=all and idempotence off (Tansu has no transactions); retries on; one in flight per connection keeps order."""
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=5, max_in_flight_requests_per_connection=1, **kw)
+    """acks=all and idempotence off (Tansu has no transactions); retries on; one in flight per connection keeps
+    order."""
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=5, max_in_flight_requests_per_connection=1,
+                         **kw)
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int) -> bool:
@@ -153,7 +155,7 @@ def reset_group(bootstrap: str, topic: str, group_id: str, start: str) -> dict[i
             offsets = c.beginning_offsets(tps)
         else:
             t = datetime.fromisoformat(start)
-            t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+            t = t.replace(tzinfo=UTC) if t.tzinfo is None else t
             found = c.offsets_for_times({tp: int(t.timestamp() * 1000) for tp in tps})
             offsets = {tp: o.offset for tp, o in found.items() if o is not None}
         c.assign(tps)

@@ -95,7 +95,8 @@ def parse(key: bytes | None, value: bytes | None, max_bytes: int = DEFAULT_MAX_M
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "<root>"
         kind = "missing_text" if field == "text" else "invalid_document"
-        raise PoisonMessage(kind, f"{field}: {first['msg']}" + (f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else "")) from None
+        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise PoisonMessage(kind, f"{field}: {first['msg']}" + more) from None
     return Upsert(doc, content_hash(doc))
 
 
