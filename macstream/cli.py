@@ -22,7 +22,7 @@ if sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:  # asked to stop while still i
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean exit; the command's GracefulStop takes over later
 
 from macstream import flags
-from pipeline.config import DEFAULT_MODE, FeedsConfig, IngestConfig, ServeConfig
+from pipeline.config import DEFAULT_MODE, BackfillConfig, FeedsConfig, IngestConfig, ServeConfig
 from pipeline.placement import Unplaceable
 from pipeline.store.actor import StoreBusy
 
@@ -284,6 +284,69 @@ def cmd_replay(args) -> None:
     print(json.dumps({"topic": args.topic, "group_id": args.group_id, "offsets": offsets}))
 
 
+def cmd_backfill(args) -> None:
+    import signal
+
+    from pipeline.cluster import init_ray
+    from workers.backfill import BackfillJob
+
+    logging.getLogger("workers").setLevel(logging.INFO)
+    cfg = flags.build(BackfillConfig, "backfill", args, {"source": args.backfill_source})
+    job = BackfillJob(cfg)  # a missing or unreadable source fails here, before Ray starts
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop reading; what is encoding is written; a rerun resumes
+        signal.signal(sig, lambda *_: job.halt.set())
+    init_ray()
+    if job.halt.is_set():
+        print(json.dumps({"stopped": "during start-up"}), file=sys.stderr)
+        return
+    report = job.start().run()
+    print(json.dumps(report, indent=2))
+
+
+def _cli_store(location: str):
+    """The store at ``location`` for a one-shot command: through the cluster's store owner when $RAY_ADDRESS names a
+    running cluster (e.g. `up`'s, which holds the embedded store), else opened in this process."""
+    from pipeline.store import is_remote, open_store
+
+    if os.environ.get("RAY_ADDRESS") and not is_remote(location) and location not in ("memory", ":memory:"):
+        from pipeline.cluster import init_ray
+        from pipeline.store.actor import connect_store
+
+        init_ray()
+        return connect_store(location)
+    return open_store(location)
+
+
+def cmd_export(args) -> None:
+    from pipeline.config import store_location
+    from pipeline.memory_export import encoder_width, export_collection
+    from pipeline.model.mac import checkpoint_identity
+    from pipeline.store import collection_name
+
+    version, _ = checkpoint_identity(args.checkpoint)
+    collection = args.collection or collection_name(version)
+    store = _cli_store(store_location(args.store))
+    try:
+        print(json.dumps(export_collection(store, collection, args.out, encoder_width(args.checkpoint)), indent=2))
+    finally:
+        store.close()
+
+
+def cmd_import(args) -> None:
+    from pipeline.config import store_location
+    from pipeline.memory_export import import_file
+    from pipeline.model.mac import checkpoint_identity
+
+    if not Path(args.file).exists():
+        raise FileNotFoundError(f"{args.file}: no such file")
+    version, model_id = checkpoint_identity(args.checkpoint)
+    store = _cli_store(store_location(args.store))
+    try:
+        print(json.dumps(import_file(store, args.file, version, model_id), indent=2))
+    finally:
+        store.close()
+
+
 def _serve_config(args):
     """Like every config, plus ``--api-keys FILE`` (or $MACSTREAM_API_KEYS_FILE): keys live in a file, never in argv."""
     keys_file = args.api_keys_file or os.environ.get("MACSTREAM_API_KEYS_FILE")
@@ -315,7 +378,7 @@ def cmd_serve(args) -> None:
             serve.shutdown()
 
 
-BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness")
+BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness", "backfill")
 
 
 def cmd_bench_store(args) -> None:
@@ -513,6 +576,30 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
     st.add_argument("--store", default="embedded")
     st.set_defaults(fn=cmd_stats)
+
+    bf = sub.add_parser("backfill", help="encode an archive (Parquet or JSONL) into the store with Ray Data and the "
+                        "ingest encoders; resumable, bad rows to a dead-letter Parquet file",
+                        epilog=f"Every setting is also read from ${flags.env_prefix('backfill')}<SETTING> (flags win).")
+    bf.add_argument("backfill_source", metavar="SOURCE", help="a Parquet or JSONL file or a directory of them; a local "
+                    "path or a URI pyarrow reads (s3://, gs://, hdfs://)")
+    flags.add_flags(bf, BackfillConfig, skip=("source",))
+    bf.add_argument("--config", help="JSON file of backfill settings (environment and flags override it)")
+    bf.set_defaults(fn=cmd_backfill)
+
+    ex = sub.add_parser("export", help="write a collection's memory (ids, documents, vectors, float16 modulations) to "
+                        "a Parquet file")
+    ex.add_argument("--out", required=True, help="the Parquet file to write")
+    ex.add_argument("--store", default="embedded", help="as for ingest: 'embedded', a directory, 'local:DIR', a URL")
+    ex.add_argument("--checkpoint", help="whose collection to export (default: the shipped checkpoint)")
+    ex.add_argument("--collection", help="export this collection instead (see `macstream stats`)")
+    ex.set_defaults(fn=cmd_export)
+
+    im = sub.add_parser("import", help="write an exported memory into a store (any backend); refuses another "
+                        "checkpoint's file")
+    im.add_argument("file", help="a Parquet file written by `macstream export`")
+    im.add_argument("--store", default="embedded", help="as for ingest: 'embedded', a directory, 'local:DIR', a URL")
+    im.add_argument("--checkpoint", help="the checkpoint the store is filled for (default: the shipped one)")
+    im.set_defaults(fn=cmd_import)
 
     sv = sub.add_parser("serve", help="serve the HTTP API (Ray Serve) until Ctrl-C",
                         epilog=f"Every setting is also read from ${flags.env_prefix('serve')}<SETTING> (flags win).")

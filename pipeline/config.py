@@ -221,6 +221,38 @@ class ServeConfig(StrictModel):
         return store_location(self.store)
 
 
+
+class BackfillConfig(StrictModel):
+    """Archive backfill (workers/backfill.py): Parquet or JSONL read with Ray Data, every row validated like a Kafka
+    message, encoded by the ingest encoder actors, written to the store with the same ids and content-hash dedup.
+    Resumable: what the store already holds is never encoded again."""
+
+    source: str = Field(min_length=1, description="A Parquet file, a JSONL file, or a directory of either: a local "
+                        "path or a URI pyarrow's filesystems read (s3://, gs://, hdfs://, file://).")
+    format: Literal["auto", "parquet", "jsonl"] = Field("auto", description="Source format; auto: from the file "
+                                                        "extensions (.parquet; .jsonl, .json, .ndjson).")
+    workers: int = Field(1, ge=1, le=256, description="Encoder actors (each holds one copy of the model).")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="GPUs each encoder actor reserves (as for ingest).")
+    encoder_threads: int = Field(1, ge=1, le=64, description="torch threads per encoder actor (= its CPU reservation).")
+    batch_size: int = Field(16, ge=1, le=1024, description="Documents per encode call: larger = more docs/s per "
+                            "worker, a longer tail.")
+    max_in_flight: int = Field(2, ge=1, le=64, description="Encode batches outstanding per encoder actor (more keeps "
+                               "each busy while its last results are written).")
+    read_tasks: int = Field(2, ge=1, le=256, description="Ray Data read-and-validate tasks at once (0 CPUs each: "
+                            "light next to encoding).")
+    max_message_bytes: int = Field(1 << 20, ge=256, description="A larger row (as JSON) is dead-lettered as "
+                                   "oversize, as on the topic.")
+    dead_letter: str | None = Field(None, description="Parquet file of the bad rows with their reason (rewritten by "
+                                    "each run). Default: MACSTREAM_HOME/dead-letter/backfill-<UTC time>.parquet, "
+                                    "written only when a row is bad.")
+    store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, "
+                       "'local:DIR', ':memory:', 'memory' or a Qdrant URL.")
+    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one.")
+
+    def store_location(self) -> str:
+        return store_location(self.store)
+
+
 class FeedsConfig(StrictModel):
     """Live feeds in (workers/feeds.py): RSS, Atom and JSON feeds polled, each new or changed story's page fetched and
     its article text extracted, one document per story on the topic. The politeness knobs trade freshness for load
@@ -291,6 +323,7 @@ def reference_markdown() -> str:
                 (ReadoutTrainConfig, "train-readout", "`macstream train-readout --config`"),
                 (PromptTrainConfig, "train-prompt", "`macstream train-prompt --config`"),
                 (IngestConfig, "ingest", "`macstream ingest` flags"),
+                (BackfillConfig, "backfill", "`macstream backfill` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
     sections.append((FeedsConfig, "feeds", "`macstream feeds` flags; `macstream up --feeds` reads $MACSTREAM_FEEDS_<SETTING>"))

@@ -34,17 +34,48 @@ UNASSIGNED_GIVE_UP_S = 60.0
 STOP_TIMEOUT_S = 60  # a member drains its in-flight batches, commits (≤ 30 s) and leaves the group (≤ 5 s)
 
 
-def encoder_options(cfg: IngestConfig, index: int, cpus: float | None = None) -> dict:
+def encoder_options(cfg: IngestConfig, index: int, cpus: float | None = None, name: str = "macstream-encoder") -> dict:
     """Ray options of encoder actor ``index``: ``encoder_threads`` CPUs, ``gpus_per_worker`` GPUs when above 0 (the
     actor then computes on the GPU Ray assigns it), and SPREAD scheduling, so the model copies land on different
     nodes of a multi-node cluster (more compute, and one lost node does not take every encoder with it). On one
     node SPREAD places them as the default would. ``cpus`` overrides the CPU reservation (a plan fitted to a small
-    cluster: pipeline/placement.py)."""
-    opts: dict = {"name": f"macstream-encoder-{index}", "num_cpus": cfg.encoder_threads if cpus is None else cpus,
+    cluster: pipeline/placement.py). ``cfg``: any config with ``encoder_threads`` and ``gpus_per_worker``."""
+    opts: dict = {"name": f"{name}-{index}", "num_cpus": cfg.encoder_threads if cpus is None else cpus,
                   "scheduling_strategy": "SPREAD"}
     if cfg.gpus_per_worker:
         opts["num_gpus"] = cfg.gpus_per_worker
     return opts
+
+
+def start_encoders(cfg, identity: tuple[str, str], reserve_cpus: float = 0.0, reserve_gpus: float = 0.0,
+                   name: str = "macstream-encoder") -> tuple[list, float]:
+    """``cfg.workers`` encoder actors with their model loaded, and the CPUs each reserves. The plan is checked against
+    the cluster first (pipeline/placement.py): on a cluster started here it is fitted or refused in one line
+    (:class:`Unplaceable`, nothing left running); on a joined one the encoders must load within
+    ``PLACEMENT_TIMEOUT_S``. Raises RuntimeError when they loaded another checkpoint than ``identity``. ``cfg``: any
+    config with ``workers``, ``encoder_threads``, ``gpus_per_worker`` and ``checkpoint`` (ingest, backfill)."""
+    cpus: float = cfg.encoder_threads
+    if started_here():  # a joined cluster may be about to grow: no fitting there, the wait below has a deadline
+        cpus = placement.fit_encoders(cfg.workers, cfg.encoder_threads, cfg.gpus_per_worker,
+                                      reserve_cpus=reserve_cpus, reserve_gpus=reserve_gpus)
+    encoders = [EncoderActor.options(**encoder_options(cfg, i, cpus, name)).remote(cfg.checkpoint, cfg.encoder_threads)
+                for i in range(cfg.workers)]
+    ready, pending = ray.wait([e.identity.remote() for e in encoders], num_returns=cfg.workers,
+                              timeout=placement.PLACEMENT_TIMEOUT_S)
+    if pending:
+        for e in encoders:
+            ray.kill(e, no_restart=True)
+        raise placement.Unplaceable(
+            f"{len(pending)} of {cfg.workers} encoders were not placed and loaded within "
+            f"{placement.PLACEMENT_TIMEOUT_S:g} s (each wants {cpus:g} CPU"
+            f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''}; the cluster has "
+            f"{ray.available_resources().get('CPU', 0):g} CPU free): lower --workers or add nodes")
+    ids = ray.get(ready)
+    if any(i != identity for i in ids):
+        for e in encoders:
+            ray.kill(e, no_restart=True)
+        raise RuntimeError(f"encoders loaded {ids}, expected {identity}")
+    return encoders, cpus
 
 
 class IngestJob:
@@ -73,27 +104,9 @@ class IngestJob:
         kafka_io.ensure_topic(cfg.bootstrap_servers, kafka_io.dlq_topic(cfg.topic), 1)
         n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
         init_ray()
-        self.encoder_cpus: float = cfg.encoder_threads
-        if started_here():  # a joined cluster may be about to grow: no fitting there, the wait below has a deadline
-            self.encoder_cpus = placement.fit_encoders(cfg.workers, cfg.encoder_threads, cfg.gpus_per_worker,
-                                                       reserve_cpus=reserve_cpus, reserve_gpus=reserve_gpus)
         self.store = connect_store(cfg.store_location())
-        self.encoders = [EncoderActor.options(**encoder_options(cfg, i, self.encoder_cpus)).remote(
-            cfg.checkpoint, cfg.encoder_threads) for i in range(cfg.workers)]
-        ready, pending = ray.wait([e.identity.remote() for e in self.encoders], num_returns=cfg.workers,
-                                  timeout=placement.PLACEMENT_TIMEOUT_S)
-        if pending:
-            for e in self.encoders:
-                ray.kill(e, no_restart=True)
-            self.encoders = []
-            raise placement.Unplaceable(
-                f"{len(pending)} of {cfg.workers} encoders were not placed and loaded within "
-                f"{placement.PLACEMENT_TIMEOUT_S:g} s (each wants {self.encoder_cpus:g} CPU"
-                f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''}; the cluster has "
-                f"{ray.available_resources().get('CPU', 0):g} CPU free): lower --workers or add nodes")
-        ids = ray.get(ready)
-        if any(i != (self.version, self.model_id) for i in ids):
-            raise RuntimeError(f"encoders loaded {ids}, expected {(self.version, self.model_id)}")
+        self.encoders, self.encoder_cpus = start_encoders(cfg, (self.version, self.model_id), reserve_cpus,
+                                                          reserve_gpus)
         self.n_members = min(cfg.consumers or cfg.workers, n_parts)
         for slot in range(self.n_members):
             self._spawn(slot)
