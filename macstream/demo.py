@@ -107,19 +107,20 @@ def _show(q, before: dict, after: dict) -> None:
     src = after["mac+rag"]["sources"]
     if src:
         top = max(src, key=lambda s: s.get("weight") or 0)
-        print(f"   top source after arrival: {top['title'] or top['url'] or top['id']!r} ({(top.get('published_at') or '')[:10]}), "
+        print(f"   top source after arrival: {top['title'] or top['url'] or top['id']!r} "
+              f"({(top.get('published_at') or '')[:10]}), "
               f"retriever score {top['score']:.2f}, aggregator weight {top.get('weight') or 0:.2f}")
 
 
 def _publish_in_feed(site, docs) -> None:
     """Each document as an article page and an item of the site's RSS feed (newest first), published at once."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     stories = []
     for i, d in enumerate(docs):
         path = f"/news/{i}-{d.id}.html"
         site.put(path, article(d.title or d.id, d.text.split("\n"), d.published_at))
-        stories.append(Story(d.title or d.id, site.url(path), d.published_at or datetime.now(timezone.utc)))
+        stories.append(Story(d.title or d.id, site.url(path), d.published_at or datetime.now(UTC)))
     site.put("/feed.xml", rss("macstream demo wire", site.base, stories), "application/rss+xml")
 
 
@@ -203,8 +204,9 @@ def main(feed: bool = False) -> None:
         rows = {m: [] for m in TABLE_MODES}
         for m in TABLE_MODES:  # CLIENTS concurrent requests per mode: the replica answers them in batches
             with ThreadPoolExecutor(CLIENTS) as pool:
-                for q, (r, secs) in zip(held, tqdm(pool.map(lambda q: _post(base, q.question, m), held), total=len(held),
-                                                   desc=f"asking ({m})", leave=False, dynamic_ncols=True)):
+                answers = pool.map(lambda q, m=m: _post(base, q.question, m), held)
+                for q, (r, secs) in zip(held, tqdm(answers, total=len(held), desc=f"asking ({m})", leave=False,
+                                                   dynamic_ncols=True)):
                     rows[m].append({**score_answer(r["answer"], q.answers), "seconds": secs})
         print(f"   {'mode':9} {'EM':>6} {'F1':>6} {'p50 s':>7}   ({len(held)} questions, {CLIENTS} concurrent clients)")
         for m, rs in rows.items():

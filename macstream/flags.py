@@ -40,7 +40,9 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
         elif ann is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif ann in (int, float, str):
-            parser.add_argument(flag, dest=name, type=str, metavar={int: "N", float: "X", str: "TEXT"}[ann], help=helptext)  # the model converts
+            # the model converts
+            parser.add_argument(flag, dest=name, type=str, metavar={int: "N", float: "X", str: "TEXT"}[ann],
+                                help=helptext)
         else:  # lists and dicts: JSON on the command line
             parser.add_argument(flag, dest=name, type=json.loads, metavar="JSON", help=helptext + " (JSON)")
 

@@ -28,7 +28,7 @@ class GracefulStop:
         if not self._deferring:
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self

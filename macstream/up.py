@@ -22,10 +22,10 @@ from contextlib import ExitStack
 
 from kafka.errors import KafkaError
 
+from macstream.lifecycle import GracefulStop
 from pipeline.cluster import init_ray
 from pipeline.config import FeedsConfig, IngestConfig, ServeConfig
 from pipeline.store.actor import ensure_store_free
-from macstream.lifecycle import GracefulStop
 from serving.app import demand as serve_demand
 from serving.app import start as start_serving
 from workers import kafka_io
@@ -44,7 +44,8 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as err:
-            raise Refused(f"port {port} on {host} is in use ({err.strerror}): stop what holds it or pass --port") from None
+            raise Refused(
+                f"port {port} on {host} is in use ({err.strerror}): stop what holds it or pass --port") from None
 
 
 def check_broker(bootstrap: str) -> None:
@@ -67,7 +68,8 @@ def up(ingest: IngestConfig, serving: ServeConfig, local_broker: bool, partition
     if not local_broker:
         check_broker(ingest.bootstrap_servers)
     if ingest.store_location() != serving.store_location():
-        raise Refused(f"ingest writes {ingest.store_location()} but serve reads {serving.store_location()}: use one --store")
+        raise Refused(f"ingest writes {ingest.store_location()} but serve reads {serving.store_location()}: "
+                      "use one --store")
     ensure_store_free(ingest.store_location())  # before Ray: another process's store is refused with nothing started
     with GracefulStop() as stop, ExitStack() as stack:
         if local_broker:
