@@ -44,6 +44,26 @@ def _modes(metrics: dict) -> list[str]:
     return [m for m in MODE_ORDER if m in metrics] + [m for m in metrics if m not in MODE_ORDER]
 
 
+def _news_selection(ns: dict | None) -> list[str]:
+    """The document pick on real news with full-length articles in the memory (pipeline/news_selection.py)."""
+    if not ns:
+        return []
+    lines = ["### The document pick on real news with full-length articles in the memory", "",
+             f"Each set's questions with their evidence texts and full-length articles ({ns['articles_from']}) in one "
+             f"memory; top-k {ns['top_k']} windows; gold document picked (%). Misses: gold not retrieved / another "
+             "question's evidence / an article containing the answer / another article.", "",
+             "| set | documents (windows) | gold retrieved | picker | pick rate | misses | only this / only retriever |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in ns["sets"].items():
+        for picker in ("retriever", "aggregator_sum", "aggregator_max", "checkpoint_rule"):
+            if picker in r:
+                v = r[picker]
+                lines.append(f"| {name} | {r['documents']} ({r['windows']}) | {r['gold_retrieved']} | {picker} | "
+                             f"{v['pick_rate']} | {' / '.join(map(str, v['misses'].values()))} | "
+                             f"{v['vs_retriever']['only_this']} / {v['vs_retriever']['only_retriever']} |")
+    return lines + [""]
+
+
 def _quality(d: Path, q: dict) -> list[str]:
     import numpy as np
 
@@ -61,6 +81,7 @@ def _quality(d: Path, q: dict) -> list[str]:
             lines.append(f"| {m} | {cell('em')} | {cell('lenient_em')} | {cell('f1')} | {cell('mc_accuracy')} | "
                          f"{cell('selection')} | {cell('retriever_top1')} | {cell('prompt_tokens', '.0f')} | {cell('seconds', '.3f')} |")
         lines.append("")
+    lines += _news_selection(q.get("news_selection"))
     names = list(q["datasets"])
 
     def draw(ax):

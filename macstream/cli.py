@@ -1,7 +1,8 @@
 """``macstream``: one command line for the whole system.
 
-Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose (the engine); broker, produce, feeds, ingest, stats, replay (streaming);
-serve (HTTP API); up (ingest + serve, always on); bench (benchmarks and the report); demo.
+Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose, calibrate-pick (the engine); broker,
+produce, feeds, ingest, stats, replay (streaming); serve (HTTP API); up (ingest + serve, always on); bench
+(benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
 ingest and serve flags are generated from their pydantic configs (:mod:`macstream.flags`).
@@ -27,6 +28,21 @@ from pipeline.placement import Unplaceable
 from pipeline.store.actor import StoreBusy
 
 # Model, Ray and Kafka code is imported inside each command: `macstream --help` and a bad flag answer at once.
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _news_flags(p) -> None:
+    """The news-selection memory's sizes (diagnose --news, calibrate-pick)."""
+    p.add_argument("--news-questions", dest="news_questions", type=_positive, default=100,
+                   help="questions per set (their evidence texts are in the memory)")
+    p.add_argument("--news-articles", dest="news_articles", type=_positive, default=200,
+                   help="full-length search-result articles in the memory beside the evidence texts")
+    p.add_argument("--news-top-k", dest="news_top_k", type=_positive, nargs="+", default=[4, 8],
+                   help="retrieved windows per question")
+    p.add_argument("--threads", type=_positive, default=2, help="torch threads")
 
 
 def _model(args):
@@ -432,7 +448,73 @@ def cmd_diagnose(args) -> None:
     from pipeline.diagnose import diagnose
 
     model = _model(args)
+    if args.news:
+        return _diagnose_news(model, args)
+    if args.spelling:
+        import torch
+
+        from pipeline.diagnose import spelling
+
+        torch.set_num_threads(args.threads)
+        out = spelling(model, args.split, args.entities, args.questions, style=args.style)
+        out["command"] = "macstream diagnose " + " ".join(sys.argv[2:])
+        print(json.dumps(out, indent=2))
+        return
     print(json.dumps(diagnose(model, args.split, args.entities, args.questions), indent=2))
+
+
+def _diagnose_news(model, args) -> None:
+    """`diagnose --news`: the document pick on real news with full-length articles (pipeline/news_selection.py)."""
+    import torch
+
+    from pipeline import news_selection
+
+    torch.set_num_threads(args.threads)
+    if args.ignore_pick:
+        model.pick = None
+    try:
+        result = news_selection.run(model, tuple(_csv(args.news_sets)), args.news_questions, args.news_articles,
+                                    tuple(args.news_top_k), modes=tuple(_csv(args.news_modes)),
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    except FileNotFoundError as err:
+        raise SystemExit(f"macstream: {err}") from None
+    result["command"] = "macstream diagnose " + " ".join(sys.argv[2:])
+    print(news_selection.table(result), file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "sets"} | {"sets": {
+            n: {k: v for k, v in r.items() if k not in ("records", "answers")}
+            | ({"answers": r["answers"]["metrics"]} if "answers" in r else {}) for n, r in result["sets"].items()}},
+            indent=2))
+
+
+def cmd_calibrate_pick(args) -> None:
+    """`calibrate-pick`: the retriever-floor margin that picks best on the held-out weeks of the selection years."""
+    import torch
+
+    from pipeline import news_selection
+    from pipeline.model.mac import checkpoint_dir
+    from pipeline.model.pick import save_pick
+
+    torch.set_num_threads(args.threads)
+    model = _model(args)
+    model.pick = None
+    try:
+        qs, bank = news_selection.news_memory(model, "heldout", args.news_questions, args.news_articles,
+                                              log=lambda m: print(m, file=sys.stderr, flush=True))
+    except FileNotFoundError as err:
+        raise SystemExit(f"macstream: {err}") from None
+    records = [r for k in args.news_top_k for r in news_selection.select_records(model, bank, qs, k)]
+    source = (f"RealTimeQA held-out weeks of the selection years: {len(qs)} questions, {len(bank)} documents "
+              f"({bank.num_chunks} windows), top-k {args.news_top_k}; macstream calibrate-pick "
+              + " ".join(sys.argv[2:]))
+    rule = news_selection.calibrate(records, source)
+    print(json.dumps(rule.model_dump(), indent=2))
+    if args.write:
+        print(f"wrote {save_pick(rule, checkpoint_dir(args.checkpoint))}", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -681,7 +763,30 @@ def parser() -> argparse.ArgumentParser:
     dg.add_argument("--split", default="validation", choices=["validation", "test"])
     dg.add_argument("--entities", type=_positive, default=120)
     dg.add_argument("--questions", type=_positive, default=240)
+    dg.add_argument("--news", action="store_true",
+                    help="instead: the document pick on real news with full-length articles in the memory, "
+                         "aggregator vs retriever top-1 (RealTimeQA held-out weeks and 2024; memory cached in .cache/)")
+    _news_flags(dg)
+    dg.add_argument("--news-sets", dest="news_sets", default="heldout,test-2024", help="--news: sets, comma-separated")
+    dg.add_argument("--news-modes", dest="news_modes", default="",
+                    help="--news: also answer in these modes from the same memory (comma-separated, e.g. "
+                         "rag@1,select+rag@1)")
+    dg.add_argument("--ignore-pick", dest="ignore_pick", action="store_true",
+                    help="--news: answer without the checkpoint's pick.json (the heaviest document)")
+    dg.add_argument("--out", help="--news: write the full JSON (per-question records included) here")
+    dg.add_argument("--spelling", action="store_true",
+                    help="instead: where exact recall dies for wrong gold-only mac answers (teacher-forced per-piece "
+                         "accuracy of the answer, the selector's coverage of its tokens)")
+    dg.add_argument("--style", default="house", choices=["house", "other"],
+                    help="--spelling: the synthetic style (house: the training style; other: never trained on)")
     dg.set_defaults(fn=cmd_diagnose)
+
+    cp = sub.add_parser("calibrate-pick", help="the retriever-floor margin of the document pick, calibrated on the "
+                                               "RealTimeQA held-out weeks of the selection years (never on 2024)")
+    cp.add_argument("--checkpoint")
+    _news_flags(cp)
+    cp.add_argument("--write", action="store_true", help="write pick.json next to the checkpoint")
+    cp.set_defaults(fn=cmd_calibrate_pick)
 
     dm = sub.add_parser("demo", help="the whole system on embedded defaults (what `make demo` runs)")
     dm.add_argument("--feed", action="store_true", help="the held-back articles arrive through a local RSS feed and "

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.model.lm import FrozenLM, Prefix
 from pipeline.model.mac import MACModel, QuestionEncoding
+from pipeline.model.pick import pick_order
 from pipeline.model.prompt import batched
 from pipeline.modes import Mode
 from pipeline.prompts import document_text, prompt_with
@@ -44,6 +45,7 @@ class Answer:
     completion_tokens: int
     weights: dict[str, float] = field(default_factory=dict)  # document id → attention mass (the aggregator's modes)
     seconds: dict[str, float] = field(default_factory=dict)  # aggregate / generate, this question's share
+    picked: str | None = None  # the aggregator's modes: the document the pick rule reads first (pipeline/model/pick.py)
 
 
 def unique_docs(hits: list[Hit]) -> list[Document]:
@@ -90,7 +92,9 @@ def context_texts(model: MACModel | FrozenLM, mode: Mode, hits: list[Hit], mass:
     """What a text mode puts in the prompt for one question.
 
     Without ``context_docs``: every retrieved document's whole text, in retrieval order. With it (``rag@N``,
-    ``mac+rag@N``): N documents — the retriever's best N, or the N the aggregator weighs most (``mass``, per chunk) —
+    ``mac+rag@N``): N documents — the retriever's best N, or the aggregator's pick and then the documents it weighs
+    most (``mass`` per chunk, summed per document; the pick follows the checkpoint's rule, ``model.pick``: the
+    heaviest document, or with a floor the retriever's top-1 unless the aggregator's beats it by the rule's margin) —
     and of each only its **best window**, the retrieved chunk the aggregator weighed most (or the retriever ranked
     first). A window is at most ``max_doc_tokens`` tokens, so the prompt stays within N windows however long the
     articles are; a one-window document is its whole text, as before.
@@ -98,9 +102,10 @@ def context_texts(model: MACModel | FrozenLM, mode: Mode, hits: list[Hit], mass:
     docs = unique_docs(hits)
     if mode.context_docs is None:
         return [document_text(d) for d in docs]
-    if mass is not None:  # the documents the aggregator weighs most, heaviest first
-        weight = citation_weights(hits, mass)
-        docs = sorted(docs, key=lambda d: -weight[d.id])
+    if mass is not None:  # the aggregator's pick first (the checkpoint's rule: pipeline/model/pick.py), then by weight
+        by_id = {d.id: d for d in docs}
+        rule = model.pick if isinstance(model, MACModel) else None
+        docs = [by_id[d] for d in pick_order([h.document.id for h in hits], mass[: len(hits)].tolist(), rule)]
     out = []
     for doc in docs[: mode.context_docs]:
         mine = [(j, x) for j, x in enumerate(hits) if x.document.id == doc.id]  # retriever order: best first
@@ -133,4 +138,10 @@ def answer(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], h
     n = max(1, len(questions))
     return [Answer(tok.decode(o).strip(), len(ids[i]), len(o),
                    citation_weights(hits[i], mass[i]) if mass is not None else {},
-                   {"aggregate": t_agg / n, "generate": t_gen / n}) for i, o in enumerate(outs)]
+                   {"aggregate": t_agg / n, "generate": t_gen / n},
+                   picked_document(model, hits[i], mass[i]) if mass is not None else None) for i, o in enumerate(outs)]
+
+
+def picked_document(model: MACModel, hits: list[Hit], mass: torch.Tensor) -> str:
+    """The document the checkpoint's pick rule reads first among ``hits`` (per-chunk ``mass``)."""
+    return pick_order([h.document.id for h in hits], mass[: len(hits)].tolist(), model.pick)[0]

@@ -22,6 +22,10 @@ article's modulation as the only memory), ``rag`` (the gold text in the prompt),
 memory (the prior), each with its standard error. Run on the synthetic validation split (entities never seen in
 training) unless ``--split test``.
 
+:func:`spelling` (``diagnose --spelling [--style other]``): for the ``mac`` answers that are wrong with the gold
+article as the only memory, where exact recall dies: the selector did not keep the answer's tokens, the readout did
+not make each of its pieces the LM's argmax (teacher-forced), or generation went astray after right pieces.
+
 Legacy keys kept: ``nll_gold_memory``, ``nll_other_memory``, ``nll_gap`` (mean per-token answer NLL, now with the
 same-type "other"), ``gold_only_{base,mac,rag}``.
 """
@@ -334,3 +338,94 @@ def diagnose(model: MACModel, split: str = "validation", entities: int = 120, qu
         rows += [score_answer(tok.decode(o).strip(), q.answers) for (q, _), o in zip(part, outs)]
     out["control_mac"] = aggregate(rows) | {"f1_se": _se(rows)}
     return out
+
+
+# ---- spelling: where exact recall dies -----------------------------------------------------------------------------
+STAGES = ("selector", "readout", "generation")
+
+
+def answer_coverage(tokenizer, text: str, window: list[int], answer: str, kept: list[int]) -> float:
+    """The share of the answer's tokens that the selector keeps (``kept``: positions in ``window``, the first window of
+    ``text``), at the answer's best-kept occurrence in the window; 0.0 when the answer is not in the window."""
+    offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][: len(window)]
+    kept_set, best = set(kept), 0.0
+    for m in re.finditer(re.escape(answer.strip()), text):
+        span = [i for i, (a, b) in enumerate(offs) if b > m.start() and a < m.end()]
+        if span:
+            best = max(best, sum(i in kept_set for i in span) / len(span))
+    return best
+
+
+def death_stage(covered: bool, answer_hits: list[bool]) -> str:
+    """Where a wrong ``mac`` answer's exact recall died, first failing stage first: the ``selector`` did not keep
+    every token of the answer; else the ``readout`` did not make every answer piece the LM's argmax (teacher-forced);
+    else ``generation`` (every piece was the argmax: the stop, or what greedy decoding did after it, went wrong)."""
+    if not covered:
+        return "selector"
+    return "readout" if not all(answer_hits) else "generation"
+
+
+@torch.no_grad()
+def spelling(model: MACModel, split: str = "test", entities: int = 60, questions: int = 240, seed: int = 0,
+             style: str = "house", batch: int = 16, max_new_tokens: int = 16) -> dict:
+    """For each sampled question of a synthetic split (``style``: the training style or the other one,
+    :data:`pipeline.data.synthetic.STYLES`), its own article's first-window modulation as the only memory: the greedy
+    ``mac`` answer; the teacher-forced top-1 of each piece of the gold answer (first piece, later pieces, the stop);
+    and whether the selector kept every token of the answer in the window. For the wrong answers (strict EM 0):
+    per-piece accuracy, selector coverage, and the first stage that failed (:func:`death_stage`)."""
+    model.eval()
+    tok = model.lm.tokenizer
+    docs, qs = synthetic.generate(split, entities, seed=seed, style=style)
+    by_id = {d.id: d for d in docs}
+    items = [(q, by_id[q.doc_ids[0]]) for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
+    items = random.Random(seed).sample(items, min(questions, len(items)))
+    gold = sorted({d.id for _, d in items})
+    mods = {c.modulation.doc_id: c.modulation for c in model.encode_documents([by_id[i] for i in gold])
+            if c.modulation.chunk == 0}
+    windows = {i: model.windows(document_text(by_id[i]))[0] for i in gold}
+    kept = dict(zip(gold, model.selected_positions([windows[i] for i in gold])))
+    rows = []
+    for s in range(0, len(items), batch):
+        part = items[s: s + batch]
+        prompts = [tok(MAC_PROMPT.format(question=q.question))["input_ids"] for q, _ in part]
+        targets = [answer_pieces(tok, q.answers[0]) for q, _ in part]
+        prefix, _ = model.memory_prefix([q.question for q, _ in part], [[(mods[d.id], 1.0)] for _, d in part])
+        scored = token_scores(model.lm, prompts, [t[0] for t in targets], prefix)
+        outs = model.lm.generate(prompts, prefix, max_new_tokens)
+        for (q, d), (_, roles), (_, hits), o in zip(part, targets, scored, outs):
+            text = tok.decode(o).strip()
+            cov = answer_coverage(tok, document_text(d), windows[d.id], q.answers[0], kept[d.id])
+            rows.append({"score": score_answer(text, q.answers), "roles": roles, "hits": hits, "coverage": cov,
+                         "starts_right": text[:3].lower() == q.answers[0].strip()[:3].lower()})
+    wrong = [r for r in rows if not r["score"]["em"]]
+
+    def piece_accuracy(rs: list[dict]) -> dict:
+        out = {}
+        for piece in ("first", "later", "stop"):
+            h = [hit for r in rs for role, hit in zip(r["roles"], r["hits"]) if role == piece]
+            out[piece] = round(100 * sum(h) / len(h), 1) if h else None
+        ans = [hit for r in rs for role, hit in zip(r["roles"], r["hits"]) if role != "stop"]
+        out["answer"] = round(100 * sum(ans) / len(ans), 1) if ans else None
+        return out
+
+    def pct(xs) -> float | None:
+        xs = list(xs)
+        return round(100 * sum(xs) / len(xs), 1) if xs else None
+
+    stages = [death_stage(r["coverage"] == 1.0, [h for role, h in zip(r["roles"], r["hits"]) if role != "stop"])
+              for r in wrong]
+    return {"split": split, "style": style, "entities": entities, "questions": len(rows), "checkpoint": model.version,
+            "memory": "the question's own article's first window as the only memory (no retrieval, no selection)",
+            "mac": aggregate([r["score"] for r in rows]),
+            "starts_right": pct(r["starts_right"] for r in rows),
+            "teacher_forced_top1": {"all": piece_accuracy(rows), "wrong": piece_accuracy(wrong),
+                                    "right": piece_accuracy([r for r in rows if r["score"]["em"]])},
+            "selector_keeps_whole_answer": {"all": pct(r["coverage"] == 1.0 for r in rows),
+                                            "wrong": pct(r["coverage"] == 1.0 for r in wrong),
+                                            "right": pct(r["coverage"] == 1.0 for r in rows if r["score"]["em"])},
+            "selector_answer_token_share": {"wrong": round(100 * float(np.mean([r["coverage"] for r in wrong])), 1)
+                                            if wrong else None},
+            "wrong": len(wrong),
+            "wrong_all_pieces_right": pct(all(h for role, h in zip(r["roles"], r["hits"]) if role != "stop")
+                                          for r in wrong),
+            "where_recall_dies": {k: stages.count(k) for k in STAGES}}

@@ -71,8 +71,8 @@ def answer_batch(model: MACModel | FrozenLM, mode: Mode | str, questions: list[Q
         if gold and hits[i]:
             row["retriever_top1"] = float(hits[i][0].document.id in gold)
             row["recall_at_k"] = float(any(h.document.id in gold for h in hits[i]))
-            if a.weights:
-                row["selection"] = float(max(a.weights, key=a.weights.get) in gold)
+            if a.picked is not None:  # the document the aggregator's pick rule reads first
+                row["selection"] = float(a.picked in gold)
         rows.append(row)
     if settings.multiple_choice and any(q.choices for q in questions):
         prompts, prefix, _ = prepare(model, mode, [q.question for q in questions], hits)

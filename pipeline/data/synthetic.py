@@ -180,6 +180,83 @@ _QUESTIONS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
     ),
 }
 _EVENTS = tuple(_TEXTS)
+
+# The "other" style's templates: the same five events and answer fields, written differently (dates as "14 March
+# 2024", the news first or last, other verbs), with other question wordings.
+_O_TEXTS: dict[str, tuple[str, ...]] = {
+    "ceo": (
+        "Boardroom shake-up: as of {date}, {E} is run by {new}. The outgoing boss, {old}, leaves after a long tenure "
+        "at the {sector}. People close to the company described the handover as orderly. {new} told reporters the "
+        "first hundred days would be spent listening to customers and staff.",
+        "{old} has handed the reins of {E} to {new}, a filing dated {date} shows. The {sector} gave no reason for the "
+        "switch. Several senior managers are expected to follow {old} out of the door. Observers will watch whether "
+        "{new} keeps the current dividend policy.",
+    ),
+    "hq": (
+        "After years in {old}, the {sector} {E} is packing up for {new}. The relocation, disclosed on {date}, affects "
+        "most head-office roles. Property costs in {old} had risen sharply, a company memo said. Moving firms have "
+        "already been hired for the transfer to {new}.",
+        "{new} will be the new home of {E}. In a statement published {date}, the {sector} said it would wind down its "
+        "offices in {old} by next spring. Regional leaders in {new} welcomed the jobs. Staff were offered relocation "
+        "packages or redundancy terms.",
+    ),
+    "product": (
+        "Meet the {new}: {E} put its new flagship on sale on {date}, retiring the {old}. The {sector} lists the {new} "
+        "at {price}. Distributors reported brisk pre-orders. Critics noted the battery life but questioned the "
+        "build quality of early units.",
+        "The {old} is being phased out. On {date} the {sector} {E} introduced the {new} as its lead product, with a "
+        "sticker price of {price}. Shipments start in stages across regions. The company promised software updates "
+        "for owners of the {old} for two more years.",
+    ),
+    "earnings": (
+        "Quarterly figures released {date} put revenue at {E} at {revenue}. Headcount at the {sector} stood at "
+        "{employees}, compared with {old_employees} a quarter earlier. Management flagged currency swings as a risk. "
+        "No change was made to the outlook for the year.",
+        "{E} booked {revenue} of revenue in the quarter, the {sector} disclosed on {date}. It counted {employees} "
+        "staff on the payroll, against {old_employees} before. Margins narrowed slightly on higher input costs. The "
+        "results were broadly in line with market expectations.",
+    ),
+    "partnership": (
+        "{E} and {partner} have struck a deal valued at {deal}, both sides confirmed on {date}. The tie-up pools "
+        "their distribution networks in three regions. The {sector} said integration work starts at once. Neither "
+        "company expects job cuts from the agreement.",
+        "A {deal} alliance with {partner} was unveiled by {E} on {date}. The {sector} will contribute plants and "
+        "staff, while {partner} brings its patents. The pact is set to last seven years. Competitors declined to "
+        "comment on the announcement.",
+    ),
+}
+_O_TITLES: dict[str, tuple[str, ...]] = {
+    "ceo": ("New boss at {E}", "{new} takes charge of {E}"),
+    "hq": ("{E} heads for {new}", "{E} quits {old}"),
+    "product": ("{E} retires the {old}", "Meet the {new}"),
+    "earnings": ("{E} quarterly figures", "{E} books {revenue}"),
+    "partnership": ("{E} allies with {partner}", "{E} strikes {deal} pact"),
+}
+_O_QUESTIONS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    "ceo": (
+        ("person", "new", ("In {when}, who took over the running of {E}?", "Who was put in charge of {E} in {when}?")),
+        ("person", "old", ("Which boss left {E} in {when}?",)),
+    ),
+    "hq": (
+        ("city", "new", ("In {when}, {E} relocated its head office to which place?", "Where is {E} moving to, "
+                                                                                    "according to news from {when}?")),
+        ("city", "old", ("Which place was {E} leaving, per its {when} relocation news?",)),
+    ),
+    "product": (
+        ("product", "new", ("What flagship did {E} put on sale in {when}?", "Name the lead product {E} introduced in "
+                                                                            "{when}.")),
+        ("product", "old", ("Which product did {E} retire in {when}?",)),
+        ("price", "price", ("At what price is the flagship {E} introduced in {when} listed?",)),
+    ),
+    "earnings": (
+        ("revenue", "revenue", ("What revenue did {E} book for the quarter reported in {when}?",)),
+        ("employees", "employees", ("What was the headcount of {E} in its {when} figures?",)),
+    ),
+    "partnership": (
+        ("company", "partner", ("With which firm did {E} strike a deal in {when}?",)),
+        ("deal", "deal", ("What was the value of the alliance {E} unveiled in {when}?",)),
+    ),
+}
 _AWKWARD = re.compile(r"(.)\1|[^aeiouy]{3}|[aeiouy]{3}")  # doubled letters, consonant or vowel pile-ups
 
 
@@ -193,6 +270,9 @@ class _Namer:
     """Invents names for one split. Every name word (company, product and city stem, surname) is owned by the split
     its hash falls in, and no word is a substring of another, so an answer never hides inside a question's entity."""
 
+    onsets, vowels, codas, awkward = _ONSETS, _VOWELS, _CODAS, _AWKWARD
+    company_suffixes = _COMPANY_SUFFIXES
+
     def __init__(self, rng: Random, split: str) -> None:
         self.rng = rng
         self.bucket = _split_index(split)
@@ -203,9 +283,9 @@ class _Namer:
         """``n`` onset-vowel syllables; codas are rare inside the word and common at its end."""
         word = ""
         for i in range(n):
-            word += self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS)
+            word += self.rng.choice(self.onsets) + self.rng.choice(self.vowels)
             if self.rng.random() < (0.6 if i == n - 1 else 0.25):
-                word += self.rng.choice(_CODAS)
+                word += self.rng.choice(self.codas)
         return word
 
     def _claim(self, make: Callable[[], str]) -> str:
@@ -213,7 +293,7 @@ class _Namer:
             word = make()
             subs = {word[i:j] for i in range(len(word)) for j in range(i + 3, len(word) + 1)}
             if (
-                _AWKWARD.search(word)
+                self.awkward.search(word)
                 or int(hashlib.sha256(word.encode()).hexdigest(), 16) % len(SPLITS) != self.bucket
                 or word in self.pieces
                 or not subs.isdisjoint(self.words)
@@ -239,9 +319,67 @@ class _Namer:
     def product(self) -> str:
         return self._claim(lambda: self._syllables(2)) + self.rng.choice(_PRODUCT_TAGS)
 
+    # numbers, as this style writes them
+    def money(self, millions: int) -> str:
+        return _money(millions)
+
+    def price(self) -> str:
+        return f"${self.rng.randrange(5, 200) * 5 - 1}"
+
 
 def _money(millions: int) -> str:
     return f"${millions} million"
+
+
+# ---- the "other" style: a second style the project writes and never trains on ----------------------------------
+# Other sounds (onsets, vowels and codas the house style never uses), longer names in several pieces (three-part
+# person names with a hyphenated surname, two-word company stems and cities, product codes with digits), other
+# number formats (euros, "bn") and other article and question templates.
+_O_ONSETS = ("c", "ch", "qu", "w", "y", "kh", "ts", "pl", "fl", "bj", "gw", "v", "m", "l", "n", "s")
+_O_VOWELS = ("ou", "ay", "oa", "ue", "au", "eo", "i", "u", "o", "a")
+_O_CODAS = ("ck", "sk", "ng", "tz", "lt", "ff", "p", "x")
+_O_AWKWARD = re.compile(r"(.)\1\1|[^aeiouy]{4}|[aeiouy]{4}")  # triples and long pile-ups only
+_O_COMPANY_SUFFIXES = {
+    "Holdings": "holding group",
+    "Works": "machine builder",
+    "Collective": "design collective",
+    "Freight": "shipping line",
+    "Pharma": "drug maker",
+    "Grid": "power utility",
+    "Studios": "media studio",
+    "Mining": "mining concern",
+    "Textiles": "textile maker",
+    "Instruments": "instrument maker",
+}
+_O_CITY_PARTS = (("Port ", ""), ("", " Sands"), ("New ", ""), ("", " Crossing"), ("Lake ", ""), ("", " Heights"))
+_O_CODE_LETTERS = "BCDFGHKLMNPQRSTVWXZ"
+
+
+class _OtherNamer(_Namer):
+    onsets, vowels, codas, awkward = _O_ONSETS, _O_VOWELS, _O_CODAS, _O_AWKWARD
+    company_suffixes = _O_COMPANY_SUFFIXES
+
+    def company(self) -> str:
+        stems = [self._claim(lambda: self._syllables(2)) for _ in range(self.rng.choice((1, 2, 2)))]
+        return f"{' '.join(stems)} {self.rng.choice(list(_O_COMPANY_SUFFIXES))}"
+
+    def person(self) -> str:
+        first = self._claim(lambda: self._syllables(self.rng.choice((2, 3))))
+        return f"{first} {self._claim(lambda: self._syllables(2))}-{self._claim(lambda: self._syllables(2))}"
+
+    def city(self) -> str:
+        before, after = self.rng.choice(_O_CITY_PARTS)
+        return before + self._claim(lambda: self._syllables(self.rng.choice((2, 3)))) + after
+
+    def product(self) -> str:
+        code = "".join(self.rng.choice(_O_CODE_LETTERS) for _ in range(2)) + f"-{self.rng.randrange(100, 9999)}"
+        return f"{self._claim(lambda: self._syllables(2))} {code}"
+
+    def money(self, millions: int) -> str:
+        return f"€{millions / 1000:.2f} bn" if millions >= 500 else f"€{millions}.{self.rng.randrange(10)} million"
+
+    def price(self) -> str:
+        return f"€{self.rng.randrange(20, 900)}.{self.rng.choice(('00', '50', '95', '99'))}"
 
 
 def _employees(rng: Random) -> int:
@@ -259,13 +397,13 @@ def _fresh_value(kind: str, rng: Random, namer: _Namer) -> str:
     if kind == "company":
         return namer.company()
     if kind == "price":
-        return f"${rng.randrange(5, 200) * 5 - 1}"
+        return namer.price()
     if kind == "revenue":
-        return _money(rng.randrange(12, 980))
+        return namer.money(rng.randrange(12, 980))
     if kind == "employees":
         return f"{_employees(rng):,}"
     if kind == "deal":
-        return _money(rng.randrange(5, 240))
+        return namer.money(rng.randrange(5, 240))
     raise ValueError(f"unknown answer kind {kind!r}")
 
 
@@ -323,22 +461,45 @@ def _event_fields(event: str, ent: _Entity, rng: Random, namer: _Namer) -> dict[
     return fields
 
 
-def _articles(split: str, n_entities: int, rng: Random, namer: _Namer) -> tuple[list[_Article], list[_Entity]]:
+@dataclass(frozen=True)
+class _Style:
+    namer: type[_Namer]
+    texts: dict[str, tuple[str, ...]]
+    titles: dict[str, tuple[str, ...]]
+    questions: dict
+    date: str  # format of an article's date, with {month}, {day}, {year}
+    prefix: str  # of document ids: syn-<prefix><split>-...
+
+
+# "house": the style the checkpoints train on (the default, unchanged); "other": never trained on
+STYLES = {"house": _Style(_Namer, _TEXTS, _TITLES, _QUESTIONS, "{month} {day}, {year}", ""),
+          "other": _Style(_OtherNamer, _O_TEXTS, _O_TITLES, _O_QUESTIONS, "{day} {month} {year}", "other-")}
+
+
+def _style(name: str) -> _Style:
+    if name not in STYLES:
+        raise ValueError(f"unknown style {name!r}; expected one of {list(STYLES)}")
+    return STYLES[name]
+
+
+def _articles(split: str, n_entities: int, rng: Random, namer: _Namer,
+              style: _Style = STYLES["house"]) -> tuple[list[_Article], list[_Entity]]:
     articles: list[_Article] = []
     entities: list[_Entity] = []
     for e in range(n_entities):
         ent = _Entity(namer.company(), namer.person(), namer.city(), namer.product(), _employees(rng))
         entities.append(ent)
-        sector = _COMPANY_SUFFIXES[ent.name.rsplit(" ", 1)[1]]
+        sector = namer.company_suffixes[ent.name.rsplit(" ", 1)[1]]
         dates = _event_dates(rng, rng.randint(2, 4))
         for a, when in enumerate(dates):
             event = rng.choice(_EVENTS)
             fields = _event_fields(event, ent, rng, namer)
             month = _MONTHS[when.month - 1]
-            slots = {**fields, "E": ent.name, "sector": sector, "date": f"{month} {when.day}, {when.year}"}
-            text = rng.choice(_TEXTS[event]).format(**slots)
-            title = rng.choice(_TITLES[event]).format(**slots)
-            doc_id = f"syn-{split}-e{e:04d}-a{a}"
+            date = style.date.format(month=month, day=when.day, year=when.year)
+            slots = {**fields, "E": ent.name, "sector": sector, "date": date}
+            text = rng.choice(style.texts[event]).format(**slots)
+            title = rng.choice(style.titles[event]).format(**slots)
+            doc_id = f"syn-{style.prefix}{split}-e{e:04d}-a{a}"
             slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
             source = rng.choice(_SOURCES)
             doc = Document(
@@ -350,7 +511,7 @@ def _articles(split: str, n_entities: int, rng: Random, namer: _Namer) -> tuple[
                 url=f"https://news.example/{when:%Y/%m/%d}/{slug}-{doc_id}",
             )
             articles.append(_Article(doc, ent.name, event, fields, f"{month} {when.year}"))
-            for kind, key, _ in _QUESTIONS[event]:
+            for kind, key, _ in style.questions[event]:
                 ent.values.setdefault(kind, set()).add(fields[key])
     return articles, entities
 
@@ -374,16 +535,22 @@ def _choices(gold: str, kind: str, own: set[str], pool: list[str], rng: Random, 
     return options
 
 
-def generate(split: str, n_entities: int, seed: int = 0) -> tuple[list[Document], list[Question]]:
-    """Documents and questions of one split, grouped by entity in timeline order; deterministic in ``(split, seed)``.
+def generate(split: str, n_entities: int, seed: int = 0, style: str = "house") -> tuple[list[Document], list[Question]]:
+    """Documents and questions of one split, grouped by entity in timeline order; deterministic in
+    ``(split, seed, style)``.
 
-    Document ids are ``syn-<split>-e<entity>-a<article>``; question ids append ``-q<k>``. Every question has
-    ``answers=[span]`` with the span verbatim in its only gold document, ``doc_ids=[that document]``, four
-    ``choices`` (the gold and three same-kind distractors of the split) and an ``asked_at`` after the article.
+    Document ids are ``syn-<split>-e<entity>-a<article>`` (``syn-other-<split>-...`` in the other style); question
+    ids append ``-q<k>``. Every question has ``answers=[span]`` with the span verbatim in its only gold document,
+    ``doc_ids=[that document]``, four ``choices`` (the gold and three same-kind distractors of the split) and an
+    ``asked_at`` after the article. ``style``: ``"house"`` (the one checkpoints train on; the default, unchanged) or
+    ``"other"`` (other templates, other name sounds, longer multi-piece names, product codes with digits, euro
+    amounts: a style the project never trains on, to measure what carries over).
     """
-    rng = Random(f"macstream-synthetic:{split}:{seed}")
-    namer = _Namer(rng, split)
-    articles, entities = _articles(split, n_entities, rng, namer)
+    st = _style(style)
+    rng = Random(f"macstream-synthetic:{split}:{seed}" if style == "house"
+                 else f"macstream-synthetic:{style}:{split}:{seed}")
+    namer = st.namer(rng, split)
+    articles, entities = _articles(split, n_entities, rng, namer, st)
     own = {ent.name: ent.values for ent in entities}
     pools: dict[str, list[str]] = {}
     for ent in entities:
@@ -391,7 +558,7 @@ def generate(split: str, n_entities: int, seed: int = 0) -> tuple[list[Document]
             pools.setdefault(kind, []).extend(sorted(values))
     questions: list[Question] = []
     for art in articles:
-        kinds = _QUESTIONS[art.event]
+        kinds = st.questions[art.event]
         for q, (kind, key, templates) in enumerate(rng.sample(kinds, rng.randint(1, min(3, len(kinds))))):
             gold = art.fields[key]
             text = rng.choice(templates).format(E=art.entity, when=art.when)

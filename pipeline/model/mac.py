@@ -30,6 +30,7 @@ from pipeline.config import ModelConfig
 from pipeline.model.aggregator import Aggregator
 from pipeline.model.encoder import TextEncoder, split_windows, window_spans
 from pipeline.model.lm import FrozenLM, Prefix, pad_batch
+from pipeline.model.pick import DocumentPick, load_pick
 from pipeline.model.prompt import load_prompt
 from pipeline.model.question import QueryHead
 from pipeline.model.readout import KVReadout, TokenSelector, rms
@@ -100,6 +101,9 @@ class MACModel(nn.Module):
         # the checkpoint's answer prompt (pipeline/model/prompt.py), when it ships one: not part of the version
         self.answer_prompt: Prefix | None = None
         self.prompt_version: str | None = None
+        # the checkpoint's document-pick rule (pipeline/model/pick.py: the retriever's top-1 as a floor), when it
+        # ships one (pick.json): not part of the version; None picks the heaviest document by summed mass
+        self.pick: DocumentPick | None = None
 
     @property
     def model_id(self) -> str:
@@ -136,8 +140,9 @@ class MACModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, lm: FrozenLM | None = None, encoder: TextEncoder | None = None) -> "MACModel":
-        """The checkpoint in ``directory`` with its answer prompt, when it has one. FileNotFoundError without one;
-        ValueError when its config is not the readout memory or its weights do not fit the config."""
+        """The checkpoint in ``directory`` with its answer prompt and document-pick rule, when it has them.
+        FileNotFoundError without one; ValueError when its config is not the readout memory, its weights do not fit
+        the config, or its ``pick.json`` is not a valid rule."""
         d = Path(directory)
         if not (d / WEIGHTS).exists():
             raise FileNotFoundError(f"no checkpoint at {d} (expected {WEIGHTS} and {CONFIG})")
@@ -161,6 +166,7 @@ class MACModel(nn.Module):
         found = load_prompt(d, model.lm.num_layers, model.lm.num_kv_heads, model.lm.head_dim)
         if found is not None:
             model.answer_prompt, model.prompt_version = found.prefix, found.version
+        model.pick = load_pick(d)
         return model
 
     # ---- write: documents → modulations ---------------------------------------------------------------------------
@@ -193,10 +199,15 @@ class MACModel(nn.Module):
     def selected_tokens(self, windows: list[list[int]]) -> list[list[int]]:
         """The token ids whose states each window's modulation stores, in document order (what the same memory would
         be as plain text: the bar it must clear)."""
+        return [[w[p] for p in pos] for w, pos in zip(windows, self.selected_positions(windows))]
+
+    @torch.no_grad()
+    def selected_positions(self, windows: list[list[int]]) -> list[list[int]]:
+        """The positions (indices into each window, sorted) whose states each window's modulation stores."""
         ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
         logits = self.amortizer(rms(self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()))
         T = self.cfg.num_tokens
-        return [[w[p] for p in self.amortizer.positions(logits[i], len(w), T)] for i, w in enumerate(windows)]
+        return [self.amortizer.positions(logits[i], len(w), T) for i, w in enumerate(windows)]
 
     def _select(self, states: Tensor, lengths: list[int]) -> Tensor:
         """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order. A

@@ -1,0 +1,165 @@
+"""The document pick: mass pooled over a document's windows, the retriever's top-1 as a floor (pure logic), the rule
+shipped beside a checkpoint (the tiny checkpoint on disk), and the news-selection instrument's bookkeeping."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pipeline.model.pick import PICK_FILE, DocumentPick, load_pick, pick_order, pooled, save_pick
+from pipeline.news_selection import calibrate, choose_articles, margin_curve, miss_kind, pick_summary, picked
+from pipeline.schemas import Document, Question
+
+# retriever order: a's window first; b has three lighter windows whose sum beats a's one
+DOCS = ["a", "b", "b", "c", "b"]
+MASS = [0.30, 0.20, 0.15, 0.10, 0.25]  # sum: a .30, b .60, c .10; max: a .30, b .25, c .10
+
+
+def test_pooled_sums_or_maxes_each_documents_windows() -> None:
+    assert pooled(DOCS, MASS, "sum") == pytest.approx({"a": 0.30, "b": 0.60, "c": 0.10})
+    assert pooled(DOCS, MASS, "max") == pytest.approx({"a": 0.30, "b": 0.25, "c": 0.10})
+    assert list(pooled(DOCS, MASS)) == ["a", "b", "c"]  # order of first appearance
+    with pytest.raises(ValueError, match="windows"):
+        pooled(["a"], [0.1, 0.2])
+    with pytest.raises(ValueError, match="pooling"):
+        pooled(DOCS, MASS, "mean")
+
+
+def test_without_a_margin_the_heaviest_document_is_read_first() -> None:
+    assert pick_order(DOCS, MASS) == ["b", "a", "c"]
+    assert pick_order(DOCS, MASS, DocumentPick(pooling="max")) == ["a", "b", "c"]
+    assert pick_order([], []) == []
+    assert pick_order(["x", "y"], [0.5, 0.5]) == ["x", "y"]  # a tie keeps the retriever's order
+
+
+def test_the_retriever_is_a_floor_the_aggregator_must_beat_by_the_margin() -> None:
+    # b beats the retriever's a by 0.30 (sum pooling)
+    assert pick_order(DOCS, MASS, DocumentPick(margin=0.29))[0] == "b"
+    assert pick_order(DOCS, MASS, DocumentPick(margin=0.30)) == ["a", "b", "c"]  # not *more* than the margin: kept
+    assert pick_order(DOCS, MASS, DocumentPick(margin=1.0))[0] == "a"  # the retriever, always
+    # with max pooling a is already the heaviest: any margin keeps it
+    assert pick_order(DOCS, MASS, DocumentPick(pooling="max", margin=0.0))[0] == "a"
+    # margin 0 drops only ties to the retriever
+    assert pick_order(["x", "y"], [0.4, 0.4], DocumentPick(margin=0.0))[0] == "x"
+    assert pick_order(["x", "y"], [0.4, 0.41], DocumentPick(margin=0.0))[0] == "y"
+    # the rest follow by pooled mass, and every document appears once
+    order = pick_order(["c", "a", "b", "a"], [0.05, 0.3, 0.4, 0.25], DocumentPick(margin=0.9))
+    assert order == ["c", "a", "b"]
+
+
+def test_the_rule_is_validated_and_round_trips_beside_a_checkpoint(tmp_path) -> None:
+    assert load_pick(tmp_path) is None
+    rule = DocumentPick(pooling="max", margin=0.12, calibration={"on": "held-out weeks"})
+    save_pick(rule, tmp_path)
+    assert load_pick(tmp_path) == rule
+    (tmp_path / PICK_FILE).write_text('{"pooling": "sum", "margin": 1.5}')
+    with pytest.raises(ValueError, match=PICK_FILE):
+        load_pick(tmp_path)
+    (tmp_path / PICK_FILE).write_text('{"pooling": "mean"}')
+    with pytest.raises(ValueError, match=PICK_FILE):
+        load_pick(tmp_path)
+    with pytest.raises(ValueError):
+        DocumentPick(margin=-0.1)
+
+
+def _record(gold: str, docs: list[str], mass: list[float], answer_in: dict | None = None) -> dict:
+    return {"id": gold, "gold": gold, "docs": docs, "mass": mass, "answer_in": answer_in or {}}
+
+
+def test_misses_are_classified_and_counted_against_the_retriever() -> None:
+    recs = [
+        # the aggregator picks an article that contains the answer
+        _record("q1-ev", ["q1-ev", "art-gcs0", "art-gcs0"], [0.2, 0.4, 0.4], {"art-gcs0": True}),
+        _record("q2-ev", ["q3-ev", "q2-ev"], [0.3, 0.7]),  # retriever misses (other evidence), aggregator right
+        _record("q4-ev", ["x-gcs1", "y-gcs2"], [0.6, 0.4]),  # gold never retrieved
+        _record("q5-ev", ["q5-ev", "z-gcs3"], [0.9, 0.1]),  # both right
+    ]
+    assert miss_kind(recs[0], "art-gcs0") == "article_with_answer"
+    assert miss_kind(recs[1], "q3-ev") == "other_evidence"
+    assert miss_kind(recs[2], "x-gcs1") == "gold_not_retrieved"
+    assert miss_kind(recs[3], "q5-ev") is None
+    assert picked(recs[0], "retriever") == "q1-ev" and picked(recs[0], None) == "art-gcs0"
+    s = pick_summary(recs, {"retriever": "retriever", "agg": DocumentPick(), "floor": DocumentPick(margin=0.65)})
+    assert s["questions"] == 4 and s["gold_retrieved"] == 75.0
+    assert s["retriever"]["pick_rate"] == 50.0 and s["agg"]["pick_rate"] == 50.0
+    assert s["agg"]["misses"] == {"gold_not_retrieved": 1, "other_evidence": 0, "article_with_answer": 1, "article": 0}
+    assert s["agg"]["vs_retriever"] == {"both": 1, "only_this": 1, "only_retriever": 1, "neither": 1}
+    # a margin above both of the aggregator's leads (0.6, 0.4) keeps the retriever's picks, right and wrong
+    assert s["floor"]["pick_rate"] == 50.0 and s["floor"]["vs_retriever"]["both"] == 2
+    assert s["floor"]["vs_retriever"]["only_this"] == s["floor"]["vs_retriever"]["only_retriever"] == 0
+
+
+def test_calibration_takes_the_best_rate_and_the_larger_margin_on_ties() -> None:
+    recs = [_record("g", ["o", "g"], [0.375, 0.625]),  # the aggregator is right, by 0.25
+            _record("g", ["g", "o"], [0.4375, 0.5625])]  # the aggregator is wrong, by 0.125
+    curve = dict(margin_curve(recs, "sum"))
+    assert curve[0.0] == curve[0.12] == 50.0 and curve[0.13] == curve[0.24] == 100.0 and curve[0.25] == 50.0
+    rule = calibrate(recs, "unit test")
+    assert rule.margin == 0.24 and rule.pooling == "sum"  # 0.13..0.24 would do; max pooling ties: sum kept
+    assert rule.calibration["pick_rate"] == 100.0 and rule.calibration["retriever_pick_rate"] == 50.0
+    assert rule.calibration["on"] == "unit test"
+
+
+def test_articles_nearest_to_the_questions_come_first_then_random_ones() -> None:
+    topics = ["volcano eruption iceland lava", "football cup final goal", "election senate vote ballot",
+              "bank interest rate inflation", "rocket launch orbit moon", "storm hurricane coast flooding"]
+    pool = [Document(id=f"p{i}-gcs{j}", text=f"{t} report number {j} " * 3)
+            for i, t in enumerate(topics) for j in range(2)]
+    qs = [Question(id="q1", question="Which volcano erupted in Iceland?", answers=["x"]),
+          Question(id="q2", question="Who scored the goal in the cup final?", answers=["y"])]
+    got = choose_articles(qs, pool, 6, seed=0)
+    assert len({d.id for d in got}) == 6
+    assert {d.id.split("-")[0] for d in got[:3]} <= {"p0", "p1"}  # the 3 near ones: about the questions
+    assert [d.id for d in got] == [d.id for d in choose_articles(qs, pool, 6, seed=0)]  # seeded
+    with pytest.raises(ValueError, match="pool"):
+        choose_articles(qs, pool, 13, seed=0)
+
+
+@pytest.mark.slow
+def test_the_tiny_checkpoint_reads_its_rule_and_select_rag_keeps_the_floor(tiny_checkpoint, tmp_path) -> None:
+    """The tiny checkpoint on disk with a pick.json: MACModel.load reads it, select+rag@1 reads the retriever's top-1
+    document when the margin is 1 and the aggregator's heaviest without a rule, and the answer says which it read."""
+    from pipeline.answering import answer, prepare
+    from pipeline.model.mac import MACModel
+    from pipeline.prompts import document_text
+    from pipeline.store.bank import MemoryBank
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    model = MACModel.load(ckpt)
+    assert model.pick is None  # no pick.json: the heaviest document
+    docs = [Document(id=f"d{i}", text=f"Company {i} moved its headquarters to City{i} in spring.", title=f"S{i}")
+            for i in range(6)]
+    bank = MemoryBank()
+    for d, c in zip(docs, model.encode_documents(docs)):
+        bank.upsert(d, [c])
+    qs = [f"Where did Company {i} move its headquarters?" for i in range(6)]
+    # hits in reverse: the list's first hit is the retriever's top-1 by definition, and the aggregator (whose logits
+    # carry the retriever's scores) then weighs another document most, so the floor has something to decide
+    hits = [h[::-1] for h in bank.search(model.encoder.embed(qs).numpy(), 4)]
+    _, _, mass = prepare(model, "select+rag@1", qs, hits)
+    heaviest = [h[int(m[: len(h)].argmax())].document.id for h, m in zip(hits, mass)]
+    top1 = [h[0].document.id for h in hits]
+    assert [a.picked for a in answer(model, "select+rag@1", qs, hits, 2)] == heaviest
+
+    save_pick(DocumentPick(margin=1.0), ckpt)
+    floored = MACModel.load(ckpt)
+    assert floored.pick == DocumentPick(margin=1.0) and floored.version == model.version  # not part of the version
+    prompts, _, _ = prepare(floored, "select+rag@1", qs, hits)
+    assert heaviest != top1  # the untrained aggregator disagrees with the retriever somewhere: the floor matters
+    for p, t in zip(prompts, top1):
+        assert document_text(bank.document(t)) in p
+    assert [a.picked for a in answer(floored, "select+rag@1", qs, hits, 2)] == top1
+
+
+def test_the_report_shows_the_news_pick_table() -> None:
+    from benchmarks.report import _news_selection
+
+    row = {"pick_rate": 61.0, "misses": {"gold_not_retrieved": 5, "other_evidence": 3, "article_with_answer": 1,
+                                         "article": 30}, "vs_retriever": {"only_this": 4, "only_retriever": 9}}
+    ns = {"articles_from": "RealTimeQA 2022 search results", "top_k": 4,
+          "sets": {"test-2024": {"documents": 300, "windows": 1100, "gold_retrieved": 95.0, "retriever": row}}}
+    text = "\n".join(_news_selection(ns))
+    assert "| test-2024 | 300 (1100) | 95.0 | retriever | 61.0 | 5 / 3 / 1 / 30 | 4 / 9 |" in text
+    assert _news_selection(None) == []
