@@ -111,7 +111,8 @@ def load_or_tune(path: Path, model: MACModel, tune_entities: int, settings: Eval
                                      f"K={r['config']['steps']}: F1 {r['f1']:.1f} EM {r['em']:.1f} "
                                      f"gold log-lik {r['gold_logprob']:.3f} ({r['seconds']:.0f} s)"))
     report |= {"split": "synthetic validation", "entities": tune_entities, "seconds": time.perf_counter() - t0,
-               "selection": "highest F1; ties: higher EM, then higher gold-answer log-likelihood, then fewer steps, then lower lr"}
+               "selection": "highest F1; ties: higher EM, then higher gold-answer log-likelihood, then fewer steps, "
+                            "then lower lr"}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     _log(f"chose {report['chosen']} in {report['seconds']:.0f} s; wrote {path}")
@@ -140,7 +141,8 @@ def summarize_dataset(report: dict, costs: dict, docs, questions) -> dict:
         modes[m] = row
     return {"documents": len(docs), "questions": report["questions"], "retention_questions": len(block),
             "retention_documents": {g: p["documents"] for g, p in growth.items()}, "first_block_documents": n0,
-            "chunks": report["chunks"], "encode_seconds_per_document_batched": report["cost"]["encode_seconds_per_document"],
+            "chunks": report["chunks"],
+            "encode_seconds_per_document_batched": report["cost"]["encode_seconds_per_document"],
             "modes": modes, "ft_details": {m: {k: v for k, v in c.items() if k != "per_document"}
                                             for m, c in report.get("adaptation", {}).items()}}
 
@@ -153,8 +155,9 @@ def table(result: dict) -> str:
     lines = [f"## Online fine-tuning baselines vs MAC ({result['how']['date']})", "",
              f"Command: `{result['how']['command']}`  ",
              f"LM: {result['how']['lm']} (frozen; ft modes train a private full copy), checkpoint "
-             f"{result['how']['checkpoint']}, top-k {result['how']['top_k']}, greedy ≤ {result['how']['max_new_tokens']} "
-             f"tokens, {result['how']['threads']} torch thread(s) on {result['how']['cpu']}.  ",
+             f"{result['how']['checkpoint']}, top-k {result['how']['top_k']}, "
+             f"greedy ≤ {result['how']['max_new_tokens']} tokens, {result['how']['threads']} torch thread(s) on "
+             f"{result['how']['cpu']}.  ",
              "Adapt s/doc: wall seconds to take in one document (MAC: one encode; RAG: one embedding; ft: K steps). "
              "Peak MB: peak rise of the process's resident memory while adapting, over the memory before the run "
              "(ft: includes the LM copy, gradients, optimiser state). Retention: F1 on the questions of the first "
@@ -164,32 +167,38 @@ def table(result: dict) -> str:
               f"{t.get('entities', '?')} entities: {t['documents']} documents, {t['questions']} questions)", "",
               f"Selection: {t.get('selection', 'highest F1')}. Gold log-lik: mean per-token log p(gold answer | base "
               "prompt), nats.", "",
-              "| mode | optimizer | lr | K | validation F1 | validation EM | gold log-lik |", "|---|---|---|---|---|---|---|"]
+              "| mode | optimizer | lr | K | validation F1 | validation EM | gold log-lik |",
+              "|---|---|---|---|---|---|---|"]
     for r in t["results"]:
         c = r["config"]
         mark = " **(chosen)**" if FinetuneConfig(**c) == FinetuneConfig(**t["chosen"][r["mode"]]) else ""
-        lines.append(f"| {r['mode']}{mark} | {c['optimizer']} | {c['lr']:g} | {c['steps']} | {r['f1']:.1f} | {r['em']:.1f} | "
-                     f"{_fmt(r.get('gold_logprob'), '.3f')} |")
+        lines.append(f"| {r['mode']}{mark} | {c['optimizer']} | {c['lr']:g} | {c['steps']} | {r['f1']:.1f} | "
+                     f"{r['em']:.1f} | {_fmt(r.get('gold_logprob'), '.3f')} |")
     lines.append(f"| base (no fine-tuning) | – | – | – | {t['base']['f1']:.1f} | {t['base']['em']:.1f} | "
                  f"{_fmt(t['base'].get('gold_logprob'), '.3f')} |")
     for name, ds in result["datasets"].items():
         lines += ["", f"### {name}: {ds['documents']} documents, {ds['questions']} questions "
-                      f"(retention: {ds['retention_questions']} questions of the first {ds['first_block_documents']} documents)", "",
-                  "| mode | F1 | EM | lenient EM | MC acc | adapt s/doc | adapt peak MB | retention F1 1× / 2× / 4× / 8× |",
+                      f"(retention: {ds['retention_questions']} questions of the first "
+                      f"{ds['first_block_documents']} documents)", "",
+                  "| mode | F1 | EM | lenient EM | MC acc | adapt s/doc | adapt peak MB "
+                  "| retention F1 1× / 2× / 4× / 8× |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, r in ds["modes"].items():
             ret = " / ".join(_fmt(r["retention"].get(g)) for g in ("1x", "2x", "4x", "8x")) if r["retention"] else "–"
-            lines.append(f"| {m} | {_fmt(r['f1'])} | {_fmt(r['em'])} | {_fmt(r['lenient_em'])} | {_fmt(r['mc_accuracy'])} | "
-                         f"{_fmt(r['adapt_seconds_per_document'], '.3f')} | {_fmt(r['adapt_peak_rss_mb'], '.0f')} | {ret} |")
+            lines.append(f"| {m} | {_fmt(r['f1'])} | {_fmt(r['em'])} | {_fmt(r['lenient_em'])} | "
+                         f"{_fmt(r['mc_accuracy'])} | {_fmt(r['adapt_seconds_per_document'], '.3f')} | "
+                         f"{_fmt(r['adapt_peak_rss_mb'], '.0f')} | {ret} |")
         notes = []
         for m, c in ds["ft_details"].items():
             cfg = c["config"]
-            notes.append(f"{m}: {cfg['optimizer']} lr {cfg['lr']:g}, K = {cfg['steps']}, {c['trainable_parameters'] / 1e6:.1f}M "
-                         f"trainable parameters (full fine-tuning), training state {c['state_mb']:.0f} MB (copy + gradients "
-                         f"+ optimiser state), {c['documents_trained']}/{c['documents']} documents trained on, "
+            notes.append(f"{m}: {cfg['optimizer']} lr {cfg['lr']:g}, K = {cfg['steps']}, "
+                         f"{c['trainable_parameters'] / 1e6:.1f}M trainable parameters (full fine-tuning), "
+                         f"training state {c['state_mb']:.0f} MB (copy + gradients + optimiser state), "
+                         f"{c['documents_trained']}/{c['documents']} documents trained on, "
                          f"{c['loss_tokens_per_document']:.0f} loss tokens per document")
         if ds["modes"]["mac"]["adapt_state_mb"]:
-            notes.append(f"mac: {ds['modes']['mac']['adapt_state_mb'] * 1024:.1f} KB of float16 modulations stored per document")
+            notes.append(f"mac: {ds['modes']['mac']['adapt_state_mb'] * 1024:.1f} KB of float16 modulations stored "
+                         "per document")
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -213,7 +222,8 @@ def plots(result: dict, cost_png: Path, retention_png: Path) -> None:
                     ax.axhline(r[metric], color=COLORS[m], ls="--", lw=1, label="base (no adaptation)")
                     continue
                 ax.scatter(r["adapt_seconds_per_document"], r[metric], color=COLORS[m], s=60, label=m, zorder=3)
-                ax.annotate(m, (r["adapt_seconds_per_document"], r[metric]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                ax.annotate(m, (r["adapt_seconds_per_document"], r[metric]), textcoords="offset points", xytext=(6, 4),
+                            fontsize=8)
             ax.set_xscale("log")
             ax.set_xlabel("adaptation cost: seconds per document (log)")
             ax.set_ylabel(label)
@@ -271,14 +281,16 @@ def run(out: str | Path, checkpoint: str | None = None, entities: int = 40, rtqa
         docs = stream_order(docs)
         _log(f"{name}: {len(docs)} documents, {len(qs)} questions")
         costs = {"mac": measure_mac(model, docs), "rag": measure_rag(model, docs)}  # before the ft runs (RSS)
-        _log(f"  mac encode {costs['mac']['seconds_per_document']:.3f} s/doc, rag embed {costs['rag']['seconds_per_document']:.3f} s/doc")
+        _log(f"  mac encode {costs['mac']['seconds_per_document']:.3f} s/doc, "
+             f"rag embed {costs['rag']['seconds_per_document']:.3f} s/doc")
         t0 = time.perf_counter()
         report = evaluate(model, docs, qs, settings)
         costs |= report.get("adaptation", {})
         result["datasets"][name] = summarize_dataset(report, costs, docs, qs) | {"seconds": time.perf_counter() - t0}
         _log(f"  evaluated in {time.perf_counter() - t0:.0f} s: " + ", ".join(
             f"{m} F1 {r['f1']:.1f}" for m, r in result["datasets"][name]["modes"].items() if r["f1"] is not None))
-    md, cost_png, ret_png = out.with_suffix(".md"), out.with_name(out.stem + "-accuracy-vs-cost.png"), out.with_name(out.stem + "-retention.png")
+    md, cost_png = out.with_suffix(".md"), out.with_name(out.stem + "-accuracy-vs-cost.png")
+    ret_png = out.with_name(out.stem + "-retention.png")
     result["table"] = table(result)
     out.write_text(json.dumps(result, indent=2))
     md.write_text(result["table"] + f"\n![accuracy vs cost]({cost_png.name})\n\n![retention]({ret_png.name})\n")

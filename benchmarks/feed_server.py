@@ -13,7 +13,7 @@ import html
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,7 +100,7 @@ class FeedSite:
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="feed-site")
 
-    def __enter__(self) -> "FeedSite":
+    def __enter__(self) -> FeedSite:
         self._thread.start()
         return self
 
@@ -129,7 +129,7 @@ def rss(title: str, link: str, stories: list[Story]) -> str:
     items = "".join(
         f"<item><title>{html.escape(s.title)}</title><link>{html.escape(s.link)}</link>"
         f"<guid isPermaLink=\"false\">{html.escape(s.guid or s.link)}</guid>"
-        f"<pubDate>{format_datetime(s.published.astimezone(timezone.utc), usegmt=True)}</pubDate>"
+        f"<pubDate>{format_datetime(s.published.astimezone(UTC), usegmt=True)}</pubDate>"
         f"<description>{html.escape(s.summary)}</description></item>" for s in stories)
     return (f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>{html.escape(title)}</title>'
             f"<link>{html.escape(link)}</link><description>{html.escape(title)}</description>{items}</channel></rss>")
@@ -143,7 +143,7 @@ def atom(title: str, link: str, stories: list[Story]) -> str:
         f"<summary>{html.escape(s.summary)}</summary></entry>" for s in stories)
     return (f'<?xml version="1.0" encoding="utf-8"?><feed xmlns="http://www.w3.org/2005/Atom">'
             f"<title>{html.escape(title)}</title><id>{html.escape(link)}</id>"
-            f"<updated>{datetime.now(timezone.utc).isoformat()}</updated>{entries}</feed>")
+            f"<updated>{datetime.now(UTC).isoformat()}</updated>{entries}</feed>")
 
 
 def article(title: str, paragraphs: list[str], published: datetime | None = None) -> str:

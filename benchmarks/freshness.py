@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -319,7 +319,8 @@ def _variant(name: str, cfg: IngestConfig, topic: str, prod, watcher_for, api: _
             done = _wait_in_store(watcher, burst_t, max(timeout_s, 10 * len(burst)))
             if done is None:
                 raise RuntimeError("the capacity burst was not ingested in time")
-            out["capacity"] = {"documents": len(burst), "seconds": done - acked, "docs_per_s": len(burst) / (done - acked)}
+            out["capacity"] = {"documents": len(burst), "seconds": done - acked,
+                               "docs_per_s": len(burst) / (done - acked)}
             rate = rate or out["capacity"]["docs_per_s"] / 2
         assert rate, "a rate, or a burst to measure capacity from"
         out["rate_docs_per_s"] = rate
@@ -413,7 +414,8 @@ def run(checkpoint: str | None = None, documents: int = 60, rate: float | None =
     load_before = os.getloadavg()
     rate_given = rate is not None
     tag = f"{time.time_ns():x}"
-    configs = [("product defaults", {}), *((", ".join(f"{k}={v}" for k, v in v.items()) or "defaults", v) for v in variants)]
+    configs = [("product defaults", {}),
+               *((", ".join(f"{k}={v}" for k, v in v.items()) or "defaults", v) for v in variants)]
     per = WARMUP_DOCS + documents
     pool = articles(burst + per * len(configs), seed, tag)
     burst_docs, pool = pool[:burst], pool[burst:]
@@ -466,14 +468,15 @@ def run(checkpoint: str | None = None, documents: int = 60, rate: float | None =
     shutil.rmtree(tmp, ignore_errors=True)
     first = result["runs"][0]
     result["how"] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "checkpoint": checkpoint or "shipped", "documents": documents, "rate_docs_per_s": rate,
         "rate_from": "given" if rate_given else "half the measured capacity",
         "capacity_docs_per_s": first.get("capacity", {}).get("docs_per_s"), "burst_documents": burst,
         "poll_interval_s": poll_interval_s, "gate": gate, "store_watch_s": STORE_WATCH_S, "timeout_s": timeout_s,
-        "warm": True, "warmup_documents": WARMUP_DOCS, "mode": mode or default_mode, "server_default_mode": default_mode,
+        "warm": True, "warmup_documents": WARMUP_DOCS, "mode": mode or default_mode,
+        "server_default_mode": default_mode,
         "top_k": scfg.default_top_k,
         "poll_max_new_tokens": 1, "encoder_workers": workers, "replica_threads": scfg.replica_threads,
         "serve_batch_wait_s": scfg.batch_wait_timeout_s, "partitions": 4,
@@ -486,8 +489,8 @@ def table(result: dict) -> str:
     """One row per ingest configuration: time-to-queryable and its stages (seconds after the produce ack)."""
     f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
     pp = lambda d: f"{f(d['p50'])} / {f(d['p99'])}"  # noqa: E731
-    lines = ["| ingest settings | rate docs/s | queryable | ttq p50 | p90 | p99 | max | fetchable p50 / p99 | in store p50 / p99 "
-             "| store → cited p50 / p99 | answered p50 / p99 | goal p99 ≤ 2 s |",
+    lines = ["| ingest settings | rate docs/s | queryable | ttq p50 | p90 | p99 | max | fetchable p50 / p99 "
+             "| in store p50 / p99 | store → cited p50 / p99 | answered p50 / p99 | goal p99 ≤ 2 s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         t = r["ttq_s"]
@@ -504,11 +507,12 @@ def stages(run: dict) -> str:
     ms = lambda x: "–" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
     b = run["ingest_batches"]
     return (f"{run['name']}: Kafka ack p50 {ms(run['produce_ack_s']['p50'])}; fetchable p50 "
-            f"{ms(run['kafka_fetch_s']['p50'])}; consumer batches (submit → commit) p50 {ms(b['batch_seconds']['p50'])}, "
+            f"{ms(run['kafka_fetch_s']['p50'])}; consumer batches (submit → commit) p50 "
+            f"{ms(b['batch_seconds']['p50'])}, "
             f"p99 {ms(b['batch_seconds']['p99'])}, {b['records_per_batch'] or 0:.1f} documents each; one document's "
             f"encode call {ms(run['encode_one_doc_s']['p50'])}, store write {ms(run['store_write_one_doc_s']['p50'])} "
-            f"(ingest idle); poll responses p50 {ms(run['poll_response_s']['p50'])}, of which the replica's compute per "
-            f"answer (its share of a batch) p50 {ms(run['answer_server_s']['p50'])}, i.e. about "
+            f"(ingest idle); poll responses p50 {ms(run['poll_response_s']['p50'])}, of which the replica's compute "
+            f"per answer (its share of a batch) p50 {ms(run['answer_server_s']['p50'])}, i.e. about "
             f"{1 / run['answer_server_s']['mean'] if run['answer_server_s']['mean'] else 0:.1f} answers/s against "
             f"{run['rate_docs_per_s']:.1f} questions/s asked, the rest queueing; "
             f"{run['polls_per_document']['mean']:.1f} polls per document")
@@ -517,8 +521,9 @@ def stages(run: dict) -> str:
 FEED_SLACK_S = 2.0  # issue 23: a story in a feed is answerable, citing it, within the poll interval + 2 s at p99
 
 
-def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: float = 5.0, spacing_s: float | None = None,
-             poll_interval_s: float = 0.05, timeout_s: float = 90.0, seed: int = 0, mode: str | None = None) -> dict:
+def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: float = 5.0,
+             spacing_s: float | None = None, poll_interval_s: float = 0.05, timeout_s: float = 90.0, seed: int = 0,
+             mode: str | None = None) -> dict:
     """Feed mode: what ``macstream up --feeds`` runs (local broker, Ray, ingest, Serve and the feed poller polling a
     local news site every ``interval_s``). Each article is published as a page and an RSS item at once; its clock
     starts when the item appears in the feed. Articles appear ``spacing_s`` apart (default 0.77 × the interval, so
@@ -548,7 +553,7 @@ def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: flo
         def appear(doc: Document) -> tuple[Document, float]:
             link = site.url(f"/news/{doc.id}.html")
             site.put(f"/news/{doc.id}.html", article(doc.title or doc.id, doc.text.split("\n")))
-            stories.insert(0, Story(doc.title or doc.id, link, datetime.now(timezone.utc)))
+            stories.insert(0, Story(doc.title or doc.id, link, datetime.now(UTC)))
             site.put("/feed.xml", rss("Freshness wire", site.base, stories[:50]), "application/rss+xml")
             return doc.model_copy(update={"id": story_id(link), "url": link}), time.monotonic()
 
@@ -638,7 +643,7 @@ def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: flo
             finally:
                 ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
-    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    out["how"] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                   "load_average_before": [round(x, 2) for x in load_before],
                   "load_average_after": [round(x, 2) for x in os.getloadavg()], "checkpoint": checkpoint or "shipped",
                   "mode": mode or "server default", "poll_interval_s": poll_interval_s, "gate": "store",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.machine import machine
@@ -23,7 +23,8 @@ from workers.broker import LocalBroker
 from workers.ingest import IngestJob
 
 
-def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, ...] = (1, 2), batch_size: int = 16) -> dict:
+def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, ...] = (1, 2),
+        batch_size: int = 16) -> dict:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -35,9 +36,9 @@ def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, .
         for n in workers:
             init_ray()
             store = tempfile.mkdtemp(prefix="macstream-bench-ingest-")
-            cfg = IngestConfig(bootstrap_servers=broker.bootstrap, topic="bench", group_id=f"bench-{n}-{time.time_ns()}",
-                               workers=n, store=str(Path(store) / "store"), checkpoint=checkpoint, exit_when_idle=3.0,
-                               batch_size=batch_size)
+            cfg = IngestConfig(bootstrap_servers=broker.bootstrap, topic="bench",
+                               group_id=f"bench-{n}-{time.time_ns()}", workers=n, store=str(Path(store) / "store"),
+                               checkpoint=checkpoint, exit_when_idle=3.0, batch_size=batch_size)
             job = IngestJob(cfg, progress=False).start()
             first = last = None
             while True:
@@ -57,7 +58,7 @@ def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, .
             out["runs"].append({"workers": n, "documents": snap["upserted"], "seconds": secs,
                                 "docs_per_s": snap["upserted"] / secs if secs else None,
                                 "batch_latency_p50_s": snap["batch_latency_p50_s"]})
-    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out["how"] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                   "machine": machine(), "checkpoint": checkpoint or "shipped",
                   "documents": len(docs), "batch_size": batch_size, "partitions": 4,
                   "method": __doc__.split("How it is measured (printed with the results): ")[1].strip()}

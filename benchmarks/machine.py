@@ -24,4 +24,5 @@ def machine() -> str:
     """One line: CPU, cores, memory, OS, torch, and the accelerator (if any)."""
     cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}, " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}, " + (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")

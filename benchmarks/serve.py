@@ -3,7 +3,8 @@
 How it is measured (printed with the results): one Ray Serve app (one model replica, ``replica_threads`` torch
 threads) over an embedded store holding the synthetic test split (40–90-word articles) or, with ``docs="realtimeqa"``,
 RealTimeQA 2022 news (real-length articles of several 256-token windows: the search results that come with its
-questions) encoded by the checkpoint. The same LM, the same top_k and the same max_new_tokens for every mode. Each mode answers the same questions from one client, one
+questions) encoded by the checkpoint. The same LM, the same top_k and the same max_new_tokens for every mode.
+Each mode answers the same questions from one client, one
 request at a time (p50/p99 latency, requests/s); then MAC answers them 4 times over from 1 and from ``clients``
 concurrent clients (throughput ratio: what request batching buys). Every client is a thread with its own keep-alive
 HTTP connection, in the benchmark's process. Warm-up requests are not counted.
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -67,7 +68,8 @@ def _body(question: str, mode: str, top_k: int, max_new_tokens: int) -> dict:
             **({"context_docs": m.context_docs} if m.context_docs else {})}
 
 
-def _fill(location: str, checkpoint: str | None, entities: int, docs_kind: str = "synthetic") -> tuple[list[str], int, float]:
+def _fill(location: str, checkpoint: str | None, entities: int,
+          docs_kind: str = "synthetic") -> tuple[list[str], int, float]:
     """Encode and store the corpus; return its questions, its document count and its mean prompt tokens per document."""
     from collections import defaultdict
 
@@ -86,7 +88,8 @@ def _fill(location: str, checkpoint: str | None, entities: int, docs_kind: str =
 def batch_counts(base: str) -> tuple[float, float]:
     """(sum, count) of the gateway's macstream_batch_size histogram."""
     text = requests.get(base + "/metrics", timeout=30).text
-    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("macstream_batch_size_")}
+    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("macstream_batch_size_")}
     return vals.get("macstream_batch_size_sum", 0.0), vals.get("macstream_batch_size_count", 0.0)
 
 
@@ -132,8 +135,9 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
         lat = [ask(q, mode) for q in qs]
         wall = time.perf_counter() - t
         server = {k: statistics.mean(t[k] for t in stages[mode][3:]) for k in stages[mode][-1]}
-        result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99), "requests_per_s": len(lat) / wall,
-                                 "requests": len(lat), "server_seconds": server, "latencies_s": lat}
+        result["modes"][mode] = {"p50_s": statistics.median(lat), "p99_s": _pct(lat, 0.99),
+                                 "requests_per_s": len(lat) / wall, "requests": len(lat), "server_seconds": server,
+                                 "latencies_s": lat}
     for n in (1, clients) if throughput else ():
         s0, c0 = batch_counts(base)
         t = time.perf_counter()
@@ -152,22 +156,26 @@ def run(checkpoint: str | None = None, entities: int = 40, requests_per_mode: in
     result["targets"] = {"mac_p50 <= 0.5 x rag_p50": result["ratios"]["mac_p50_over_rag_p50"] <= 0.5,
                          "mac_p50 <= 1.3 x base_p50": result["ratios"]["mac_p50_over_base_p50"] <= 1.3}
     if throughput:
-        ratio = result["throughput"][f"{clients}_clients_requests_per_s"] / result["throughput"]["1_clients_requests_per_s"]
+        tp = result["throughput"]
+        ratio = tp[f"{clients}_clients_requests_per_s"] / tp["1_clients_requests_per_s"]
         result["ratios"][f"throughput_{clients}_clients_over_1"] = ratio
         result["targets"][f"throughput {clients} clients >= 2 x 1 client"] = ratio >= 2
     result["how"] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "checkpoint": checkpoint or "shipped", "documents": n_docs,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+        "checkpoint": checkpoint or "shipped", "documents": n_docs,
         "corpus": docs, "mean_document_tokens": doc_tokens,
         "store": "embedded qdrant-client (local mode) via the store-owner actor", "top_k": top_k,
         "max_new_tokens": max_new_tokens, "requests_per_mode": len(qs), "clients": clients,
-        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size, "batch_wait_s": cfg.batch_wait_timeout_s,
+        "replicas": cfg.replicas, "replica_threads": cfg.replica_threads, "max_batch_size": cfg.max_batch_size,
+        "batch_wait_s": cfg.batch_wait_timeout_s,
         "fill_seconds": fill_s, "method": __doc__.split("How it is measured (printed with the results): ")[1].strip(),
     }
     return result
 
 
 def table(result: dict) -> str:
-    lines = ["| mode | p50 s | p99 s | requests/s | server: retrieve / aggregate / generate s |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| mode | p50 s | p99 s | requests/s | server: retrieve / aggregate / generate s |",
+             "| --- | --- | --- | --- | --- |"]
     for mode, r in result["modes"].items():
         st = r["server_seconds"]
         lines.append(f"| {mode} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['requests_per_s']:.2f} | "
