@@ -281,3 +281,35 @@ def test_a_server_url_carries_the_collections_layout() -> None:
         assert s.layout == ServerLayout(shards=3, replicas=2)
     finally:
         s.close()
+
+
+def test_macstream_stats_answers_as_before_on_the_embedded_store(tmp_path, capsys) -> None:
+    from macstream.cli import main
+
+    s = open_store(str(tmp_path / "e"))
+    _fill(s)
+    s.upsert(collection_name("v2"), _doc(1), "h", _chunks("d1", [1], version="v2"))  # a second checkpoint's
+    s.close()
+    main(["stats", "--store", str(tmp_path / "e")])
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"store": str(tmp_path / "e"), "collections": {COLL: {"documents": 12, "chunks": 15},
+                                                                 collection_name("v2"): {"documents": 1, "chunks": 1}}}
+
+
+def test_a_collection_whose_creation_was_cut_short_is_created_again(tmp_path) -> None:
+    """A process that died after creating a collection's modulation shard but before its index: the collection does
+    not exist (the index is what makes points retrievable) and the next upsert reuses the modulations."""
+    import shutil
+
+    s = EdgeStore(str(tmp_path / "e"))
+    s.upsert(COLL, _doc(1), "h1", _chunks("d1", [1]))
+    s.close()
+    shutil.rmtree(tmp_path / "e" / "collections" / COLL / "index")
+    s = EdgeStore(str(tmp_path / "e"))
+    try:
+        assert s.counts(COLL) == {"documents": 0, "chunks": 0} and s.collections() == []
+        _fill(s)
+        assert s.counts(COLL) == {"documents": 12, "chunks": 15}
+        assert s.search(COLL, _chunks("q", [1])[0].vector[None], 1)[0][0].document.id == "d1"
+    finally:
+        s.close()

@@ -163,13 +163,17 @@ class EdgeStore(Store):
     def _create(self, collection: str, d_enc: int, d_lm: int) -> _Collection:
         q, path = self.q, self._path(collection)
         # modulations first: an index without them is refused on open, modulations without an index are invisible
-        modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(
-            vectors={MODULATION: q.EdgeVectorParams(
-                size=d_lm, distance=q.Distance.Dot, datatype=q.VectorStorageDatatype.Float16,
-                multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim),
-                hnsw_config=q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),  # no graph
-                memory=q.Memory.Cold)},
-            payload_memory=q.Memory.Cold))
+        # (and reused: a process that died between the two creations left them)
+        if (path / MODULATIONS / "edge_config.json").exists():
+            modulations = q.EdgeShard.load(str(path / MODULATIONS))
+        else:
+            modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(
+                vectors={MODULATION: q.EdgeVectorParams(
+                    size=d_lm, distance=q.Distance.Dot, datatype=q.VectorStorageDatatype.Float16,
+                    multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim),
+                    hnsw_config=q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),  # no graph
+                    memory=q.Memory.Cold)},
+                payload_memory=q.Memory.Cold))
         index = q.EdgeShard.create(str(path / INDEX), q.EdgeConfig(
             vectors={RETRIEVAL: q.EdgeVectorParams(
                 size=d_enc, distance=q.Distance.Cosine,
