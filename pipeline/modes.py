@@ -35,18 +35,21 @@ class Mode:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown mode {self.kind!r}; expected one of {list(KINDS)}, or KIND@N for {list(TEXT_KINDS)}")
+            raise ValueError(f"unknown mode {self.kind!r}; expected one of {list(KINDS)}, "
+                             f"or KIND@N for {list(TEXT_KINDS)}")
         if self.context_docs is not None and (self.kind not in TEXT_KINDS or self.context_docs < 1):
-            raise ValueError(f"mode {self}: @N (N >= 1 documents' texts in the prompt) applies to {', '.join(TEXT_KINDS)} only")
+            raise ValueError(f"mode {self}: @N (N >= 1 documents' texts in the prompt) applies to "
+                             f"{', '.join(TEXT_KINDS)} only")
 
     @classmethod
-    def parse(cls, spec: "str | Mode") -> "Mode":
+    def parse(cls, spec: str | Mode) -> Mode:
         """``"mac+rag@2"`` → Mode("mac+rag", 2); ``"mac"`` → Mode("mac"). Raises ValueError naming the valid modes."""
         if isinstance(spec, Mode):
             return spec
         kind, at, n = spec.partition("@")
         if at and not n.isdigit():
-            raise ValueError(f"mode {spec!r}: @N (N >= 1 documents' texts in the prompt) applies to {', '.join(TEXT_KINDS)} only")
+            raise ValueError(f"mode {spec!r}: @N (N >= 1 documents' texts in the prompt) applies to "
+                             f"{', '.join(TEXT_KINDS)} only")
         return cls(kind, int(n) if at else None)
 
     def __str__(self) -> str:

@@ -50,7 +50,8 @@ class Question(BaseModel):
     question: str = Field(min_length=1, description="The question text.")
     answers: list[str] = Field(min_length=1, description="Acceptable gold answers; the first is canonical.")
     doc_ids: list[str] | None = Field(default=None, description="Ids of the documents that contain the answer.")
-    choices: list[str] | None = Field(default=None, description="Multiple-choice options; the gold answer is among them.")
+    choices: list[str] | None = Field(default=None,
+                                      description="Multiple-choice options; the gold answer is among them.")
     asked_at: datetime | None = Field(default=None, description="When the question is asked, ISO-8601.")
 
 

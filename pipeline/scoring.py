@@ -54,7 +54,8 @@ def summarize(rows: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def answer_batch(model: MACModel | FrozenLM, mode: Mode | str, questions: list[Question], hits: list[list[Hit]], settings: EvalSettings) -> list[dict]:
+def answer_batch(model: MACModel | FrozenLM, mode: Mode | str, questions: list[Question], hits: list[list[Hit]],
+                 settings: EvalSettings) -> list[dict]:
     """Answer one batch in one mode; return per-question rows (prediction, scores, costs). ``model`` may be a bare
     :class:`FrozenLM` for the text-only modes (the fine-tuning baselines answer through their fine-tuned copy)."""
     mode = Mode.parse(mode)
@@ -97,7 +98,8 @@ def choice_accuracy(model: MACModel | FrozenLM, questions: list[Question], promp
             groups[len(q.choices)].append(i)
     for idx in groups.values():
         p_ids = [tok(prompts[i])["input_ids"] for i in idx]
-        c_ids = [[tok(answer_continuation(c), add_special_tokens=False)["input_ids"] for c in questions[i].choices] for i in idx]
+        c_ids = [[tok(answer_continuation(c), add_special_tokens=False)["input_ids"] for c in questions[i].choices]
+                 for i in idx]
         pre = prefix.index(torch.tensor(idx)) if prefix is not None else None
         scores = lm.choice_logprobs(p_ids, c_ids, pre)  # (n, C)
         for row, i in enumerate(idx):

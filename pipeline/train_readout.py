@@ -122,7 +122,8 @@ def _mac_prompt(model: MACModel, q: Question, doc: Document | None) -> list[int]
 
 
 @torch.no_grad()
-def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[Document], mods: dict[str, torch.Tensor]) -> dict:
+def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[Document],
+          mods: dict[str, torch.Tensor]) -> dict:
     """Information gain on names (NLL per answer token with a same-type other article's memory − with the article's
     own), overall, and gold-only greedy F1 in the ``mac`` prompt."""
     tok = model.lm.tokenizer
@@ -151,7 +152,8 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
     vdocs, vqs = val
     vby = {d.id: d for d in vdocs}
-    items = [(q, vby[q.doc_ids[0]]) for q in random.Random(cfg.seed).sample([q for q in vqs if q.doc_ids], min(cfg.eval_questions, len(vqs)))]
+    items = [(q, vby[q.doc_ids[0]])
+             for q in random.Random(cfg.seed).sample([q for q in vqs if q.doc_ids], min(cfg.eval_questions, len(vqs)))]
     others, _ = same_type_others(items, vdocs, seed=cfg.seed)
     opt = torch.optim.Adam(model.expander.parameters(), lr=cfg.lr)
     start, rows = 0, []
@@ -182,11 +184,13 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
         opt.step()
         if step % 10 == 0:
             rate = (step - start) / (time.time() - t0)
-            log(f"readout step {step}/{cfg.steps} loss {float(loss):.3f} {rate:.2f} steps/s ETA {(cfg.steps - step) / rate / 60:.1f} min")
+            log(f"readout step {step}/{cfg.steps} loss {float(loss):.3f} {rate:.2f} steps/s "
+                f"ETA {(cfg.steps - step) / rate / 60:.1f} min")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             rows.append({"step": step, "loss": round(float(loss.detach()), 3)} | judge(model, items, others, mods))
             log(f"readout step {step}: {rows[-1]}")
-            torch.save({"readout": model.expander.state_dict(), "opt": opt.state_dict(), "step": step, "rows": rows}, last)
+            torch.save({"readout": model.expander.state_dict(), "opt": opt.state_dict(), "step": step, "rows": rows},
+                       last)
     return rows
 
 
@@ -242,7 +246,8 @@ def train_selection(model: MACModel, cfg: ReadoutTrainConfig, pools: dict[str, t
     each step draws from one pool, RealTimeQA with probability ``selection_realtimeqa_share``. Returns, per pool,
     validation selection accuracy before and after next to the retriever's top-1."""
     bias = [model.aggregator.bias_scale] if model.aggregator.bias_scale is not None else []
-    rest = [p for p in [*model.question_encoder.parameters(), *model.aggregator.parameters()] if all(p is not b for b in bias)]
+    rest = [p for p in [*model.question_encoder.parameters(), *model.aggregator.parameters()]
+            if all(p is not b for b in bias)]
     # the weight of the retriever's score (init 10) gets its own rate: at the shared 1e-3, 600 Adam steps can move
     # it by 0.6 at most, and on real news the selection needed it at ~26
     opt = torch.optim.Adam([{"params": rest}, {"params": bias, "lr": cfg.select_bias_lr}], lr=cfg.select_lr)
@@ -285,12 +290,14 @@ def selection_pools(model: MACModel, cfg: ReadoutTrainConfig, train: tuple, val:
                     mods: dict[str, torch.Tensor], log=print) -> dict[str, tuple[list, list]]:
     """The rows stage 4 trains and judges on: synthetic (retrieval over the split's articles) and, when the data
     are here, RealTimeQA (retrieval over the split's evidence documents); RealTimeQA modulations computed here."""
-    pools = {"synthetic": (selection_rows(model, *train, mods, cfg.select_k), selection_rows(model, *val, mods, cfg.select_k))}
+    pools = {"synthetic": (selection_rows(model, *train, mods, cfg.select_k),
+                           selection_rows(model, *val, mods, cfg.select_k))}
     rtqa = realtimeqa_selection_data(cfg)
     if rtqa is not None:
         (rtd, rtq), (rvd, rvq) = rtqa
         mods = mods | modulations(model, rtd + rvd)
-        pools["realtimeqa"] = (selection_rows(model, rtd, rtq, mods, cfg.select_k), selection_rows(model, rvd, rvq, mods, cfg.select_k))
+        pools["realtimeqa"] = (selection_rows(model, rtd, rtq, mods, cfg.select_k),
+                               selection_rows(model, rvd, rvq, mods, cfg.select_k))
         log(f"selection: RealTimeQA {cfg.selection_realtimeqa_years}: {len(pools['realtimeqa'][0])} train, "
             f"{len(pools['realtimeqa'][1])} held-out questions (the last weeks)")
     return pools
@@ -311,11 +318,13 @@ def build(cfg: ReadoutTrainConfig, out: Path, log=print, start_from: Path | None
         model = MACModel.load(start_from)
         if model.cfg != readout_model_config(cfg):
             raise ValueError(f"{start_from}: not a readout checkpoint of this config's shape (layer, num_tokens)")
-        metrics = json.loads((start_from / "metrics.json").read_text()) if (start_from / "metrics.json").exists() else {}
+        metrics = (json.loads((start_from / "metrics.json").read_text()) if (start_from / "metrics.json").exists()
+                   else {})
         metrics["selection_retrained_from"] = model.version
         rows = metrics.get("readout", [])
     else:
-        model = MACModel(readout_model_config(cfg))  # trainable (and saved): selector, readout, question encoder, aggregator
+        # trainable (and saved): selector, readout, question encoder, aggregator
+        model = MACModel(readout_model_config(cfg))
         fit = fit_linear(model, train[0], cfg.ridge)
         log(f"fitted the selector and the readout: {fit} ({time.time() - t0:.0f} s)")
         metrics = {"fit": fit}

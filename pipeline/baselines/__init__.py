@@ -36,5 +36,6 @@ from pipeline.baselines.memory_use import PeakRSS, release_memory, rss_bytes
 from pipeline.baselines.salient import document_tokens, salient_spans
 from pipeline.baselines.tuning import DEFAULT_GRID, answer_with, finetune_eval, gold_logprobs, select_best, tune
 
-__all__ = ["DEFAULT_GRID", "OnlineFinetuner", "PeakRSS", "answer_with", "config_for", "document_tokens", "finetune_eval",
-           "gold_logprobs", "release_memory", "rss_bytes", "run_stream", "salient_spans", "select_best", "tune"]
+__all__ = ["DEFAULT_GRID", "OnlineFinetuner", "PeakRSS", "answer_with", "config_for", "document_tokens",
+           "finetune_eval", "gold_logprobs", "release_memory", "rss_bytes", "run_stream", "salient_spans",
+           "select_best", "tune"]

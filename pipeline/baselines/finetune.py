@@ -58,7 +58,7 @@ class OnlineFinetuner:
         self.model.requires_grad_(True)  # FrozenLM froze the copy; train it (it stays in eval mode: no dropout)
         self.optimizer = _optimizer([p for p in self.model.parameters()], cfg)
 
-    def __enter__(self) -> "OnlineFinetuner":
+    def __enter__(self) -> OnlineFinetuner:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -157,4 +157,4 @@ def run_stream(lm: FrozenLM, docs: list[Document], cfg: FinetuneConfig, salient:
     }
 
 
-# ---- evaluation of one mode over one stream ---------------------------------------------------------------------------
+# ---- evaluation of one mode over one stream --------------------------------------------------------------------------

@@ -41,7 +41,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, rss_bytes())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

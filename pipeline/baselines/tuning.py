@@ -76,7 +76,8 @@ def finetune_eval(lm: FrozenLM, mode: str, docs: list[Document], questions: list
     cost = run_stream(lm, docs, cfg, mode == "ft-salient", {n: evaluator(n) for n in at}, settings.progress)
     out = {"rows": [answered[len(docs)][q.id] for q in questions], "cost": cost, "retention": {}}
     if block:
-        growth = {f"{g}x": {"documents": n0 * g, "f1": 100.0 * float(np.mean([answered[n0 * g][q.id]["f1"] for q in block]))}
+        growth = {f"{g}x": {"documents": n0 * g,
+                            "f1": 100.0 * float(np.mean([answered[n0 * g][q.id]["f1"] for q in block]))}
                   for g in RETENTION_GROWTH if n0 * g <= len(docs)}
         out["retention"] = {"questions": len(block), "growth": growth}
     return out
