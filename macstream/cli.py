@@ -1,7 +1,7 @@
 """``macstream``: one command line for the whole system.
 
 Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose, calibrate-pick (the engine); broker,
-produce, feeds, ingest, stats, replay (streaming); serve (HTTP API); up (ingest + serve, always on); bench
+produce, feeds, ingest, stats, migrate-store, replay (streaming); serve (HTTP API); up (ingest + serve, always on); bench
 (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
@@ -291,6 +291,14 @@ def cmd_stats(args) -> None:
         print(json.dumps({"store": location, "collections": store.stats()}, indent=2))
     finally:
         store.close()
+
+
+def cmd_migrate_store(args) -> None:
+    from pipeline.config import store_location
+    from pipeline.store.migrate import migrate_local
+
+    print(json.dumps({"from": store_location(args.source), "to": args.to,
+                      "collections": migrate_local(store_location(args.source), args.to)}, indent=2))
 
 
 def cmd_replay(args) -> None:
@@ -658,6 +666,13 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="store counts per checkpoint collection, as JSON")
     st.add_argument("--store", default="embedded")
     st.set_defaults(fn=cmd_stats)
+
+    mg = sub.add_parser("migrate-store", help="copy a store of the old embedded format (qdrant-client local mode) "
+                                              "into a new directory of the embedded engine (Qdrant Edge), without "
+                                              "re-encoding")
+    mg.add_argument("--from", dest="source", default="embedded", help="the old store ('embedded' or a directory)")
+    mg.add_argument("--to", required=True, help="a new or empty directory")
+    mg.set_defaults(fn=cmd_migrate_store)
 
     bf = sub.add_parser("backfill", help="encode an archive (Parquet or JSONL) into the store with Ray Data and the "
                         "ingest encoders; resumable, bad rows to a dead-letter Parquet file",

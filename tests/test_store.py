@@ -190,6 +190,7 @@ def test_a_store_of_the_old_format_is_refused_with_how_to_re_encode_never_read_a
             attempt()
         msg = str(err.value)
         assert "old format" in msg and "macstream replay" in msg and "--from earliest" in msg and f"local:{old}" in msg
+        assert f"macstream migrate-store --from {old}" in msg
     with pytest.raises(SystemExit) as code:  # `macstream stats` says so in one line, exit 2
         main(["stats", "--store", str(old)])
     assert code.value.code == 2 and "macstream replay" in capsys.readouterr().err
@@ -313,3 +314,34 @@ def test_a_collection_whose_creation_was_cut_short_is_created_again(tmp_path) ->
         assert s.search(COLL, _chunks("q", [1])[0].vector[None], 1)[0][0].document.id == "d1"
     finally:
         s.close()
+
+
+def test_migrate_store_copies_the_old_format_without_re_encoding(tmp_path, capsys) -> None:
+    """Every document, hash, retrieval vector and modulation of an old local-mode store lands in a new Edge store:
+    the same counts, hashes, search results and bit-identical modulations; the old store is left as it was."""
+    from macstream.cli import main
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    _old_store(old)
+    main(["migrate-store", "--from", str(old), "--to", str(new)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["collections"] == {COLL: {"documents": 12, "chunks": 15, "incomplete": 0}}
+    a, b = open_store(f"local:{old}"), open_store(str(new))
+    try:
+        assert type(b) is EdgeStore and a.stats() == b.stats()
+        ids = [f"d{i}" for i in range(12)]
+        assert a.content_hashes(COLL, ids) == b.content_hashes(COLL, ids) and len(a.content_hashes(COLL, ids)) == 12
+        q = np.stack([c.vector for c in _chunks("q", [3, 100, 8])])
+        for flt in (None, SearchFilter(tenant="t2"), SearchFilter(since=datetime(2024, 1, 6))):
+            for ha, hb in zip(a.search(COLL, q, 15, flt), b.search(COLL, q, 15, flt)):
+                assert [(h.document, h.chunk.modulation.chunk, round(h.score, 4)) for h in ha] == \
+                       [(h.document, h.chunk.modulation.chunk, round(h.score, 4)) for h in hb]
+                for x, y in zip(ha, hb):
+                    assert np.array_equal(x.chunk.modulation.tokens.view(np.uint16),
+                                          y.chunk.modulation.tokens.view(np.uint16))
+    finally:
+        a.close()
+        b.close()
+    for bad in ((new, tmp_path / "other"), (old, new)):  # not the old format; a destination that is not empty
+        with pytest.raises(SystemExit):
+            main(["migrate-store", "--from", str(bad[0]), "--to", str(bad[1])])

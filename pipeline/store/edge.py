@@ -66,11 +66,12 @@ _NAME = re.compile(r"^macstream-[A-Za-z0-9._-]+$")
 
 def old_format_message(location: str) -> str:
     return (f"store {location} is in the old format (qdrant-client local mode: meta.json, collection/*/storage.sqlite),"
-            f" which the embedded engine (Qdrant Edge) does not read; it is not opened as empty. Either re-encode: "
-            f"move "
-            f"it aside (mv {location} {location}.old), start ingest (or `macstream up`) on {location} and rewind the "
-            f"ingest group to the start of the topic with `macstream replay --bootstrap-servers HOST:PORT --topic "
-            f"TOPIC --from earliest`; or keep reading it with the old engine: --store local:{location}")
+            f" which the embedded engine (Qdrant Edge) does not read; it is not opened as empty. Either copy it "
+            f"without re-encoding (`macstream migrate-store --from {location} --to {location}.edge`, then "
+            f"mv {location} {location}.old && mv {location}.edge {location}); or re-encode: move it aside (mv "
+            f"{location} {location}.old), start ingest (or `macstream up`) on {location} and rewind the ingest group "
+            f"to the start of the topic with `macstream replay --bootstrap-servers HOST:PORT --topic TOPIC --from "
+            f"earliest` (what the topic still holds); or keep reading it with the old engine: --store local:{location}")
 
 
 def check_format(root: Path) -> bool:
