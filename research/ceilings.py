@@ -18,10 +18,10 @@ Rows:
   emb:T     (a)   [sink] + the selected tokens' input embeddings as a soft prefix (:func:`soft_prefix`)
   kv:T      (b)   the article's own per-layer K/V at [its first token (sink)] + the selected positions, keys re-rotated
                   (RoPE) to prefix positions 0..T (SnapKV-style; stores T x 30 layers x 2 x 192 values)
-  hid@m:T   (c)   [sink] + T filler tokens through ``soft_prefix``, with a forward hook on decoder layer m that overwrites
-                  the T positions' residual stream with the article's layer-m hidden states at the selected positions
-                  (from one forward pass over the full article); layers <= m see the filler, layers > m the states.
-                  Stored: T x 576.
+  hid@m:T   (c)   [sink] + T filler tokens through ``soft_prefix``, with a forward hook on decoder layer m that
+                  overwrites the T positions' residual stream with the article's layer-m hidden states at the selected
+                  positions (from one forward pass over the full article); layers <= m see the filler, layers > m the
+                  states. Stored: T x 576.
   hid+ids@m:T (c') the same, but layers <= m see the selected tokens themselves (ids + states stored).
 Latent rows (emb/kv/hid) use the prompt "\\n\\n" + the base one-shot prompt after the prefix, so emb:T is text:T up
 to the sink token and re-tokenisation. The sink is <|endoftext|>; the filler is the single-space token.
@@ -97,8 +97,8 @@ def selftest(lm: FrozenLM, ids: list[int]) -> float:
     caches = []
     for shift in (0, 7):
         cache = DynamicCache(config=lm.model.config)
-        lm.model.base_model(input_ids=t, attention_mask=torch.ones_like(t), position_ids=shift + torch.arange(len(ids))[None],
-                            cache=cache, use_cache=True)
+        lm.model.base_model(input_ids=t, attention_mask=torch.ones_like(t),
+                            position_ids=shift + torch.arange(len(ids))[None], cache=cache, use_cache=True)
         caches.append(cache)
     pos = torch.arange(len(ids))
     err = 0.0
@@ -208,7 +208,8 @@ def main() -> None:
         "latent_prompt": repr("\n\n" + BASE_PROMPT), "text_prompt": repr(RAG_PROMPT),
     }
     print(json.dumps(info), flush=True)
-    results: dict = {"info": info, "items": [[q.id, q.question, q.answers[0], k] for q, k in zip(items, kinds)], "rows": {}}
+    results: dict = {"info": info, "items": [[q.id, q.question, q.answers[0], k] for q, k in zip(items, kinds)],
+                     "rows": {}}
 
     def bname(b):
         return "facts" if b is None else str(b)
@@ -220,8 +221,8 @@ def main() -> None:
         res = score(rows, kinds) | {"seconds": round(time.time() - t0, 1),
                                     "predictions": [preds[i] for i in range(len(items))]}
         results["rows"][name] = res
-        print(f"{name:>18}  EM {res['em']:5.1f}  F1 {res['f1']:5.1f} ± {res['f1_se']:.1f}  by kind {res['f1_by_kind']}  "
-              f"({res['seconds']:.0f} s)", flush=True)
+        print(f"{name:>18}  EM {res['em']:5.1f}  F1 {res['f1']:5.1f} ± {res['f1_se']:.1f}  "
+              f"by kind {res['f1_by_kind']}  ({res['seconds']:.0f} s)", flush=True)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results | {"wall_s": round(time.time() - t_start, 1)}, indent=1))
@@ -236,15 +237,18 @@ def main() -> None:
         sel = lambda q, b=b: art(q)["sel"][b]
         length = lambda q, sel=sel: len(sel(q))
         if "text" in args.rows:
-            run(f"text:{bname(b)}", lambda q, sel=sel: RAG_PROMPT.format(context=tok.decode([art(q)["ids"][i] for i in sel(q)]),
-                                                                 question=q.question.strip()))
+            run(f"text:{bname(b)}",
+                lambda q, sel=sel: RAG_PROMPT.format(context=tok.decode([art(q)["ids"][i] for i in sel(q)]),
+                                                     question=q.question.strip()))
         if "emb" in args.rows:
             run(f"emb:{bname(b)}", latent_prompt,
-                lambda qs_, sel=sel: spliced_prefix(lm, torch.tensor([[sink] + [art(q)["ids"][i] for i in sel(q)] for q in qs_]), None, None),
+                lambda qs_, sel=sel: spliced_prefix(
+                    lm, torch.tensor([[sink] + [art(q)["ids"][i] for i in sel(q)] for q in qs_]), None, None),
                 length)
         if "kv" in args.rows:
             run(f"kv:{bname(b)}", latent_prompt,
-                lambda qs_, b=b: Prefix(torch.stack([art(q)["kv"][b][0] for q in qs_]), torch.stack([art(q)["kv"][b][1] for q in qs_])),
+                lambda qs_, b=b: Prefix(torch.stack([art(q)["kv"][b][0] for q in qs_]),
+                                        torch.stack([art(q)["kv"][b][1] for q in qs_])),
                 length)
     for b in hid_budgets:
         sel = lambda q, b=b: art(q)["sel"][b]
@@ -253,7 +257,8 @@ def main() -> None:
             for variant in ("hid", "hid+ids"):
                 if variant not in args.rows:
                     continue
-                lower = (lambda q, sel=sel: [filler] * len(sel(q))) if variant == "hid" else (lambda q, sel=sel: [art(q)["ids"][i] for i in sel(q)])
+                lower = ((lambda q, sel=sel: [filler] * len(sel(q))) if variant == "hid"
+                         else (lambda q, sel=sel: [art(q)["ids"][i] for i in sel(q)]))
                 run(f"{variant}@{m}:{bname(b)}", latent_prompt,
                     lambda qs_, m=m, b=b, lower=lower: spliced_prefix(
                         lm, torch.tensor([[sink] + lower(q) for q in qs_]),

@@ -64,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entities", type=int, default=120, help="validation entities (questions are drawn from them)")
-    ap.add_argument("--train-entities", type=int, default=300, help="training-split entities whose articles fit the readout")
+    ap.add_argument("--train-entities", type=int, default=300,
+                    help="training-split entities whose articles fit the readout")
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", nargs="+", type=int, default=[8, 12, 18])
@@ -73,8 +74,9 @@ def main() -> None:
     ap.add_argument("--baselines", nargs="*", default=["text", "kv"], choices=["text", "kv"])
     ap.add_argument("--ridge", type=float, default=1e-3, help="λ as a multiple of the mean diagonal of XᵀX")
     ap.add_argument("--selection", nargs="+", default=["oracle"], choices=["oracle", "learned"],
-                    help="learned: also rows whose T positions a token selector picks (logistic regression on the layer-m "
-                    "state, trained on the training articles' fact tokens) instead of the generator's fact spans")
+                    help="learned: also rows whose T positions a token selector picks (logistic regression on the "
+                    "layer-m state, trained on the training articles' fact tokens) instead of the generator's fact "
+                    "spans")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
@@ -128,7 +130,8 @@ def main() -> None:
     selectors = {m: fit_selector(torch.cat([x for x, _ in sel_data[m]]), torch.cat([y for _, y in sel_data[m]]))
                  for m in sel_data}
     fit_s = time.time() - t0
-    print(f"fitted {len(combos)} readouts on {len(train_docs)} training articles ({n_tokens} tokens) in {fit_s:.0f} s", flush=True)
+    print(f"fitted {len(combos)} readouts on {len(train_docs)} training articles ({n_tokens} tokens) in {fit_s:.0f} s",
+          flush=True)
 
     # ---- the unseen questions, their articles, selections and memories ----
     docs, qs = synthetic.generate("validation", args.entities, seed=args.seed)
@@ -138,7 +141,8 @@ def main() -> None:
     others, same = same_type_others([(q, by_id[q.doc_ids[0]]) for q in items], docs, seed=args.seed)
     arts: dict[str, dict] = {}
     sel_quality: dict = defaultdict(lambda: [0, 0])
-    r2 = defaultdict(lambda: torch.zeros(4, shape[0], dtype=torch.float64))  # combo -> [sse_k, sst_k, sse_v, sst_v] per layer
+    # combo -> [sse_k, sst_k, sse_v, sst_v] per layer
+    r2 = defaultdict(lambda: torch.zeros(4, shape[0], dtype=torch.float64))
     for doc_id in sorted({q.doc_ids[0] for q in items} | {o.id for o in others}):
         text = document_text(by_id[doc_id])
         ids, core = fact_core(tok, text, article_facts(by_id[doc_id])["fields"])
@@ -156,7 +160,8 @@ def main() -> None:
                 sel_quality[(m, b)][1] += len(a["sel"][b])
         y = kv_targets(lm, kv)[1:].view(len(ids) - 1, shape[0], 2, -1)  # (S-1, L, 2, H·D)
         for c in combos:
-            pk, pv = (t[0] for t in readouts[c].kv(features(lm, hs[c[1]][1:], ids[1:], c[0] == "lin+ids")[None]))  # (L, H, S-1, D)
+            # (L, H, S-1, D)
+            pk, pv = (t[0] for t in readouts[c].kv(features(lm, hs[c[1]][1:], ids[1:], c[0] == "lin+ids")[None]))
             for j, pred in ((0, pk), (2, pv)):
                 truth = y[:, :, j // 2].permute(1, 0, 2)  # (L, S-1, H·D)
                 pred = pred.permute(0, 2, 1, 3).reshape(truth.shape)
@@ -173,12 +178,14 @@ def main() -> None:
                                    "r2_values_by_layer": [round(float(x), 3) for x in rv]}
     info_sel = {f"layer {k}" if isinstance(k, int) else f"layer {k[0]}, T={k[1]}": round(h / max(1, n), 3)
                 for k, (h, n) in sel_quality.items()}
-    info = {"learned_selection_recall": info_sel, "train_articles": len(train_docs), "train_tokens": n_tokens, "fit_seconds": round(fit_s, 1),
+    info = {"learned_selection_recall": info_sel, "train_articles": len(train_docs), "train_tokens": n_tokens,
+            "fit_seconds": round(fit_s, 1),
             "ridge": args.ridge, "questions": len(items), "same_type_others": same, "seed": args.seed,
             "kinds": {k: kinds.count(k) for k in KINDS}, "readout_fit_on_validation_tokens": fit_quality,
             "latent_prompt": repr("\n\n" + BASE_PROMPT), "text_prompt": repr(RAG_PROMPT), "threads": args.threads}
     print(json.dumps(info), flush=True)
-    results: dict = {"info": info, "items": [[q.id, q.question, q.answers[0], k] for q, k in zip(items, kinds)], "rows": {}}
+    results: dict = {"info": info, "items": [[q.id, q.question, q.answers[0], k] for q, k in zip(items, kinds)],
+                     "rows": {}}
 
     memo: dict = {}
 
@@ -220,7 +227,8 @@ def main() -> None:
         else:
             mem = lambda q: memory(q.doc_ids[0], key)
             preds = answer_items(lm, items, latent_prompt,
-                                 lambda qs_: Prefix(torch.stack([mem(q)[0] for q in qs_]), torch.stack([mem(q)[1] for q in qs_])),
+                                 lambda qs_: Prefix(torch.stack([mem(q)[0] for q in qs_]),
+                                                    torch.stack([mem(q)[1] for q in qs_])),
                                  lambda q: mem(q)[0].shape[2], args.batch, args.max_new_tokens)
         rows = [score_answer(preds[i], items[i].answers) for i in range(len(items))]
         res = score(rows, kinds) | {"predictions": [preds[i] for i in range(len(items))]}
@@ -236,8 +244,8 @@ def main() -> None:
         res["seconds"] = round(time.time() - t0, 1)
         memo.clear()
         results["rows"][name] = res
-        extra = f"  NLL own {res['nll_own']:.2f} other {res['nll_other_same_type']:.2f}  gain names {res['info_gain_names']:+.2f}" \
-            if key is not None else ""
+        extra = (f"  NLL own {res['nll_own']:.2f} other {res['nll_other_same_type']:.2f}  "
+                 f"gain names {res['info_gain_names']:+.2f}" if key is not None else "")
         print(f"{name:>14}  EM {res['em']:5.1f}  F1 {res['f1']:5.1f} ± {res['f1_se']:.1f}{extra}  {res['f1_by_kind']}  "
               f"({res['seconds']:.0f} s)", flush=True)
         if args.out:

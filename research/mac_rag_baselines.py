@@ -56,7 +56,8 @@ def _log(msg: str) -> None:
 def _progress(what: str, step: int, steps: int, loss: torch.Tensor, t0: float) -> None:
     if step % 10 == 0:
         rate = step / (time.time() - t0)
-        _log(f"{what} step {step}/{steps} loss {loss.item():.3f} {rate:.2f} steps/s ETA {(steps - step) / rate / 60:.1f} min")
+        _log(f"{what} step {step}/{steps} loss {loss.item():.3f} {rate:.2f} steps/s "
+             f"ETA {(steps - step) / rate / 60:.1f} min")
 
 
 def train_soft_prompt(model: MACModel, steps: int, batch: int, lr: float, seed: int) -> Prefix:
@@ -74,7 +75,8 @@ class CrossEncoder(torch.nn.Module):
         self.head = torch.nn.Linear(self.enc.width, 1)
 
     def forward(self, questions: list[str], texts: list[str]) -> torch.Tensor:  # (N,)
-        t = self.enc.tokenizer(questions, texts, truncation="only_second", max_length=256, padding=True, return_tensors="pt")
+        t = self.enc.tokenizer(questions, texts, truncation="only_second", max_length=256, padding=True,
+                               return_tensors="pt")
         states = self.enc(t["input_ids"], t["attention_mask"])  # (N, S, d_enc)
         m = t["attention_mask"].unsqueeze(-1).float()
         return self.head((states * m).sum(1) / m.sum(1)).squeeze(-1)
@@ -88,7 +90,8 @@ def train_reranker(model: MACModel, steps: int, batch: int, lr: float, seed: int
         sets.append(rtqa[0])  # the training weeks only
     lists = []  # (question, its k candidate texts, the gold's index)
     for docs, qs in sets:
-        lists += [(q.question, [document_text(docs[i]) for i in top], gold) for q, top, _, gold in retrieved_with_gold(model, docs, qs, k)]
+        lists += [(q.question, [document_text(docs[i]) for i in top], gold)
+                  for q, top, _, gold in retrieved_with_gold(model, docs, qs, k)]
     ce = CrossEncoder(model.cfg.encoder)
     opt = torch.optim.AdamW(ce.parameters(), lr=lr)
     rng, t0 = random.Random(seed), time.time()
@@ -129,8 +132,9 @@ def side_by_side(model: MACModel, docs, questions, top_k: int, runs_of) -> dict:
         qs = questions[s: s + 16]
         for name, (ps, prefix, doc) in runs_of(qs, hits[s: s + 16]).items():
             outs = model.lm.generate([tok(p)["input_ids"] for p in ps], prefix, 16)
-            rows.setdefault(name, []).extend(score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
-                                             for q, d, o in zip(qs, doc, outs))
+            rows.setdefault(name, []).extend(
+                score_answer(tok.decode(o).strip(), q.answers) | {"pick": float(d in (q.doc_ids or ()))}
+                for q, d, o in zip(qs, doc, outs))
     return {n: {k: round(v, 1) for k, v in aggregate(r).items() if k in ("f1", "em", "pick")} | {"n": len(r)}
             for n, r in rows.items()}
 
@@ -153,9 +157,12 @@ def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, to
         return {  # name: (prompts, prefix, the document whose text is in the prompt)
             "rag@1": (rag_prompts, None, top_doc),
             "rag@1 re-ranked": ([prompt_with("rag", q, [t]) for q, t in zip(texts, rr_text)], None, rr_doc),
-            "retriever text + soft prompt": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], soft_b, top_doc),
-            "re-ranked text + soft prompt": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, rr_text)], soft_b, rr_doc),
-            "retriever text + its memory": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], own, top_doc),
+            "retriever text + soft prompt": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], soft_b,
+                                             top_doc),
+            "re-ranked text + soft prompt": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, rr_text)], soft_b,
+                                             rr_doc),
+            "retriever text + its memory": ([prompt_with("mac+rag", q, [t]) for q, t in zip(texts, top_text)], own,
+                                            top_doc),
             "mac+rag@1": (mac_prompts, mac_prefix, agg_doc),
         }
 
@@ -165,7 +172,8 @@ def compare(model: MACModel, soft: Prefix, ce: CrossEncoder, docs, questions, to
 def _rerank(model: MACModel, ce: CrossEncoder, questions: list[str], hits) -> list[int]:
     """Per question, the index of the retrieved chunk whose text the re-ranker scores highest."""
     one = Mode.parse("rag@1")
-    return [int(ce([q] * len(h), [context_texts(model, one, [x], None)[0] for x in h]).argmax()) for q, h in zip(questions, hits)]
+    return [int(ce([q] * len(h), [context_texts(model, one, [x], None)[0] for x in h]).argmax())
+            for q, h in zip(questions, hits)]
 
 
 def load_readout_model(checkpoint: str | None, threads: int) -> MACModel:
@@ -198,7 +206,8 @@ def main() -> None:
     result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
                       "soft_prompt_train_seconds": round(t1 - t0), "reranker_train_seconds": round(t2 - t1),
                       "command": "python -m research.mac_rag_baselines " + " ".join(
-                          f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")}}
+                          f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                          if v is not None and k != "out")}}
     for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft, ce, docs, qs, args.top_k)
         _log(f"{name}: {json.dumps(result[name])}")

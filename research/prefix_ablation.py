@@ -57,7 +57,8 @@ def main() -> None:
             for q, out in zip(qs, model.lm.generate(ids, pre, 16)):
                 rows[name].append(score_answer(tok.decode(out).strip(), q.answers))
     print(f"machine: {machine()}; checkpoint {model.version}; synthetic test, {args.entities} companies, "
-          f"{len(questions)} questions, top-{args.top_k}, mode {args.mode}, greedy, 16 new tokens; identical prompts in every row")
+          f"{len(questions)} questions, top-{args.top_k}, mode {args.mode}, greedy, 16 new tokens; "
+          "identical prompts in every row")
     for name, r in rows.items():
         a = aggregate(r)
         print(f"  {name}: F1 {a['f1']:.1f}, EM {a['em']:.1f}")

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if r >= 2:
                     times[name].append(1000 * (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"median_ms_per_batch": med, "ratio_once_over_twice": med["once (encode_questions)"] / med["twice (embed + encode_questions)"],
+    out = {"median_ms_per_batch": med,
+           "ratio_once_over_twice": med["once (encode_questions)"] / med["twice (embed + encode_questions)"],
            "rounds": args.rounds, "batch": args.batch, "threads": 1, "checkpoint": model.version, "machine": machine()}
     print(json.dumps(out, indent=2))
     return out

@@ -17,8 +17,9 @@ Two steps (the trainings are independent: run them side by side, one core each):
 Rows (greedy, 16 new tokens, the product's retrieval over the test memory, top-k 4, the ``mac+rag`` prompt):
 the retriever's top text with (a) the soft prompt, (b) the two-stream prompt ⧺ that document's memory, (c) the
 two-stream prompt alone (does it lean on the memory?); the aggregator's pick (as ``mac+rag@1``) with (d) the soft
-prompt, (e) the two-stream prompt ⧺ the aggregated memory, (f) the memory alone (``mac+rag@1`` today); and without text (the ``mac`` prompt),
-(g) the aggregated memory alone (``mac`` today), (h) the two-stream prompt ⧺ it (the prompt was trained with text).
+prompt, (e) the two-stream prompt ⧺ the aggregated memory, (f) the memory alone (``mac+rag@1`` today); and without
+text (the ``mac`` prompt), (g) the aggregated memory alone (``mac`` today), (h) the two-stream prompt ⧺ it (the prompt
+was trained with text).
 (b) − (a) and (e) − (d) are what the memory adds with identical text.
 """
 
@@ -94,7 +95,8 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
         texts, b = [q.question for q in qs], len(qs)
         mac_prompts, mac_prefix, mass = prepare(model, "mac+rag@1", texts, hs)
         bare_prompts, _, _ = prepare(model, "mac", texts, hs)  # no text: the same prefix, the question alone
-        top_prompts = [prompt_with("mac+rag", q, [context_texts(model, one_text, h, None)[0]]) for q, h in zip(texts, hs)]
+        top_prompts = [prompt_with("mac+rag", q, [context_texts(model, one_text, h, None)[0]])
+                       for q, h in zip(texts, hs)]
         own, _ = model.memory_prefix(texts, [[(h[0].chunk.modulation, h[0].score)] for h in hs])  # the top hit's memory
         top_doc = [h[0].document.id for h in hs]
         agg_doc = [max(w, key=w.get) for w in (citation_weights(h, m) for h, m in zip(hs, mass))]
@@ -104,7 +106,8 @@ def compare(model: MACModel, soft: Prefix, two: Prefix, docs, questions, top_k: 
             "retriever text + two-stream (prompt + its memory)": (top_prompts, two_stream(two_b, own), top_doc),
             "retriever text + two-stream prompt, no memory": (top_prompts, two_b, top_doc),
             "aggregator's text + soft prompt": (mac_prompts, soft_b, agg_doc),
-            "aggregator's text + two-stream (mac+rag@1 + prompt)": (mac_prompts, two_stream(two_b, mac_prefix), agg_doc),
+            "aggregator's text + two-stream (mac+rag@1 + prompt)": (mac_prompts, two_stream(two_b, mac_prefix),
+                                                                    agg_doc),
             "mac+rag@1": (mac_prompts, mac_prefix, agg_doc),
             "mac (no text)": (bare_prompts, mac_prefix, agg_doc),
             "mac (no text) + two-stream prompt": (bare_prompts, two_stream(two_b, mac_prefix), agg_doc),
@@ -146,7 +149,8 @@ def main() -> None:
     result = {"how": {"machine": machine(), "checkpoint": model.version, "top_k": args.top_k,
                       "soft": soft.meta, "two_stream": two.meta,
                       "command": "python -m research.two_stream compare " + " ".join(
-                          f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "cmd"))}}
+                          f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                          if v is not None and k not in ("out", "cmd"))}}
     for name, (docs, qs) in eval_sets(args.entities, args.rtqa_questions).items():
         result[name] = compare(model, soft.prefix, two.prefix, docs, qs, args.top_k)
         print(f"{name}: {json.dumps(result[name])}", flush=True)
