@@ -65,7 +65,7 @@ def cmd_data(args) -> None:
     if args.source == "synthetic":
         from pipeline.data.synthetic import write_synthetic
 
-        out = write_synthetic(args.out, args.split, args.entities, args.seed)
+        out = write_synthetic(args.out, args.split, args.entities, args.seed, args.style)
     else:
         from pipeline.data import realtimeqa
 
@@ -128,7 +128,10 @@ def cmd_eval(args) -> None:
     docs, questions = read_portable(args.data)
     settings = EvalSettings(modes=modes, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                             retention=not args.no_retention, limit=args.limit, finetune=_finetune_configs(args))
-    report = evaluate(_model(args), docs, questions, settings)
+    model = _model(args)
+    if args.ignore_pick:
+        model.pick = None
+    report = evaluate(model, docs, questions, settings)
     report["data"] = str(args.data)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +568,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="test", choices=["train", "validation", "test"])
     d.add_argument("--entities", type=_positive, default=150)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--style", default="house", choices=["house", "other"],
+                   help="synthetic: house (the style checkpoints train on) or other (never trained on)")
     d.add_argument("--years", type=int, nargs="+", default=[2024])
     d.set_defaults(fn=cmd_data)
 
@@ -599,6 +604,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--max-new-tokens", type=_positive, default=16)
             s.add_argument("--limit", type=_positive)
             s.add_argument("--no-retention", action="store_true")
+            s.add_argument("--ignore-pick", dest="ignore_pick", action="store_true",
+                           help="pick the aggregator's heaviest document, not the checkpoint's pick.json rule")
             s.add_argument("--out")
             s.add_argument("--ft-config", dest="ft_config",
                            help="ft modes: JSON FinetuneConfig, {mode: FinetuneConfig}, or a baselines tuning report")

@@ -163,3 +163,75 @@ def test_the_report_shows_the_news_pick_table() -> None:
     text = "\n".join(_news_selection(ns))
     assert "| test-2024 | 300 (1100) | 95.0 | retriever | 61.0 | 5 / 3 / 1 / 30 | 4 / 9 |" in text
     assert _news_selection(None) == []
+
+
+def _fake_realtimeqa(root) -> None:
+    """RealTimeQA-shaped folder: 2022 and 2023 quizzes (12 weeks, 3 questions each: the last 2 weeks are the held-out
+    split), 2024 quizzes, and 2022 search results with long multi-window articles."""
+    import json
+    from datetime import date, timedelta
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    topics = ["harbour bridge", "river dam", "city council", "mountain railway", "solar farm", "football stadium"]
+    day = date(2022, 6, 17)
+    for week in range(12):
+        rows = []
+        for i in range(3):
+            t = topics[(week + i) % len(topics)]
+            city = f"Town{week}x{i}"
+            rows.append({"question_id": f"{day:%Y%m%d}_{i}", "question_date": f"{day:%Y/%m/%d}",
+                         "question_sentence": f"Which town approved the new {t} this week?",
+                         "choices": [city, "Oslo", "Lima", "Kyiv"], "answer": ["0"],
+                         "evidence": f"<p>The council of {city} approved the new {t} on Monday.</p>"})
+        write(root / "past" / str(day.year) / f"{day:%Y%m%d}_qa.jsonl", rows)
+        day += timedelta(days=35)
+    write(root / "past/2024/20240105_qa.jsonl", [
+        {"question_id": f"20240105_{i}", "question_date": "2024/01/05", "choices": [f"Ville{i}", "A", "B", "C"],
+         "question_sentence": f"Where did the {topics[i]} open?", "answer": ["0"],
+         "evidence": f"The {topics[i]} opened in Ville{i} after years of delay."} for i in range(4)])
+    words = " ".join(f"The {t} project drew comment from residents of the district." for t in topics)
+    write(root / "past/2022/20220617_gcs.jsonl", [
+        {"question_id": f"20220617_{q}", "search_result": [
+            {"url": f"https://news.example/{q}/{i}", "title": f"Story {q}.{i}", "text": f"Report {q}.{i}. " + words * 6}
+            for i in range(4)]} for q in range(3)])
+
+
+@pytest.mark.slow
+def test_news_selection_runs_on_a_realtimeqa_folder_and_caches_its_memory(tiny_checkpoint, tmp_path,
+                                                                           monkeypatch) -> None:
+    """The instrument end to end with the tiny checkpoint: each set's memory holds its questions' evidence texts and
+    the full-length articles (several windows each); every question is scored by every picker; a rerun reads the
+    memory from the cache (no encoding) and gives the same records."""
+    from pipeline import news_selection
+    from pipeline.data import realtimeqa
+    from pipeline.model.mac import MACModel
+
+    _fake_realtimeqa(tmp_path / "rtqa")
+    monkeypatch.setenv(realtimeqa.ENV_VAR, str(tmp_path / "rtqa"))
+    model = MACModel.load(tiny_checkpoint)
+    logs: list[str] = []
+    first = news_selection.run(model, questions=4, articles=6, top_ks=(4,), cache=tmp_path / "cache",
+                               log=logs.append)
+    assert sum("encoded" in m for m in logs) == 2  # one memory per set
+    for name in news_selection.SETS:
+        rep = first["sets"][name]
+        assert rep["evidence_documents"] == 4 and rep["articles"] == 6
+        assert rep["windows"] > rep["documents"]  # the articles span several windows
+        s = rep["by_k"]["4"]
+        assert s["questions"] == 4 == len(rep["records"]["4"])
+        for picker in ("retriever", "aggregator_sum", "aggregator_max"):
+            v = s[picker]
+            assert sum(v["misses"].values()) == round(4 * (100 - v["pick_rate"]) / 100)
+            assert sum(v["vs_retriever"].values()) == 4
+    held = first["sets"]["heldout"]["records"]["4"]
+    assert all(r["id"].startswith("rtqa-2023") for r in held)  # the last weeks of the selection years
+    logs.clear()
+    again = news_selection.run(model, questions=4, articles=6, top_ks=(4,), cache=tmp_path / "cache",
+                               log=logs.append)
+    assert not logs and again["sets"]["heldout"]["records"] == first["sets"]["heldout"]["records"]
+    monkeypatch.setenv(realtimeqa.ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="RealTimeQA"):
+        news_selection.run(model, questions=4, articles=6, cache=None)

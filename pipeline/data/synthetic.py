@@ -582,7 +582,7 @@ def stream(split: str, n_entities: int, seed: int = 0) -> list[Document]:
     return sorted(documents, key=lambda d: (d.published_at, d.id))
 
 
-def write_synthetic(out_dir: str | Path, split: str, n_entities: int, seed: int = 0) -> Path:
+def write_synthetic(out_dir: str | Path, split: str, n_entities: int, seed: int = 0, style: str = "house") -> Path:
     """Generate one split and write it in the portable format (``documents.jsonl``, ``questions.jsonl``)."""
-    documents, questions = generate(split, n_entities, seed)
+    documents, questions = generate(split, n_entities, seed, style)
     return write_portable(out_dir, documents, questions)
