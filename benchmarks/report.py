@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import baselines, freshness, ingest, quality, serve
+from benchmarks import backfill, baselines, freshness, ingest, quality, serve
 from benchmarks.machine import machine
 from benchmarks.quality import QUALITY_MODES
 from pipeline.data import synthetic
@@ -234,6 +234,19 @@ def _freshness(d: Path, fr: dict) -> list[str]:
     return lines + [f"![time to queryable]({_plot(d / 'freshness_cdf.png', draw)})", ""]
 
 
+def _backfill(bf: dict) -> list[str]:
+    how = bf["how"]
+    lines = ["## Archive backfill beside streaming ingest", "", f"How: {how['method']}", "",
+             f"{how['documents']} documents, batch size {how['batch_size']}, {how['cpus']} CPUs (load average "
+             f"{how['load_average_at_start'][0]:.1f} at the start). Command: `{_command(bf, 'backfill')}`.", "",
+             backfill.table(bf), ""]
+    ratio = bf["checks"].get("backfill_2_over_1_workers")
+    if ratio is not None:
+        lines += [f"2 workers over 1: backfill {ratio:.2f}x, ingest "
+                  f"{bf['checks']['ingest_2_over_1_workers']:.2f}x.", ""]
+    return lines
+
+
 def write_report(directory: str | Path) -> Path:
     """Compose ``report.md`` (and its PNGs) from the benchmark JSON files present in ``directory``."""
     d = Path(directory)
@@ -246,6 +259,8 @@ def write_report(directory: str | Path) -> Path:
         lines += _quality(d, q) + _bytes(d, q)
     if ing:
         lines += _ingest(d, ing)
+    if load("backfill"):
+        lines += _backfill(load("backfill"))
     if sv:
         lines += _serve(d, sv)
     if load("serve-realtimeqa"):
@@ -273,6 +288,8 @@ def run_benchmark(what: str, out_dir: Path, args) -> dict:
         result = quality.run(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
     elif what == "ingest":
         result = ingest.run(args.checkpoint, args.entities, tuple(args.workers))
+    elif what == "backfill":
+        result = backfill.run(args.checkpoint, args.entities, tuple(args.workers))
     elif what == "serve":
         result = serve.run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
                            args.batch_wait, args.replica_threads, docs=args.serve_docs,

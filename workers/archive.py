@@ -19,6 +19,7 @@ where it came from (``path``, ``line``: 1-based line of a JSONL file; null for P
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ JSONL_EXT = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz"
 PARSED = pa.schema([("id", pa.string()), ("op", pa.string()), ("hash", pa.string()), ("doc", pa.string()),
                     ("kind", pa.string()), ("reason", pa.string()), ("value", pa.binary()), ("path", pa.string()),
                     ("line", pa.int64())])
+ROWS_PER_BLOCK = 1024
 DEAD_LETTER = pa.schema([("source", pa.string()), ("line", pa.int64()), ("id", pa.string()), ("kind", pa.string()),
                          ("reason", pa.string()), ("stage", pa.string()), ("value", pa.binary())],
                         metadata={"macstream.dead_letter": "1"})
@@ -103,8 +105,8 @@ def _row_value(row: dict) -> tuple[bytes, PoisonMessage | None]:
         return raw, PoisonMessage("invalid_document", f"a column holds what no document field takes ({err})")
 
 
-def _parsed_row(value: bytes, path: str | None, line: int | None, max_bytes: int,
-                poison: PoisonMessage | None = None) -> dict:
+def _parsed_row(value: bytes, poison: PoisonMessage | None, *, path: str, line: int | None, max_bytes: int) -> dict:
+    """One row of :data:`PARSED`: the operation the value asks for, or why it has none (the raw value kept)."""
     row = {"id": None, "op": None, "hash": None, "doc": None, "kind": None, "reason": None, "value": None,
            "path": path, "line": line}
     try:
@@ -124,41 +126,62 @@ def _parsed_row(value: bytes, path: str | None, line: int | None, max_bytes: int
                   "doc": op.doc.model_dump_json(exclude_none=True)}
 
 
-def parse_batch(batch: pa.Table, fmt: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> pa.Table:
-    """One block of the source → its rows validated (:data:`PARSED`). JSONL blocks are whole files (``bytes`` and
-    ``path`` columns, as Ray Data's binary reader gives them), cut here into lines, so a line that is not UTF-8 or not
-    JSON is one bad row, not a failed file."""
-    out = []
-    if fmt == "jsonl":
-        for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-            for n, line in enumerate(data.splitlines(), 1):
-                if line.strip():
-                    out.append(_parsed_row(line.strip(), path, n, max_bytes))
-    else:
-        paths = batch.column("path").to_pylist()
-        for row, path in zip(batch.drop_columns(["path"]).to_pylist(), paths):
-            value, poison = _row_value(row)
-            out.append(_parsed_row(value, path, None, max_bytes, poison))
-    return pa.Table.from_pylist(out, schema=PARSED)
+def _parquet_rows(fs, path: str, max_bytes: int):
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
+            yield [_parsed_row(*_row_value(row), path=path, line=None, max_bytes=max_bytes)
+                   for row in batch.to_pylist()]
+
+
+def _jsonl_rows(fs, path: str, max_bytes: int):
+    """Line by line (streamed, never the whole file in memory; .gz and the like by extension), so a line that is not
+    UTF-8 or not JSON is one bad row, not a failed file. Blank lines are not rows; ``line`` counts them."""
+    rows = []
+    with fs.open_input_stream(path, compression="detect") as f:
+        for n, line in enumerate(io.BufferedReader(f), 1):
+            if line.strip():
+                rows.append(_parsed_row(line.strip(), None, path=path, line=n, max_bytes=max_bytes))
+            if len(rows) >= ROWS_PER_BLOCK:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
+
+
+def read_files(batch: dict, fmt: str, fs, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    """Ray Data UDF: the files named in ``batch["path"]`` → their rows, validated (:data:`PARSED`), in file order, in
+    blocks of at most :data:`ROWS_PER_BLOCK` rows."""
+    for path in batch["path"]:
+        for rows in (_jsonl_rows if fmt == "jsonl" else _parquet_rows)(fs, str(path), max_bytes):
+            yield pa.Table.from_pylist(rows, schema=PARSED)
 
 
 def dataset(fmt: str, files: list[str], fs, read_tasks: int = 2, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-    """The Ray Data dataset of the source's validated rows (:data:`PARSED`), in source order. Reading and validating
-    reserve no CPUs (they are light next to encoding, and the encoders may hold every core); ``read_tasks`` bounds
-    how many run at once."""
+    """The Ray Data dataset of the source's validated rows (:data:`PARSED`), in source order: one task per file, at
+    most ``read_tasks`` at once, each reserving no CPU (reading and validating are light next to encoding, and the
+    encoders may hold every core). Ray Data's own file readers are not used: their listing step reserves a whole CPU
+    per task, which waits forever once the encoders hold every core. A local path is read on this process's node
+    (the one machine known to have it); a URI on any node."""
     import warnings
 
+    import ray
     import ray.data
+    from pyarrow.fs import LocalFileSystem
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # "the last row of a document" must mean the same thing every pass
     ctx.enable_progress_bars = False  # the backfill draws its own
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" and the like, on every run
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")  # fewer files than tasks
-    common = dict(filesystem=fs, include_paths=True, num_cpus=0, concurrency=read_tasks, file_extensions=None)
-    ds = (ray.data.read_parquet(files, **common) if fmt == "parquet" else ray.data.read_binary_files(files, **common))
-    return ds.map_batches(parse_batch, fn_kwargs={"fmt": fmt, "max_bytes": max_bytes}, batch_format="pyarrow",
-                          batch_size=None, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks))
+    here = {}
+    if isinstance(fs, LocalFileSystem):
+        here = {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+    listing = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(read_files, fn_kwargs={"fmt": fmt, "fs": fs, "max_bytes": max_bytes}, batch_size=1,
+                               batch_format="numpy", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks),
+                               **here)
 
 
 def default_dead_letter_path() -> str:
