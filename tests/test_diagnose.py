@@ -58,7 +58,8 @@ def test_answer_pieces_roles(tokenizer) -> None:
     ids, roles = answer_pieces(tokenizer, "Draelin Vostrak")
     bare = tokenizer(" Draelin Vostrak", add_special_tokens=False)["input_ids"]
     assert len(bare) > 2 and ids[: len(bare)] == bare
-    assert roles[0] == "first" and set(roles[1: len(bare)]) == {"later"} and roles[len(bare):] == ["stop"] * (len(ids) - len(bare))
+    assert roles[0] == "first" and set(roles[1: len(bare)]) == {"later"}
+    assert roles[len(bare):] == ["stop"] * (len(ids) - len(bare))
     assert "\n" in tokenizer.decode(ids[len(bare):])
     ids, roles = answer_pieces(tokenizer, "Rome")
     assert roles[0] == "first" and "later" not in roles and roles[-1] == "stop"
@@ -73,7 +74,8 @@ def test_piece_stats_split_first_later_stop_and_gain() -> None:
     st.add("control", "number", ["first", "stop"], [-2.0, -0.2], [False, True])
     t = st.table()
     assert t["person"]["first"]["tokens"] == 1 and t["person"]["later"]["tokens"] == 2
-    assert t["person"]["answer"]["tokens"] == 3 and t["person"]["stop"]["tokens"] == 1  # the newline is not an answer piece
+    # the newline is not an answer piece
+    assert t["person"]["answer"]["tokens"] == 3 and t["person"]["stop"]["tokens"] == 1
     assert t["person"]["first"]["info_gain"] == pytest.approx(0.2)
     assert t["person"]["later"]["info_gain"] == pytest.approx(2.0)  # mean of (3.0-0.5, 2.0-0.5)
     assert t["person"]["later"]["top1_gold"] == pytest.approx(50.0) and t["person"]["later"]["top1_control"] == 0.0

@@ -35,7 +35,8 @@ T = 4  # tokens per modulation
 
 def make_aggregator(bucket_size: int = 4, retrieval_bias: bool = True, blocks: int = 2) -> Aggregator:
     torch.manual_seed(7)
-    return Aggregator(W, blocks, heads=2, head_dim=8, ffn_mult=2, bucket_size=bucket_size, retrieval_bias=retrieval_bias).eval()
+    return Aggregator(W, blocks, heads=2, head_dim=8, ffn_mult=2, bucket_size=bucket_size,
+                      retrieval_bias=retrieval_bias).eval()
 
 
 def aggregator_inputs(B: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,7 +330,8 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path: Path, tiny_llama: Fro
         MACModel.load(tmp_path / "missing", lm=tiny_llama, encoder=minilm)
     # a tensor the model does not have / lacks (different key set)
     with pytest.raises(ValueError, match="does not fit"):
-        MACModel.load(_tamper(tmp_path / "ok", tmp_path / "nobias", retrieval_bias=False), lm=tiny_llama, encoder=minilm)
+        MACModel.load(_tamper(tmp_path / "ok", tmp_path / "nobias", retrieval_bias=False), lm=tiny_llama,
+                      encoder=minilm)
 
 
 @pytest.mark.parametrize("case", ["num_tokens", "other_lm"])
@@ -386,7 +388,8 @@ def test_stack_memories_pads_and_refuses_foreign_modulations(tiny_mac: MACModel)
     assert mods.shape == (2, 2, T, D) and mask.tolist() == [[True, True], [True, False]]
     torch.testing.assert_close(scores, torch.tensor([[0.9, 0.2], [0.5, 0.0]]))
     assert torch.equal(mods[1, 0], mb.tensor()) and (mods[1, 1] == 0).all()
-    prefix, mass = tiny_mac.memory_prefix(["Where did Alpha Corp move?", "What did Beta sell?"], [[(ma, 0.9), (mb, 0.2)], [(mb, 0.5)]])
+    prefix, mass = tiny_mac.memory_prefix(["Where did Alpha Corp move?", "What did Beta sell?"],
+                                          [[(ma, 0.9), (mb, 0.2)], [(mb, 0.5)]])
     assert prefix.keys.shape[:2] == (2, tiny_mac.lm.num_layers) and mass[1, 1] == 0
     foreign = Modulation("from-elsewhere", 0, 1, ma.tokens, tiny_mac.model_id, "0123456789ab")
     with pytest.raises(CheckpointMismatch, match="from-elsewhere"):
@@ -506,6 +509,7 @@ def test_windows_cover_the_document_in_lm_tokens_and_the_layer_is_checked(tiny_l
     assert mods.shape == (3, T, tiny_llama.hidden_size) and vecs.shape == (3, minilm.width)
     assert all(p.grad is None for p in tiny_llama.parameters())
     out = mac.encode_documents([Document(id="d", text=text)])
-    assert [e.modulation.chunk for e in out] == list(range(len(mac.windows(document_text(Document(id="d", text=text))))))
+    assert [e.modulation.chunk for e in out] == list(
+        range(len(mac.windows(document_text(Document(id="d", text=text))))))
     with pytest.raises(ValueError, match="lm_state_layer"):
         make_tiny_mac(tiny_llama, minilm, lm_state_layer=5)

@@ -37,7 +37,7 @@ def test_eval_reports_every_mode_with_costs(checkpoint, dataset, tmp_path):
           "--max-new-tokens", "4", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert set(rep["metrics"]) == {"base", "rag", "mac", "mac+rag"}
-    for mode, m in rep["metrics"].items():
+    for m in rep["metrics"].values():
         assert 0 <= m["f1"] <= 100 and 0 <= m["em"] <= m["lenient_em"] + 1e-9 <= 100
         assert 0 <= m["mc_accuracy"] <= 100
     assert rep["metrics"]["rag"]["prompt_tokens"] > rep["metrics"]["mac"]["prompt_tokens"]  # context costs tokens
@@ -57,7 +57,8 @@ def test_encode_then_ask_cites_sources(checkpoint, dataset, tmp_path, capsys):
     main(["ask", "Who did the company name as chief executive?", "--memory", str(mem), "--checkpoint",
           str(checkpoint), "--top-k", "2", "--max-new-tokens", "3"])
     ans = json.loads(capsys.readouterr().out)
-    assert ans["mode"] == DEFAULT_MODE == "select+rag@1" and len(ans["sources"]) == 2  # the best measured mode by default
+    # the best measured mode by default
+    assert ans["mode"] == DEFAULT_MODE == "select+rag@1" and len(ans["sources"]) == 2
     assert sum(s["weight"] for s in ans["sources"]) == pytest.approx(1.0, abs=1e-3)
 
 
@@ -88,6 +89,6 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
 
 def test_ask_mode_is_validated_before_anything_loads(tmp_path):
     """`ask --mode` takes the eval modes, @N included; a wrong one exits 2 naming the rule."""
-    r = subprocess.run([sys.executable, "-m", "macstream.cli", "ask", "q", "--memory", str(tmp_path / "m"), "--mode", "mac@1"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "macstream.cli", "ask", "q", "--memory", str(tmp_path / "m"),
+                        "--mode", "mac@1"], capture_output=True, text=True)
     assert r.returncode == 2 and "applies to rag, mac+rag, select+rag only" in r.stderr

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -100,7 +100,7 @@ def test_rss_atom_and_json_feeds_parse_and_a_broken_one_is_refused() -> None:
     base = "http://127.0.0.1:1"
     g = parse_feed(_fixture("gazette-rss.xml", base).encode(), base + "/gazette.xml", "application/rss+xml")
     assert [e.link for e in g] == [base + "/news/quillon-ceo.html", base + "/news/harbor-bridge.html"]  # utm_ dropped
-    assert g[0].published_at == datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+    assert g[0].published_at == datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     assert g[0].title == "Quillon Labs names Mara Castell chief executive"
     h = parse_feed(_fixture("herald-atom.xml", base).encode(), base + "/herald/atom.xml", "application/atom+xml")
     assert [e.link for e in h] == [base + "/herald/cider-prize.html"]  # a relative link, resolved against the feed
@@ -111,7 +111,7 @@ def test_rss_atom_and_json_feeds_parse_and_a_broken_one_is_refused() -> None:
         {"id": "w2", "title": "No link"}]}
     j = parse_feed(json.dumps(jf).encode(), base + "/wire.json", "application/feed+json")
     assert [e.link for e in j] == [base + "/wire/1.html", None]
-    assert j[0].published_at == datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+    assert j[0].published_at == datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
     for body, ctype in ((_fixture("broken.xml", base).encode(), "text/html"), (b'{"status": "ok"}', "application/json"),
                         (b"\x00\x01garbage", ""), (b"{not json", "application/json")):
         with pytest.raises(FeedError) as err:
@@ -199,7 +199,7 @@ def test_changes_between_polls_are_produced_once_each_and_a_restart_duplicates_n
 
         # the feed changes: a new story; a corrected story (its entry and its page); an entry whose page is the same
         ferry = Story("Osterby ferry line resumes after the storm", site.url("/news/ferry.html"),
-                      datetime(2026, 12, 1, 11, 0, tzinfo=timezone.utc), "Boats run again.")
+                      datetime(2026, 12, 1, 11, 0, tzinfo=UTC), "Boats run again.")
         site.put("/news/ferry.html", article(ferry.title, [
             "The ferry line between Osterby and Lundholm resumed on Tuesday, a week after a storm damaged its pier.",
             "The operator said boats would run every forty minutes until the new pier opens in spring."]))
@@ -372,7 +372,7 @@ def test_up_with_feeds_answers_about_a_story_that_appeared_in_a_feed_citing_its_
              "the feed's two stories in memory")
         # a story appears in the feed; the memory has it within the poll interval + ingest
         ferry = Story("Osterby ferry line resumes after the storm", site.url("/news/ferry.html"),
-                      datetime(2026, 12, 1, 11, 0, tzinfo=timezone.utc))
+                      datetime(2026, 12, 1, 11, 0, tzinfo=UTC))
         site.put("/news/ferry.html", article(ferry.title, [
             "The ferry line between Osterby and Lundholm resumed on Tuesday, a week after a storm damaged its pier.",
             "The operator said boats would run every forty minutes until the new pier opens in spring."]))

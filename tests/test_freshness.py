@@ -36,15 +36,17 @@ def test_bench_freshness_every_document_becomes_queryable(tiny_checkpoint, tmp_p
     from benchmarks.report import run_benchmark, write_report
     from macstream.cli import parser
 
-    argv = ["bench", "freshness", "--checkpoint", str(tiny_checkpoint), "--freshness-docs", "4", "--freshness-burst", "4",
-            "--freshness-variant", "batch_size=2,poll_timeout_ms=50", "--out-dir", str(tmp_path)]
+    argv = ["bench", "freshness", "--checkpoint", str(tiny_checkpoint), "--freshness-docs", "4",
+            "--freshness-burst", "4", "--freshness-variant", "batch_size=2,poll_timeout_ms=50",
+            "--out-dir", str(tmp_path)]
     args = parser().parse_args(argv)
     args.argv = argv[1:]
     result = run_benchmark("freshness", tmp_path, args)
     written = json.loads((tmp_path / "freshness.json").read_text())
     assert written["how"]["command"] == "macstream bench " + " ".join(argv[1:])
     how = written["how"]
-    for key in ("machine", "rate_docs_per_s", "documents", "poll_interval_s", "warm", "capacity_docs_per_s", "mode", "method"):
+    for key in ("machine", "rate_docs_per_s", "documents", "poll_interval_s", "warm", "capacity_docs_per_s", "mode",
+                "method"):
         assert how[key] is not None, key
     assert how["documents"] == 4 and how["poll_interval_s"] == 0.05 and how["warm"] is True
     assert how["rate_docs_per_s"] == pytest.approx(how["capacity_docs_per_s"] / 2)

@@ -89,7 +89,8 @@ def test_n_documents_become_exactly_n_queryable(cluster, broker, tiny_checkpoint
 
     def scrape(snap):
         if snap["upserted"] == 40 and not scraped:
-            scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=5).read().decode()
+            scraped["text"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics",
+                                                     timeout=5).read().decode()
 
     snap = _drive(job, scrape)
     assert snap["upserted"] == 40 and snap["dead_lettered"] == 0
@@ -158,12 +159,16 @@ def test_poison_messages_go_to_the_dlq_and_good_ones_flow(cluster, broker, tiny_
     topic = "t-poison"
     kafka_io.ensure_topic(broker.bootstrap, topic, 3)
     bad = [(b"p1", b"{not json"), (b"p2", b"[1,2]"), (b"p3", json.dumps({"id": "p3"}).encode()),
-           (b"p4", json.dumps({"id": "p4", "text": ""}).encode()), (b"p5", json.dumps({"id": "p5", "text": 7}).encode()),
-           (b"p6", json.dumps({"id": "p6", "text": "x" * 3000}).encode()), (b"p7", json.dumps({"id": "p7", "op": "zap"}).encode()),
-           (b"p8", json.dumps({"id": "other", "text": "x"}).encode()), (b"\xff\xfe", json.dumps({"id": "p9", "text": "x"}).encode())]
+           (b"p4", json.dumps({"id": "p4", "text": ""}).encode()),
+           (b"p5", json.dumps({"id": "p5", "text": 7}).encode()),
+           (b"p6", json.dumps({"id": "p6", "text": "x" * 3000}).encode()),
+           (b"p7", json.dumps({"id": "p7", "op": "zap"}).encode()),
+           (b"p8", json.dumps({"id": "other", "text": "x"}).encode()),
+           (b"\xff\xfe", json.dumps({"id": "p9", "text": "x"}).encode())]
     good = _docs(12, prefix="g")
     # bad records sit between good ones, so a partition must keep flowing past them
-    records = [encode(d) for d in good[:3]] + bad[:5] + [encode(d) for d in good[3:8]] + bad[5:] + [encode(d) for d in good[8:]]
+    records = ([encode(d) for d in good[:3]] + bad[:5] + [encode(d) for d in good[3:8]] + bad[5:]
+               + [encode(d) for d in good[8:]])
     kafka_io.produce_raw(broker.bootstrap, topic, records)
     job = _job(broker, tiny_checkpoint, tmp_path / "store", topic, max_message_bytes=2048)
     snap = _drive(job)

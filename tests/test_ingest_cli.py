@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -38,7 +38,7 @@ def test_produce_ingest_stats_replay(tiny_checkpoint, tmp_path) -> None:
             (tmp_path / f"{name}.jsonl").write_text("".join(d.model_dump_json() + "\n" for d in docs))
         assert _cli("produce", *kafka, str(tmp_path / "first.jsonl"), "--partitions", "2")["produced"] == 10
         time.sleep(1.2)
-        between = datetime.now(timezone.utc).isoformat()
+        between = datetime.now(UTC).isoformat()
         time.sleep(1.2)
         assert _cli("produce", *kafka, str(tmp_path / "later.jsonl"))["produced"] == 5
 

@@ -37,7 +37,8 @@ def kv_prefix(lm: FrozenLM, rows: list[list[int]]) -> Prefix:
     with torch.no_grad():
         out = lm.model(input_ids=torch.tensor(rows), use_cache=True)
     layers = out.past_key_values.layers
-    return Prefix(torch.stack([l.keys for l in layers], 1).clone(), torch.stack([l.values for l in layers], 1).clone())
+    return Prefix(torch.stack([layer.keys for layer in layers], 1).clone(),
+                  torch.stack([layer.values for layer in layers], 1).clone())
 
 
 @torch.no_grad()
@@ -84,7 +85,8 @@ def reference_beam(lm: FrozenLM, context: list[int], k: int, steps: int) -> tupl
                 continue
             lp = torch.log_softmax(naive_logits(lm, context + toks), -1)
             top = lp.topk(k)
-            cands += [(toks + [int(t)], score + float(v), int(t) in stop, slots + [j]) for v, t in zip(top.values, top.indices)]
+            cands += [(toks + [int(t)], score + float(v), int(t) in stop, slots + [j])
+                      for v, t in zip(top.values, top.indices)]
         beams = sorted(cands, key=lambda c: -c[1])[:k]
         if all(b[2] for b in beams):
             break
@@ -132,7 +134,8 @@ def test_continuation_logprobs_prefix_equals_tokens_in_context(any_lm: FrozenLM)
         torch.testing.assert_close(alone[0], sums[i], atol=1e-4, rtol=1e-5)
     # without a prefix it is the plain conditional log-prob
     plain, _ = lm.continuation_logprobs(prompts, conts)
-    torch.testing.assert_close(plain, torch.tensor([naive_logprob_sum(lm, p, c) for p, c in zip(prompts, conts)]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(plain, torch.tensor([naive_logprob_sum(lm, p, c) for p, c in zip(prompts, conts)]),
+                               atol=1e-4, rtol=1e-5)
 
 
 # ---- (c) a prefix matters, receives gradients, the LM does not ----------------------------------------------------
@@ -294,7 +297,8 @@ def test_choice_logprobs_equal_continuation_logprobs(tiny_llama, tiny_gpt2) -> N
         prompts = [[5, 6, 7, 8, 9], [11, 12]]
         choices = [[[20], [21, 22, 23], [24, 25]], [[30, 31], [32], [33, 34, 35, 36]]]
         H, Dh = lm.num_kv_heads, lm.head_dim
-        prefix = Prefix(torch.randn(2, lm.num_layers, H, 3, Dh, generator=g), torch.randn(2, lm.num_layers, H, 3, Dh, generator=g))
+        prefix = Prefix(torch.randn(2, lm.num_layers, H, 3, Dh, generator=g),
+                        torch.randn(2, lm.num_layers, H, 3, Dh, generator=g))
         for pre in (None, prefix):
             got = lm.choice_logprobs(prompts, choices, pre)
             flat_p = [p for p, cs in zip(prompts, choices) for _ in cs]

@@ -74,8 +74,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
 
 
 @settings(max_examples=400, deadline=None)
-@given(obj=st.dictionaries(st.sampled_from(["id", "text", "op", "title", "published_at", "source", "url", "tenant", "x"]),
-                           _json, max_size=8))
+@given(obj=st.dictionaries(
+    st.sampled_from(["id", "text", "op", "title", "published_at", "source", "url", "tenant", "x"]), _json, max_size=8))
 def test_arbitrary_json_objects_never_crash(obj) -> None:
     key = obj["id"].encode() if isinstance(obj.get("id"), str) else None
     try:

@@ -20,7 +20,8 @@ def test_a_saved_prompt_loads_back_and_one_for_another_lm_is_refused(tmp_path):
     assert load_prompt(tmp_path, 2, 2, 16) is None  # no prompt: the checkpoint answers with the memory alone
     digest = save_prompt(_prefix(1, 3, 0.5), tmp_path, {"checkpoint": "abc"})
     prompt, got, meta = load_prompt(tmp_path, 2, 2, 16)
-    assert got == digest and meta == {"checkpoint": "abc"} and prompt.keys.shape == (1, 2, 2, 3, 16) and torch.allclose(prompt.keys, torch.tensor(0.5))
+    assert got == digest and meta == {"checkpoint": "abc"} and prompt.keys.shape == (1, 2, 2, 3, 16)
+    assert torch.allclose(prompt.keys, torch.tensor(0.5))
     with pytest.raises(ValueError, match="does not fit this LM"):
         load_prompt(tmp_path, 30, 3, 64)
 

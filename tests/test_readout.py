@@ -31,7 +31,8 @@ def test_readout_reproduces_the_lms_own_first_layer_keys_values_at_prefix_positi
     with torch.no_grad():
         out = lm.model(input_ids=torch.tensor([ids]), use_cache=True)
         ref = out.past_key_values.layers
-        states = rms(lm.model.get_input_embeddings()(torch.tensor([ids[1:]])))  # (1, 3, d): what layer 0 reads, pre-gain
+        # (1, 3, d): what layer 0 reads, pre-gain
+        states = rms(lm.model.get_input_embeddings()(torch.tensor([ids[1:]])))
         prefix = ro(states)
     assert prefix.keys.shape == (1, lm.num_layers, H, 1 + 3, D) == prefix.values.shape
     torch.testing.assert_close(prefix.keys[0, 0], ref[0].keys[0], atol=1e-5, rtol=1e-4)
@@ -92,13 +93,15 @@ def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_do
     from pipeline.schemas import Document
 
     model = make_tiny_mac(tiny_llama, minilm)
-    long = Document(id="a", text="Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")
+    long = Document(id="a",
+                    text="Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")
     short = Document(id="b", text="Hi there.")
     (ca, cb) = model.encode_documents([long, short])
     ids = model.windows("Zorvex Labs named Dara Quill as chief executive on March 3, 2025, replacing Ovo Tann.")[0]
     assert len(ids) > 4
     with torch.no_grad():
-        states = rms(tiny_llama.hidden_states_at(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 1).float())[0]
+        states = rms(tiny_llama.hidden_states_at(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                                 1).float())[0]
         pos = model.amortizer.positions(model.amortizer(states), len(ids), 4)
     assert len(pos) == 4 and 0 not in pos
     torch.testing.assert_close(ca.modulation.tensor().float(), states[pos], atol=2e-3, rtol=2e-3)  # stored as float16
@@ -107,7 +110,8 @@ def test_readout_mac_model_stores_the_lms_own_states_and_answers_with_the_top_do
     assert n_short - 1 < 4 and tail.abs().max() == 0  # the sink dropped, the missing slots zero
 
     prefix, mass = model.memory_prefix(["Who is the new chief executive of Zorvex Labs?"] * 2,
-                                       [[(ca.modulation, 0.9), (cb.modulation, 0.1)], [(cb.modulation, 0.9), (ca.modulation, 0.1)]])
+                                       [[(ca.modulation, 0.9), (cb.modulation, 0.1)],
+                                        [(cb.modulation, 0.9), (ca.modulation, 0.1)]])
     assert prefix.keys.shape == (2, tiny_llama.num_layers, tiny_llama.num_kv_heads, 5, tiny_llama.head_dim)
     order = [[ca, cb], [cb, ca]]
     for row in range(2):  # the prefix is exactly the readout of the document with the most mass
@@ -174,7 +178,8 @@ def test_selection_trains_on_realtimeqa_training_years_and_holds_out_their_last_
         ReadoutTrainConfig(selection_realtimeqa_years=[2022, 2023], selection_validation_share=0.4))
     assert {q.asked_at.date().isoformat() for q in val_qs} == {"2023-05-05", "2023-11-03"}  # the last 2 of 5 dates
     assert {q.asked_at.year for q in train_qs} == {2022, 2023} and len(train_qs) == 6  # 2024 never read
-    assert [d.id for d in val_docs] == [q.doc_ids[0] for q in val_qs] and not {d.id for d in val_docs} & {d.id for d in train_docs}
+    assert [d.id for d in val_docs] == [q.doc_ids[0] for q in val_qs]
+    assert not {d.id for d in val_docs} & {d.id for d in train_docs}
     assert realtimeqa_selection_data(ReadoutTrainConfig(selection_realtimeqa_years=[])) is None
     with pytest.raises(ValueError, match="test years"):
         ReadoutTrainConfig(selection_realtimeqa_years=[2023, 2024])
@@ -203,7 +208,8 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     assert metrics["fit"]["articles"] > 0 and 0 <= metrics["selection"]["synthetic"]["selection_after"] <= 100
     assert metrics["selection"]["realtimeqa"]["validation_questions"] == 2  # the last quiz date's two questions
     model = MACModel.load(out)
-    chunk = model.encode_documents([Document(id="d", text="Kelvo Labs named Aru Penn as chief executive on May 2, 2025.")])[0]
+    chunk = model.encode_documents(
+        [Document(id="d", text="Kelvo Labs named Aru Penn as chief executive on May 2, 2025.")])[0]
     assert tuple(chunk.modulation.tensor().shape) == (8, 576)
     prefix, _ = model.memory_prefix(["Who leads Kelvo Labs?"], [[(chunk.modulation, 0.5)]])
     assert prefix.length == 9
@@ -221,7 +227,8 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     assert json.loads((tmp_path / "sel" / "metrics.json").read_text())["selection_retrained_from"] == first.version
     assert again.version != first.version
     for part in ("expander", "amortizer"):  # the memory itself is untouched: stored modulations stay valid
-        for (name, a), (_, b) in zip(getattr(first, part).state_dict().items(), getattr(again, part).state_dict().items()):
+        for (name, a), (_, b) in zip(getattr(first, part).state_dict().items(),
+                                     getattr(again, part).state_dict().items()):
             assert torch.equal(a, b), name
 
 

@@ -27,19 +27,23 @@ def test_reference_lists_every_field():
 
 
 def _quality(mods):
-    metrics = {m: {"em": 10.0 * i, "lenient_em": 11.0 * i, "f1": 12.0 * i, "prompt_tokens": 30.0 + i, "seconds": 0.1 * i}
-               for i, m in enumerate(mods)}
+    metrics = {m: {"em": 10.0 * i, "lenient_em": 11.0 * i, "f1": 12.0 * i, "prompt_tokens": 30.0 + i,
+                   "seconds": 0.1 * i} for i, m in enumerate(mods)}
     growth = {f"{g}x": {"documents": 10 * g, **{m: 50.0 / g for m in mods if m != "base"}} for g in (1, 2, 4, 8)}
     rep = {"documents": 40, "questions": 80, "metrics": metrics, "retention": {"questions": 9, "growth": growth},
-           "cost": {"bytes_per_modulation": 13824, "bytes_per_expanded_prefix": 46080, "encode_seconds_per_document": 0.05}}
-    return {"datasets": {"synthetic-test": rep}, "how": {"method": "m", "checkpoint": "abc", "top_k": 4, "synthetic_entities": 5}}
+           "cost": {"bytes_per_modulation": 13824, "bytes_per_expanded_prefix": 46080,
+                    "encode_seconds_per_document": 0.05}}
+    return {"datasets": {"synthetic-test": rep},
+            "how": {"method": "m", "checkpoint": "abc", "top_k": 4, "synthetic_entities": 5}}
 
 
 def test_report_has_tables_and_plots(tmp_path):
     mods = ["base", "rag", "mac", "mac+rag"]
     (tmp_path / "quality.json").write_text(json.dumps(_quality(mods)))
-    runs = [{"workers": w, "documents": 100, "seconds": 50.0 / w, "docs_per_s": 2.0 * w, "batch_latency_p50_s": 7.0} for w in (1, 2)]
-    (tmp_path / "ingest.json").write_text(json.dumps({"runs": runs, "how": {"method": "m", "documents": 100, "batch_size": 16, "partitions": 4}}))
+    runs = [{"workers": w, "documents": 100, "seconds": 50.0 / w, "docs_per_s": 2.0 * w, "batch_latency_p50_s": 7.0}
+            for w in (1, 2)]
+    (tmp_path / "ingest.json").write_text(json.dumps(
+        {"runs": runs, "how": {"method": "m", "documents": 100, "batch_size": 16, "partitions": 4}}))
     out = write_report(tmp_path)
     text = out.read_text()
     for png in ("quality_by_mode.png", "retention.png", "bytes_per_document.png", "ingest_scaling.png"):

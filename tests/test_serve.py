@@ -12,7 +12,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ def _docs() -> list[Document]:
     for i in range(12):
         out.append(Document(id=f"s{i}", title=f"Story {i}", url=f"https://news.example/{i}",
                             text=f"Company Acme{i} appointed Person{i} as chief executive.",
-                            published_at=datetime(2025, 1 + i % 12, 5, tzinfo=timezone.utc),
+                            published_at=datetime(2025, 1 + i % 12, 5, tzinfo=UTC),
                             source="wire" if i % 2 else "blog", tenant="t1" if i < 8 else "t2"))
     return out
 
@@ -68,8 +68,8 @@ def server(tiny_checkpoint, tmp_path_factory):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(num_cpus=2)
-    cfg = ServeConfig(port=free_port(), checkpoint=str(tiny_checkpoint), store=str(tmp_path_factory.mktemp("serve") / "store"),
-                      api_keys=KEYS, max_pending=64)
+    cfg = ServeConfig(port=free_port(), checkpoint=str(tiny_checkpoint),
+                      store=str(tmp_path_factory.mktemp("serve") / "store"), api_keys=KEYS, max_pending=64)
     _fill(connect_store(cfg.store_location()), tiny_checkpoint)
     start(cfg)
     base = f"http://127.0.0.1:{cfg.port}"
@@ -111,7 +111,8 @@ def test_readiness_before_and_after_load(server, tmp_path) -> None:
     prompt = hashlib.sha256((Path(server["cfg"].checkpoint) / "prompt.safetensors").read_bytes()).hexdigest()[:12]
     assert ready["answer_prompt"] == prompt  # the replica loaded the checkpoint's answer prompt (select+rag)
     # a replica whose model never loads: up (/health), not ready (/ready 503 with the reason), requests 503, never 500
-    start(server["cfg"].model_copy(update={"checkpoint": str(tmp_path / "missing")}), name="broken", route_prefix="/broken")
+    start(server["cfg"].model_copy(update={"checkpoint": str(tmp_path / "missing")}), name="broken",
+          route_prefix="/broken")
     try:
         base = server["base"] + "/broken"
         assert requests.get(base + "/health", timeout=10).status_code == 200
@@ -206,9 +207,11 @@ def test_context_docs_keeps_every_source_and_its_weight(server, mode) -> None:
 def test_tenant_isolation_and_auth(server) -> None:
     t1 = {f"s{i}" for i in range(8)}
     for _ in range(3):
-        ids = {s["id"] for s in _post(server, "/v1/answer", {"question": "Acme9 chief executive", "top_k": 10}).json()["sources"]}
+        body = {"question": "Acme9 chief executive", "top_k": 10}
+        ids = {s["id"] for s in _post(server, "/v1/answer", body).json()["sources"]}
         assert ids and ids <= t1
-    ids = {s["id"] for s in _post(server, "/v1/answer", {"question": "Acme9", "top_k": 10}, headers=H2).json()["sources"]}
+    ids = {s["id"]
+           for s in _post(server, "/v1/answer", {"question": "Acme9", "top_k": 10}, headers=H2).json()["sources"]}
     assert ids and not ids & t1
     assert _post(server, "/v1/answer", {"question": "x", "tenant": "t2"}).status_code == 403
     assert _post(server, "/v1/answer", {"question": "x"}, headers={}).status_code == 401
@@ -219,7 +222,8 @@ def test_tenant_isolation_and_auth(server) -> None:
 
 
 def test_filters_restrict_sources(server) -> None:
-    body = {"question": "chief executive", "top_k": 10, "since": "2025-03-01T00:00:00Z", "until": "2025-06-30T00:00:00Z"}
+    body = {"question": "chief executive", "top_k": 10, "since": "2025-03-01T00:00:00Z",
+            "until": "2025-06-30T00:00:00Z"}
     for s in _post(server, "/v1/answer", body).json()["sources"]:
         assert "2025-03-01" <= s["published_at"][:10] <= "2025-06-30"
     srcs = _post(server, "/v1/answer", {"question": "chief executive", "top_k": 10, "source": "wire"}).json()["sources"]
@@ -388,19 +392,22 @@ def test_bad_answer_requests_are_4xx_naming_the_field(server, body, field) -> No
 
 
 def test_malformed_json_and_bad_chat_bodies(server) -> None:
-    r = requests.post(server["base"] + "/v1/answer", data=b"{not json", headers=H1 | {"Content-Type": "application/json"}, timeout=30)
+    r = requests.post(server["base"] + "/v1/answer", data=b"{not json",
+                      headers=H1 | {"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["message"]
-    for body in ({"model": "macstream", "messages": []}, {"model": "macstream", "messages": [{"role": "user", "content": " "}]},
+    for body in ({"model": "macstream", "messages": []},
+                 {"model": "macstream", "messages": [{"role": "user", "content": " "}]},
                  {"model": "macstream", "messages": [{"role": "wizard", "content": "hi"}]},
-                 {"model": "macstream", "prompt": "q", "n": 3}, {"model": "macstream", "messages": [{"role": "user", "content": "q"}],
-                                                                "macstream": {"mode": "mac", "bogus": 1}}):
+                 {"model": "macstream", "prompt": "q", "n": 3},
+                 {"model": "macstream", "messages": [{"role": "user", "content": "q"}],
+                  "macstream": {"mode": "mac", "bogus": 1}}):
         path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
         assert 400 <= _post(server, path, body).status_code < 500, body
 
 
 def test_concurrent_load_completes_without_errors(server) -> None:
-    bodies = [{"question": f"Who leads Acme{i % 12}?", "mode": ["mac", "base", "rag", "mac+rag"][i % 4], "max_new_tokens": 4}
-              for i in range(200)]
+    bodies = [{"question": f"Who leads Acme{i % 12}?", "mode": ["mac", "base", "rag", "mac+rag"][i % 4],
+               "max_new_tokens": 4} for i in range(200)]
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(lambda b: _post(server, "/v1/answer", b).status_code, bodies))
     assert codes == [200] * 200
@@ -425,13 +432,15 @@ def test_concurrent_clients_share_batches(server) -> None:
     assert (s1 - s0) / (c1 - c0) > 4.5, f"mean batch size {(s1 - s0) / (c1 - c0):.2f} for 8 concurrent clients"
 
 
-_value = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
-                   st.text(max_size=30), st.lists(st.integers(), max_size=3))
+_value = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                   st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30),
+                   st.lists(st.integers(), max_size=3))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(st.sampled_from(["question", "mode", "top_k", "since", "until", "source", "tenant",
-                                             "max_new_tokens", "model", "messages", "prompt", "stream", "macstream", "zz"]),
+                                             "max_new_tokens", "model", "messages", "prompt", "stream", "macstream",
+                                             "zz"]),
                             _value, max_size=6),
        path=st.sampled_from(["/v1/answer", "/v1/chat/completions", "/v1/completions"]))
 def test_fuzz_never_5xx(server, body, path) -> None:
@@ -441,7 +450,8 @@ def test_fuzz_never_5xx(server, body, path) -> None:
     assert r.status_code < 500, (path, body, r.status_code, r.text)
 
 
-def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny_checkpoint, tmp_path, tokenizer, minilm) -> None:
+def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny_checkpoint, tmp_path, tokenizer,
+                                                                     minilm) -> None:
     # overload: a service that admits 1 request at a time (its own app, beside the main one) turns the rest away
     from ray import serve
 
@@ -451,7 +461,8 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
     start(small, name="small", route_prefix="/small")
     try:
         with ThreadPoolExecutor(8) as pool:
-            rs = list(pool.map(lambda i: _post(server, "/small/v1/answer", {"question": f"q{i}", "max_new_tokens": 24, "mode": "rag"}), range(8)))
+            rs = list(pool.map(lambda i: _post(server, "/small/v1/answer",
+                                               {"question": f"q{i}", "max_new_tokens": 24, "mode": "rag"}), range(8)))
     finally:
         serve.delete("small")
     codes = [r.status_code for r in rs]
@@ -476,14 +487,16 @@ def test_overload_is_503_with_retry_after_and_rollout_drops_nothing(server, tiny
 
     def client():
         while not stop:
-            results.append(_post(server, "/v1/answer", {"question": "Who leads Acme1?", "max_new_tokens": 4}).status_code)
+            results.append(_post(server, "/v1/answer",
+                                 {"question": "Who leads Acme1?", "max_new_tokens": 4}).status_code)
 
     with ThreadPoolExecutor(2) as pool:
         futs = [pool.submit(client) for _ in range(2)]
         time.sleep(1)
         start(server["cfg"].model_copy(update={"checkpoint": str(ckpt2)}))
         deadline = time.monotonic() + 60
-        while requests.get(server["base"] + "/ready", timeout=10).json()["checkpoint"] == old and time.monotonic() < deadline:
+        while (requests.get(server["base"] + "/ready", timeout=10).json()["checkpoint"] == old
+               and time.monotonic() < deadline):
             time.sleep(0.2)
         time.sleep(1)
         stop.append(True)

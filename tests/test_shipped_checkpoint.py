@@ -100,7 +100,8 @@ def test_memory_carries_the_document_of_unseen_companies():
     chunks = {c.modulation.doc_id: c for c in model.encode_documents(docs)}
     questions = [q.question for q, _ in items]
     hits = [[Hit(chunks[d.id], d, 1.0)] for _, d in items]
-    f1 = {mode: aggregate([score_answer(a.text, q.answers) for (q, _), a in zip(items, answer(model, mode, questions, hits, 16))])["f1"]
+    f1 = {mode: aggregate([score_answer(a.text, q.answers) for (q, _), a in
+                           zip(items, answer(model, mode, questions, hits, 16))])["f1"]
           for mode in ("base", "mac")}
     assert f1["mac"] >= f1["base"] + 20, f1
 

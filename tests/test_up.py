@@ -55,7 +55,8 @@ def test_up_refuses_a_busy_port_an_unreachable_broker_and_a_held_store(tmp_path)
         s.listen()
         busy = s.getsockname()[1]
         assert "in use" in _refused("--topic", "t", "--port", str(busy), "--store", str(tmp_path / "a"))
-    assert "no Kafka broker answers" in _refused("--topic", "t", "--port", str(free_port()), "--store", str(tmp_path / "b"),
+    assert "no Kafka broker answers" in _refused("--topic", "t", "--port", str(free_port()),
+                                                 "--store", str(tmp_path / "b"),
                                                  "--bootstrap-servers", f"127.0.0.1:{free_port()}")
     held = EdgeStore(str(tmp_path / "held"))
     try:
@@ -95,17 +96,20 @@ def test_up_ingests_and_serves_then_stops_on_sigterm_losing_nothing(tiny_checkpo
 
     port, store = free_port(), tmp_path / "store"
     with LocalBroker(log_dir=tmp_path / "logs") as broker:
-        proc = _up("--topic", "news", "--bootstrap-servers", broker.bootstrap, "--port", str(port), "--store", str(store),
-                   "--checkpoint", str(tiny_checkpoint), "--batch-size", "4", "--partitions", "2")
+        proc = _up("--topic", "news", "--bootstrap-servers", broker.bootstrap, "--port", str(port),
+                   "--store", str(store), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4",
+                   "--partitions", "2")
         try:
             started = json.loads(proc.stdout.readline() or "{}")
-            assert started.get("url") == f"http://127.0.0.1:{port}", proc.stderr.read()[-3000:] if not started else started
+            assert started.get("url") == f"http://127.0.0.1:{port}", (
+                proc.stderr.read()[-3000:] if not started else started)
             base = started["url"]
             _wait(lambda: _ready(base), 120, "/ready")
             kafka_io.produce(broker.bootstrap, "news", _docs("a", 8))
             stats = lambda: requests.get(base + "/v1/memory/stats", timeout=10).json()  # noqa: E731
             _wait(lambda: stats().get("documents") == 8, 120, "8 documents in memory")
-            r = requests.post(base + "/v1/answer", json={"question": "Who leads Acorp3?", "max_new_tokens": 4}, timeout=60)
+            r = requests.post(base + "/v1/answer", json={"question": "Who leads Acorp3?", "max_new_tokens": 4},
+                              timeout=60)
             assert r.status_code == 200 and r.json()["mode"] == started["default_mode"]
             assert any(s["id"].startswith("a") for s in r.json()["sources"])
             kafka_io.produce(broker.bootstrap, "news", _docs("b", 40))  # then stop while these are being ingested
@@ -199,7 +203,8 @@ def test_up_fits_two_workers_to_two_cores_and_serves_only_once_ingest_runs(tiny_
 
 
 @pytest.mark.parametrize("after_s", [0.5, 4.0, 12.0])
-def test_sigterm_at_any_stage_of_start_up_exits_0_and_leaves_nothing_running(tiny_checkpoint, tmp_path, after_s) -> None:
+def test_sigterm_at_any_stage_of_start_up_exits_0_and_leaves_nothing_running(tiny_checkpoint, tmp_path,
+                                                                             after_s) -> None:
     """SIGTERM while the broker, Ray, the encoders or Serve are starting: exit 0 and no process of the run left (it
     used to abort with 134 and leave Ray behind when the signal came before start-up had finished)."""
     proc = _up("--topic", "news", "--port", str(free_port()), "--store", str(tmp_path / "store"), "--workers", "2",
