@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml 2>/dev/n
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/python -m macstream.demo
 
-test: install
+# ruff with pyproject.toml's [tool.ruff] settings; `make test` lints first, so CI (.ci/run) fails on a finding
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/python -m pytest -q tests
 
 clean:
