@@ -75,7 +75,7 @@ class ModelConfig(StrictModel):
                                  "logits (re-rank, never lose the prior).")
 
     @model_validator(mode="after")
-    def _overlap_fits(self) -> "ModelConfig":
+    def _overlap_fits(self) -> ModelConfig:
         if self.chunk_overlap >= self.max_doc_tokens // 2:
             raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be < max_doc_tokens/2 "
                              f"({self.max_doc_tokens // 2})")
@@ -94,30 +94,38 @@ class ReadoutTrainConfig(StrictModel):
     ``--selection-from`` when RealTimeQA joined the selection data, so a fresh build with these defaults follows the
     recipe but is not a bit-for-bit copy."""
 
-    synthetic_entities: int = Field(300, ge=1, description="Entities of the synthetic train split (about 3 articles each).")
+    synthetic_entities: int = Field(300, ge=1, description=(
+        "Entities of the synthetic train split (about 3 articles each)."))
     layer: int = Field(12, ge=1, le=200, description="m: the LM layer whose states the memory stores.")
     num_tokens: int = Field(48, ge=1, le=128, description="T: tokens each modulation keeps.")
-    ridge: float = Field(1e-3, gt=0.0, description="Ridge λ of the readout's fit, as a multiple of the mean diagonal of XᵀX.")
+    ridge: float = Field(1e-3, gt=0.0, description=(
+        "Ridge λ of the readout's fit, as a multiple of the mean diagonal of XᵀX."))
     steps: int = Field(400, ge=0, description="End-to-end fine-tuning steps of the readout (answer NLL through the "
                        "frozen LM).")
-    batch: int = Field(16, ge=1, le=256, description="Questions per fine-tuning step (each with its own article's memory).")
+    batch: int = Field(16, ge=1, le=256, description=(
+        "Questions per fine-tuning step (each with its own article's memory)."))
     lr: float = Field(5e-5, gt=0.0, description="Adam learning rate of the readout.")
-    rag_share: float = Field(0.25, ge=0.0, le=1.0, description="Share of questions trained in the mac+rag prompt (the gold text in the context).")
+    rag_share: float = Field(0.25, ge=0.0, le=1.0, description=(
+        "Share of questions trained in the mac+rag prompt (the gold text in the context)."))
     bf16: bool = Field(True, description="bf16 autocast on CPU for the frozen LM's forward/backward.")
     eval_every: int = Field(100, ge=1, description="Judge every this many steps on unseen validation questions.")
     eval_questions: int = Field(60, ge=1, description="Validation questions per judgement.")
     select_steps: int = Field(600, ge=0, description="Steps training the question encoder + aggregator to select the "
                               "gold memory.")
-    select_k: int = Field(8, ge=2, le=64, description="Memories per question in selection training: the retriever's top-k, gold forced in.")
+    select_k: int = Field(8, ge=2, le=64, description=(
+        "Memories per question in selection training: the retriever's top-k, gold forced in."))
     select_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the question encoder and aggregator.")
-    select_bias_lr: float = Field(0.05, ge=0.0, description="Adam learning rate of the aggregator's weight on the retriever's score (how far selection trusts retrieval).")
+    select_bias_lr: float = Field(0.05, ge=0.0, description=(
+        "Adam learning rate of the aggregator's weight on the retriever's score (how far selection trusts retrieval)."))
     selection_realtimeqa_years: list[int] = Field(
         [2022, 2023], description="RealTimeQA quiz years whose questions also train the selection (the last weeks held "
         "out to judge it), so it meets real news and not only the synthetic templates; skipped when the data folder is "
         "absent. 2024 and later are test years: refused."
     )
-    selection_realtimeqa_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of selection steps drawn from RealTimeQA (when present).")
-    selection_validation_share: float = Field(0.15, gt=0.0, lt=1.0, description="Share of the RealTimeQA quiz dates, the last ones, held out to judge the selection.")
+    selection_realtimeqa_share: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "Share of selection steps drawn from RealTimeQA (when present)."))
+    selection_validation_share: float = Field(0.15, gt=0.0, lt=1.0, description=(
+        "Share of the RealTimeQA quiz dates, the last ones, held out to judge the selection."))
     seed: int = Field(0, description="Seed for data, sampling and initialisation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
 
@@ -125,7 +133,8 @@ class ReadoutTrainConfig(StrictModel):
     @classmethod
     def _training_years_only(cls, years: list[int]) -> list[int]:
         if any(y >= 2024 for y in years):
-            raise ValueError(f"{sorted(y for y in years if y >= 2024)}: RealTimeQA 2024 and later are test years; train on 2023 and before")
+            raise ValueError(f"{sorted(y for y in years if y >= 2024)}: RealTimeQA 2024 and later are test years; "
+                             "train on 2023 and before")
         return years
 
 
@@ -146,13 +155,21 @@ class FinetuneConfig(StrictModel):
     """Online fine-tuning of the whole LM (full FT) on each incoming document. Pick the values with :func:`tune`
     on the validation split."""
 
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimiser. One instance lives for the whole stream, so AdamW's moments carry over from one document to the next.")
-    lr: float = Field(3e-5, gt=0.0, le=1.0, description="Learning rate, constant. No warm-up: a stream has no known length.")
-    steps: int = Field(1, ge=1, le=100, description="K: optimiser steps on each document, all on the same batch (the document's windows).")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 (SGD). 0: over a long stream, decay would pull every weight toward zero, not only the ones the news changes.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description=(
+        "Optimiser. One instance lives for the whole stream, so AdamW's moments carry over from one document to the "
+        "next."))
+    lr: float = Field(3e-5, gt=0.0, le=1.0, description=(
+        "Learning rate, constant. No warm-up: a stream has no known length."))
+    steps: int = Field(1, ge=1, le=100, description=(
+        "K: optimiser steps on each document, all on the same batch (the document's windows)."))
+    weight_decay: float = Field(0.0, ge=0.0, description=(
+        "Decoupled weight decay (AdamW) or L2 (SGD). 0: over a long stream, decay would pull every weight toward "
+        "zero, not only the ones the news changes."))
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (ignored by AdamW).")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm per step.")
-    max_tokens: int = Field(512, ge=8, le=8192, description="Window length. A longer document is split into non-overlapping windows, and each step trains on all of them as one batch.")
+    max_tokens: int = Field(512, ge=8, le=8192, description=(
+        "Window length. A longer document is split into non-overlapping windows, and each step trains on all of them "
+        "as one batch."))
 
 
 def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str = "config") -> StrictModel:
@@ -163,7 +180,8 @@ def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str 
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "<root>"
-            msg = "unknown key (allowed: " + ", ".join(cls.model_fields) + ")" if e["type"] == "extra_forbidden" else e["msg"]
+            allowed = "unknown key (allowed: " + ", ".join(cls.model_fields) + ")"
+            msg = allowed if e["type"] == "extra_forbidden" else e["msg"]
             lines.append(f"{where}: {key}: {msg}")
         raise ValueError("\n".join(lines)) from None
 
@@ -173,21 +191,37 @@ class IngestConfig(StrictModel):
     which way they trade."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
-    topic: str = Field(min_length=1, description="Topic of news documents (key = document id). Dead letters go to <topic>.dlq.")
-    group_id: str = Field("macstream-ingest", min_length=1, description="Consumer group; committed offsets are the job's progress.")
+    topic: str = Field(min_length=1, description=(
+        "Topic of news documents (key = document id). Dead letters go to <topic>.dlq."))
+    group_id: str = Field("macstream-ingest", min_length=1, description=(
+        "Consumer group; committed offsets are the job's progress."))
     workers: int = Field(1, ge=1, le=256, description="Encoder actors (each holds one copy of the model).")
-    consumers: int | None = Field(None, ge=1, le=1024, description="Consumer actors, one group member each; default min(workers, partitions). More than partitions would idle.")
-    batch_size: int = Field(16, ge=1, le=1024, description="Most records per poll and per encode call: larger = more docs/s, more latency per document.")
-    max_in_flight: int = Field(2, ge=1, le=64, description="Encode batches a consumer may have outstanding before it stops polling (backpressure).")
-    poll_timeout_ms: int = Field(200, ge=10, le=60000, description="Longest wait of one poll when the topic is quiet and nothing is in flight (while a batch encodes, polls last at most 20 ms, so its write and commit are not held up).")
+    consumers: int | None = Field(None, ge=1, le=1024, description=(
+        "Consumer actors, one group member each; default min(workers, partitions). More than partitions would idle."))
+    batch_size: int = Field(16, ge=1, le=1024, description=(
+        "Most records per poll and per encode call: larger = more docs/s, more latency per document."))
+    max_in_flight: int = Field(2, ge=1, le=64, description=(
+        "Encode batches a consumer may have outstanding before it stops polling (backpressure)."))
+    poll_timeout_ms: int = Field(200, ge=10, le=60000, description=(
+        "Longest wait of one poll when the topic is quiet and nothing is in flight (while a batch encodes, polls last "
+        "at most 20 ms, so its write and commit are not held up)."))
     max_message_bytes: int = Field(1 << 20, ge=256, description="Larger messages are dead-lettered as oversize.")
-    store: str = Field("embedded", description="'embedded' (Qdrant Edge, Qdrant's engine in-process, under MACSTREAM_HOME/store, owned by one actor), a directory (the same engine), 'local:DIR' (qdrant-client's pure-Python local mode, the old embedded engine), ':memory:', 'memory' (in-process numpy) or a Qdrant server URL.")
+    store: str = Field("embedded", description=(
+        "'embedded' (Qdrant Edge, Qdrant's engine in-process, under MACSTREAM_HOME/store, owned by one actor), a "
+        "directory (the same engine), 'local:DIR' (qdrant-client's pure-Python local mode, the old embedded engine), "
+        "':memory:', 'memory' (in-process numpy) or a Qdrant server URL."))
     checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one.")
     encoder_threads: int = Field(1, ge=1, le=64, description="torch threads per encoder actor (= its CPU reservation).")
-    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description="GPUs each encoder actor reserves from Ray (fractions share one GPU between actors). 0: CPU only. Above 0 the actor runs only on a node that declares GPUs and computes on the GPU Ray assigns it (frozen LM in bf16, or fp16 where bf16 is unsupported); without CUDA in the process it falls back to CPU.")
-    exit_when_idle: float | None = Field(None, gt=0, description="Backfill mode: stop once no record arrived for this many seconds and nothing is in flight.")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics on metrics_host:PORT (0 = pick a free port).")
-    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds: loopback by default, 0.0.0.0 in a container for Prometheus.")
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=8.0, description=(
+        "GPUs each encoder actor reserves from Ray (fractions share one GPU between actors). 0: CPU only. Above 0 the "
+        "actor runs only on a node that declares GPUs and computes on the GPU Ray assigns it (frozen LM in bf16, or "
+        "fp16 where bf16 is unsupported); without CUDA in the process it falls back to CPU."))
+    exit_when_idle: float | None = Field(None, gt=0, description=(
+        "Backfill mode: stop once no record arrived for this many seconds and nothing is in flight."))
+    metrics_port: int | None = Field(None, ge=0, le=65535, description=(
+        "Serve Prometheus metrics on metrics_host:PORT (0 = pick a free port)."))
+    metrics_host: str = Field("127.0.0.1", description=(
+        "Interface the metrics endpoint binds: loopback by default, 0.0.0.0 in a container for Prometheus."))
 
     def store_location(self) -> str:
         return store_location(self.store)
@@ -203,19 +237,38 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    checkpoint: str | None = Field(None, description="MAC checkpoint directory; default: the shipped one. Deploying again with another one is a rolling update (new replicas load it before taking traffic).")
-    store: str = Field("embedded", description="Same meaning as the ingest setting: 'embedded', a directory, 'local:DIR', ':memory:', 'memory' or a Qdrant URL.")
-    replicas: int = Field(1, ge=1, le=64, description="Model replicas (each holds the LM and the MAC heads), when autoscaling is off.")
-    autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description="Turn on autoscaling between 1 and this many model replicas.")
+    checkpoint: str | None = Field(None, description=(
+        "MAC checkpoint directory; default: the shipped one. Deploying again with another one is a rolling update "
+        "(new replicas load it before taking traffic)."))
+    store: str = Field("embedded", description=(
+        "Same meaning as the ingest setting: 'embedded', a directory, 'local:DIR', ':memory:', 'memory' or a Qdrant "
+        "URL."))
+    replicas: int = Field(1, ge=1, le=64, description=(
+        "Model replicas (each holds the LM and the MAC heads), when autoscaling is off."))
+    autoscale_max_replicas: int | None = Field(None, ge=1, le=256, description=(
+        "Turn on autoscaling between 1 and this many model replicas."))
     replica_threads: int = Field(1, ge=1, le=64, description="torch threads per model replica (= its CPU reservation).")
-    replica_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs each model replica reserves from Ray (its num_gpus; fractions share one GPU between replicas). 0: CPU only. Above 0 replicas run only on nodes that declare GPUs and compute on the GPU Ray assigns (frozen LM in bf16, or fp16 where bf16 is unsupported); without CUDA in the process they fall back to CPU.")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most /v1/answer requests one replica answers in one batched generation.")
-    batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="Longest a replica waits to fill a batch. It waits only while more requests are in flight than the batch holds (batches are sized to the recent peak load), so a lone request is never delayed; under load it covers the round trip of the clients of the last batch.")
-    max_pending: int = Field(64, ge=1, le=100000, description="Requests in the service at once; more get 503 with Retry-After.")
-    default_mode: str = Field(DEFAULT_MODE, description="Answer mode when the request names none: base, rag, mac, mac+rag, select+rag, or rag@N / mac+rag@N / select+rag@N (N documents' texts in the prompt). The default is the best mode the shipped checkpoint measures (README, Results).")
-    default_top_k: int = Field(8, ge=1, le=64, description="Retrieved chunks per question when the request does not say.")
+    replica_gpus: float = Field(0.0, ge=0.0, le=8.0, description=(
+        "GPUs each model replica reserves from Ray (its num_gpus; fractions share one GPU between replicas). 0: CPU "
+        "only. Above 0 replicas run only on nodes that declare GPUs and compute on the GPU Ray assigns (frozen LM in "
+        "bf16, or fp16 where bf16 is unsupported); without CUDA in the process they fall back to CPU."))
+    max_batch_size: int = Field(8, ge=1, le=256, description=(
+        "Most /v1/answer requests one replica answers in one batched generation."))
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description=(
+        "Longest a replica waits to fill a batch. It waits only while more requests are in flight than the batch "
+        "holds (batches are sized to the recent peak load), so a lone request is never delayed; under load it covers "
+        "the round trip of the clients of the last batch."))
+    max_pending: int = Field(64, ge=1, le=100000, description=(
+        "Requests in the service at once; more get 503 with Retry-After."))
+    default_mode: str = Field(DEFAULT_MODE, description=(
+        "Answer mode when the request names none: base, rag, mac, mac+rag, select+rag, or rag@N / mac+rag@N / "
+        "select+rag@N (N documents' texts in the prompt). The default is the best mode the shipped checkpoint "
+        "measures (README, Results)."))
+    default_top_k: int = Field(8, ge=1, le=64, description=(
+        "Retrieved chunks per question when the request does not say."))
     default_max_new_tokens: int = Field(24, ge=1, le=256, description="Answer length when the request does not say.")
-    api_keys: dict[str, str] = Field(default_factory=dict, description="API key → tenant. Empty: no auth. With keys, a tenant only retrieves its own documents.")
+    api_keys: dict[str, str] = Field(default_factory=dict, description=(
+        "API key → tenant. Empty: no auth. With keys, a tenant only retrieves its own documents."))
 
     def store_location(self) -> str:
         return store_location(self.store)
@@ -326,7 +379,8 @@ def reference_markdown() -> str:
                 (BackfillConfig, "backfill", "`macstream backfill` flags"),
                 (ServeConfig, "serve", "`macstream serve` flags")]
     sections.append((FinetuneConfig, "ft", "`macstream eval --ft-config` for the ft-uniform / ft-salient modes"))
-    sections.append((FeedsConfig, "feeds", "`macstream feeds` flags; `macstream up --feeds` reads $MACSTREAM_FEEDS_<SETTING>"))
+    sections.append((FeedsConfig, "feeds",
+                     "`macstream feeds` flags; `macstream up --feeds` reads $MACSTREAM_FEEDS_<SETTING>"))
     out = []
     for cls, key, where in sections:
         out += [f"#### `{key}` ({cls.__name__}: {where})", "", " ".join((cls.__doc__ or "").split()), "",
@@ -361,6 +415,7 @@ def write_reference(path: Path = REFERENCE_FILE) -> bool:
 
 
 if __name__ == "__main__":  # python -m pipeline.config: refresh docs/configuration.md's generated reference
-    from pipeline.config import REFERENCE_FILE as _FILE, write_reference as _write  # the importable module
+    from pipeline.config import REFERENCE_FILE as _FILE  # the importable module
+    from pipeline.config import write_reference as _write
 
     print(f"{_FILE.relative_to(REPO_ROOT)} " + ("updated" if _write() else "already up to date"))
