@@ -135,7 +135,8 @@ def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int
             t = time.perf_counter()
             hits = store.search(coll, q[None], k, flt)[0]
             times.append(time.perf_counter() - t)
-            assert len(hits) == k and all(h.chunk.modulation.tokens.shape == (tokens, d_lm) for h in hits)
+            assert len(hits) == k or (flt is not None and len(hits) < k), (name, len(hits))  # few may match
+            assert all(h.chunk.modulation.tokens.shape == (tokens, d_lm) for h in hits)
             assert flt is None or all(flt.matches(h.document) for h in hits)
             if flt is None:
                 found += len({f"doc-{i}" for i in exact[j]} & {h.document.id for h in hits})
@@ -188,7 +189,7 @@ def _child(engine: str, points: int, path: Path, settings: dict, timeout: float 
     finally:
         shutil.rmtree(path, ignore_errors=True)
     if out.returncode != 0:
-        return {"engine": engine, "points": points, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:500]}
+        return {"engine": engine, "points": points, "error": " | ".join(out.stderr.strip().splitlines()[-3:])[-500:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
