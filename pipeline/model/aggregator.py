@@ -20,7 +20,9 @@ from pipeline.model.attention import CrossAttentionBlock
 
 
 class Aggregator(nn.Module):
-    def __init__(self, width: int, blocks: int, heads: int, head_dim: int, ffn_mult: int, bucket_size: int, retrieval_bias: bool):
+    def __init__(
+        self, width: int, blocks: int, heads: int, head_dim: int, ffn_mult: int, bucket_size: int, retrieval_bias: bool
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(CrossAttentionBlock(width, width, heads, head_dim, ffn_mult) for _ in range(blocks))
         self.ln = nn.LayerNorm(width)
@@ -42,7 +44,9 @@ class Aggregator(nn.Module):
         mass = (mass / len(self.blocks)).view(B, K, T).sum(-1)  # (B, K), rows sum to 1
         return self.ln(x), mass
 
-    def forward(self, q: Tensor, mods: Tensor, mask: Tensor | None = None, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, mods: Tensor, mask: Tensor | None = None, scores: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """q: (B, T, D) question tokens; mods: (B, K, T, D); mask: (B, K) bool, True = present; scores: (B, K).
 
         Returns φ*: (B, T, D) and per-document attention mass (B, K) (0 where masked).

@@ -23,7 +23,9 @@ class CrossAttentionBlock(nn.Module):
         self.out = nn.Linear(inner, width)
         self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
 
-    def forward(self, x: Tensor, mem: Tensor, mem_mask: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, mem: Tensor, mem_mask: Tensor | None = None, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """x: (B, Q, width); mem: (B, S, mem_width); mem_mask: (B, S) bool, True = real; bias: (B, S) added to logits.
 
         Returns x: (B, Q, width) and attention probabilities (B, heads, Q, S).
@@ -31,7 +33,8 @@ class CrossAttentionBlock(nn.Module):
         B, Q, _ = x.shape
         S = mem.shape[1]
         q = self.q(self.ln_q(x)).view(B, Q, self.heads, self.head_dim).transpose(1, 2)  # (B, h, Q, d)
-        k, v = self.kv(self.ln_kv(mem)).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, S, d) each
+        # (B, h, S, d) each
+        k, v = self.kv(self.ln_kv(mem)).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         logits = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, h, Q, S)
         if bias is not None:
             logits = logits + bias[:, None, None, :].to(logits.dtype)

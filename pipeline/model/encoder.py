@@ -46,7 +46,7 @@ class TextEncoder(nn.Module):
             layer.requires_grad_(True)
         self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "TextEncoder":  # no dropout in the backbone, ever
+    def train(self, mode: bool = True) -> TextEncoder:  # no dropout in the backbone, ever
         return super().train(False)
 
     def chunk(self, text: str) -> list[list[int]]:
@@ -57,7 +57,9 @@ class TextEncoder(nn.Module):
     def batch(self, pieces: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Wrap token windows with special tokens and right-pad them. Returns ids, mask: (N, S)."""
         tok = self.tokenizer
-        return pad_batch([[tok.cls_token_id, *p, tok.sep_token_id] for p in pieces], tok.pad_token_id, self.backbone.device)
+        return pad_batch(
+            [[tok.cls_token_id, *p, tok.sep_token_id] for p in pieces], tok.pad_token_id, self.backbone.device
+        )
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(N, S) token ids → (N, S, d_enc) token states."""

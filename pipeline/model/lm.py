@@ -45,11 +45,11 @@ class Prefix:
     def length(self) -> int:
         return self.keys.shape[3]
 
-    def repeat_interleave(self, n: int) -> "Prefix":
+    def repeat_interleave(self, n: int) -> Prefix:
         """(B, ...) → (B·n, ...): each row repeated n times (beams, choices, questions of one memory)."""
         return Prefix(self.keys.repeat_interleave(n, 0), self.values.repeat_interleave(n, 0))
 
-    def index(self, idx: Tensor) -> "Prefix":
+    def index(self, idx: Tensor) -> Prefix:
         return Prefix(self.keys[idx], self.values[idx])
 
 
@@ -72,12 +72,12 @@ class FrozenLM(nn.Module):
         self._stop_ids: set[int] | None = None
 
     @classmethod
-    def load(cls, name: str, dtype: torch.dtype = torch.float32) -> "FrozenLM":
+    def load(cls, name: str, dtype: torch.dtype = torch.float32) -> FrozenLM:
         path = resolve_lm(name)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return cls(model, AutoTokenizer.from_pretrained(path), name=name)
 
-    def to_device(self, device: str | torch.device) -> "FrozenLM":
+    def to_device(self, device: str | torch.device) -> FrozenLM:
         """Move the frozen LM to ``device``. On CUDA its weights become bf16 (fp16 where the GPU lacks bf16): it is
         never trained, and the code around it already casts prefixes to its dtype and reads logits as float. On CPU
         it is only moved (its dtype is left as loaded)."""
@@ -89,7 +89,7 @@ class FrozenLM(nn.Module):
             self.model.to(device=device)
         return self
 
-    def train(self, mode: bool = True) -> "FrozenLM":  # the LM never leaves eval mode (no dropout)
+    def train(self, mode: bool = True) -> FrozenLM:  # the LM never leaves eval mode (no dropout)
         return super().train(False)
 
     @property
@@ -184,7 +184,9 @@ class FrozenLM(nn.Module):
         return sums, counts
 
     @torch.no_grad()
-    def choice_logprobs(self, prompts: list[list[int]], choices: list[list[list[int]]], prefix: Prefix | None = None) -> Tensor:
+    def choice_logprobs(
+        self, prompts: list[list[int]], choices: list[list[list[int]]], prefix: Prefix | None = None
+    ) -> Tensor:
         """Mean per-token log p(choice | prompt, prefix) for every choice of every prompt: (B, C).
 
         Same numbers as :meth:`continuation_logprobs`, but each prompt runs once: its cache is shared by its C
@@ -194,7 +196,8 @@ class FrozenLM(nn.Module):
         if any(len(c) != C for c in choices) or C == 0 or any(len(x) == 0 for c in choices for x in c):
             raise ValueError("every prompt needs the same number (>= 1) of non-empty choices")
         dev, B = self.device, len(prompts)
-        ids, mask = pad_batch(prompts, self.pad_id, dev)  # right padding: pads sit between prompt and choice, masked out
+        # right padding: pads sit between prompt and choice, masked out
+        ids, mask = pad_batch(prompts, self.pad_id, dev)
         S = ids.shape[1]
         P = prefix.length if prefix is not None else 0
         full_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=dev), mask], 1)

@@ -56,7 +56,9 @@ def rerotate(keys: Tensor, src: Tensor, dst: Tensor, rotary) -> Tensor:
 
 
 @torch.no_grad()
-def article_states(lm: FrozenLM, ids: list[int], layers: list[int]) -> tuple[dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
+def article_states(
+    lm: FrozenLM, ids: list[int], layers: list[int]
+) -> tuple[dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
     """One forward over the article: residual stream after each layer in ``layers`` (S, d) and every layer's post-RoPE
     (keys, values) (H, S, D_h)."""
     t = torch.tensor([ids])
@@ -123,7 +125,8 @@ class KVReadout(nn.Module):
         cache = lm._cache(None, 1)
         with torch.no_grad():
             lm._body(ids, torch.ones_like(ids), torch.zeros_like(ids), cache)
-        self.register_buffer("sink_k", torch.stack([la.keys[0] for la in cache.layers]).float(), persistent=False)  # (L, H, 1, D)
+        # (L, H, 1, D)
+        self.register_buffer("sink_k", torch.stack([la.keys[0] for la in cache.layers]).float(), persistent=False)
         self.register_buffer("sink_v", torch.stack([la.values[0] for la in cache.layers]).float(), persistent=False)
 
     @torch.no_grad()
