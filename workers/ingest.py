@@ -94,7 +94,7 @@ class IngestJob:
         self.metrics_server = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
-    def start(self, reserve_cpus: float = 0.0, reserve_gpus: float = 0.0) -> "IngestJob":
+    def start(self, reserve_cpus: float = 0.0, reserve_gpus: float = 0.0) -> IngestJob:
         """Create the topic, the encoders (once their model is loaded) and the consumers. The plan is checked against
         the cluster first (pipeline/placement.py): on a cluster started here it is fitted or refused in one line
         (:class:`Unplaceable`, nothing left running); on a joined one the encoders must load within
@@ -191,7 +191,8 @@ class IngestJob:
                     t_log = time.monotonic()
                     s = self.snapshot()
                     log.info("ingest: %d records, %d written, %d unchanged, %d deleted, %d dead-lettered, %.1f docs/s",
-                             s["records"], s["upserted"], s["unchanged"], s["deleted"], s["dead_lettered"], s["docs_per_s"])
+                             s["records"], s["upserted"], s["unchanged"], s["deleted"], s["dead_lettered"],
+                             s["docs_per_s"])
                 time.sleep(0.5)
         except KeyboardInterrupt:
             log.info("ingest: interrupted; finishing in-flight batches")

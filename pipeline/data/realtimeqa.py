@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
@@ -74,7 +74,7 @@ def html_to_text(html: str) -> str:
 
 def _date(value: str) -> datetime:
     """``"YYYY/MM/DD"`` (most rows) or ``"YYYY-MM-DD"`` (some 2024 rows) → midnight UTC."""
-    return datetime.strptime(value.strip().replace("-", "/"), "%Y/%m/%d").replace(tzinfo=timezone.utc)
+    return datetime.strptime(value.strip().replace("-", "/"), "%Y/%m/%d").replace(tzinfo=UTC)
 
 
 def _convert(row: dict) -> tuple[Document | None, Question]:
