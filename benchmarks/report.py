@@ -52,7 +52,8 @@ def _news_selection(ns: dict | None) -> list[str]:
              f"Each set's questions with their evidence texts and full-length articles ({ns['articles_from']}) in one "
              f"memory; top-k {ns['top_k']} windows; gold document picked (%). Misses: gold not retrieved / another "
              "question's evidence / an article containing the answer / another article.", "",
-             "| set | documents (windows) | gold retrieved | picker | pick rate | misses | only this / only retriever |",
+             "| set | documents (windows) | gold retrieved | picker | pick rate | misses | "
+             "only this / only retriever |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in ns["sets"].items():
         for picker in ("retriever", "aggregator_sum", "aggregator_max", "checkpoint_rule"):
@@ -70,16 +71,19 @@ def _quality(d: Path, q: dict) -> list[str]:
     lines = ["## Quality by mode", "", f"How: {q['how']['method']}. Checkpoint `{q['how']['checkpoint']}`, top-k "
              f"{q['how']['top_k']}. s/question: wall time per question in 16-question batches on "
              f"{q['how'].get('threads', 1)} torch thread(s) (eval's "
-             f"batching, not the HTTP path: see the serving section for latency). Command: `{_command(q, 'quality')}`.", ""]
+             f"batching, not the HTTP path: see the serving section for latency). "
+             f"Command: `{_command(q, 'quality')}`.", ""]
     for name, rep in q["datasets"].items():
         lines += [f"### {name}: {rep['documents']} documents, {rep['questions']} questions", "",
-                  "| mode | EM | lenient EM | F1 | MC accuracy | selection | retriever top-1 | prompt tokens | s/question |",
+                  "| mode | EM | lenient EM | F1 | MC accuracy | selection | retriever top-1 | prompt tokens | "
+                  "s/question |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m in _modes(rep["metrics"]):
             r = rep["metrics"][m]
-            cell = lambda k, f=".1f": format(r[k], f) if k in r else "–"  # noqa: E731
+            cell = lambda k, f=".1f", r=r: format(r[k], f) if k in r else "–"  # noqa: E731
             lines.append(f"| {m} | {cell('em')} | {cell('lenient_em')} | {cell('f1')} | {cell('mc_accuracy')} | "
-                         f"{cell('selection')} | {cell('retriever_top1')} | {cell('prompt_tokens', '.0f')} | {cell('seconds', '.3f')} |")
+                         f"{cell('selection')} | {cell('retriever_top1')} | {cell('prompt_tokens', '.0f')} | "
+                         f"{cell('seconds', '.3f')} |")
         lines.append("")
     lines += _news_selection(q.get("news_selection"))
     names = list(q["datasets"])
@@ -108,7 +112,8 @@ def _quality(d: Path, q: dict) -> list[str]:
             modes = [m for m in next(iter(growth.values())) if m != "documents"]
             lines += [f"{name} ({r['questions']} questions):", "", "| memory | documents | " + " | ".join(modes) + " |",
                       "| --- | --- | " + " | ".join("---" for _ in modes) + " |"]
-            lines += [f"| {g} | {v['documents']} | " + " | ".join(f"{v[m]:.1f}" for m in modes) + " |" for g, v in growth.items()]
+            lines += [f"| {g} | {v['documents']} | " + " | ".join(f"{v[m]:.1f}" for m in modes) + " |"
+                      for g, v in growth.items()]
             lines.append("")
 
         def draw_ret(ax):
@@ -130,15 +135,18 @@ def _quality(d: Path, q: dict) -> list[str]:
     lines += ["## Bytes per document and per-question cost", "",
               f"- one stored modulation (T × d_LM float16): **{cost['bytes_per_modulation']:,} bytes**; the expanded "
               f"per-layer prefix it becomes at query time: {cost['bytes_per_expanded_prefix']:,} bytes (never stored)",
-              f"- encode time per document (one amortizer forward): {cost['encode_seconds_per_document'] * 1000:.1f} ms",
-              "- tokens the LM reads per question (prompt): " + ", ".join(f"{m} {v:.0f}" for m, v in mean_tokens.items() if v), ""]
+              f"- encode time per document (one amortizer forward): "
+              f"{cost['encode_seconds_per_document'] * 1000:.1f} ms",
+              "- tokens the LM reads per question (prompt): "
+              + ", ".join(f"{m} {v:.0f}" for m, v in mean_tokens.items() if v), ""]
     return lines
 
 
 def _bytes(d: Path, q: dict | None) -> list[str]:
     if not q:
         return []
-    docs, _ = synthetic.generate("test", q["how"]["synthetic_entities"], seed=0)  # the benchmarked split (deterministic)
+    # the benchmarked split (deterministic)
+    docs, _ = synthetic.generate("test", q["how"]["synthetic_entities"], seed=0)
     text = sum(len(document_text(x).encode()) for x in docs) / len(docs)
     cost = next(iter(q["datasets"].values()))["cost"]
     vec = cost.get("bytes_per_retrieval_vector", 384 * 4)  # older reports: the default MiniLM's 384 float32
@@ -150,7 +158,8 @@ def _bytes(d: Path, q: dict | None) -> list[str]:
         ax.set_title("Bytes per stored document")
 
     return [f"![bytes per document]({_plot(d / 'bytes_per_document.png', draw)})", "",
-            f"A stored point holds the modulation ({cost['bytes_per_modulation']:,} B), the retrieval vector ({vec:,} B) "
+            f"A stored point holds the modulation ({cost['bytes_per_modulation']:,} B), the retrieval vector "
+            f"({vec:,} B) "
             f"and the document's text as payload ({text:,.0f} B on average here).", ""]
 
 
@@ -158,7 +167,8 @@ def _ingest(d: Path, ing: dict) -> list[str]:
     runs = ing["runs"]
     lines = ["## Ingest throughput by encoder workers", "", f"How: {ing['how']['method']}", "",
              f"{ing['how']['documents']} documents, batch size {ing['how']['batch_size']}, {ing['how']['partitions']} "
-             f"partitions. Command: `{_command(ing, 'ingest --workers ' + ' '.join(str(r['workers']) for r in runs))}`.", "",
+             f"partitions. Command: "
+             f"`{_command(ing, 'ingest --workers ' + ' '.join(str(r['workers']) for r in runs))}`.", "",
              "| workers | documents | seconds | docs/s | batch latency p50 s |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['workers']} | {r['documents']} | {r['seconds']:.1f} | {r['docs_per_s']:.2f} | "
               f"{r['batch_latency_p50_s']:.2f} |" for r in runs]
@@ -180,7 +190,8 @@ def _serve(d: Path, sv: dict, corpus: str = "") -> list[str]:
     title = "Serving latency on real-length news" if corpus else "Serving latency and throughput"
     lines = [f"## {title} (HTTP, Ray Serve)", "", f"How: {how['method']}", "",
              f"{how['documents']} documents ({how.get('corpus', 'synthetic')}, mean "
-             f"{how.get('mean_document_tokens', float('nan')):.0f} tokens) in the store, top-k {how['top_k']}, max_new_tokens {how['max_new_tokens']}, "
+             f"{how.get('mean_document_tokens', float('nan')):.0f} tokens) in the store, top-k {how['top_k']}, "
+             f"max_new_tokens {how['max_new_tokens']}, "
              f"{how['requests_per_mode']} requests per mode, {how['replicas']} replica × {how['replica_threads']} "
              f"thread(s), batch ≤ {how['max_batch_size']}, batch wait {how['batch_wait_s']} s. Command: "
              f"`{_command(sv, 'serve')}`.", "", serve.table(sv), ""]
@@ -201,7 +212,8 @@ def _freshness(d: Path, fr: dict) -> list[str]:
     lines = ["## Freshness: time from produce to an answer citing the document (always-on path)", "",
              f"How: {how['method'].replace('``', '`')}", "",
              f"{how['documents']} documents per ingest configuration at {how['rate_docs_per_s']:.2f} docs/s "
-             f"({how['rate_from']}" + (f"; capacity {cap:.2f} docs/s on a burst of {how['burst_documents']}" if cap else "")
+             f"({how['rate_from']}"
+             + (f"; capacity {cap:.2f} docs/s on a burst of {how['burst_documents']}" if cap else "")
              + f"), poll interval {how['poll_interval_s']} s, gate `{how['gate']}`, mode `{how['mode']}`, top_k "
              f"{how['top_k']}, {how['encoder_workers']} encoder worker(s), {'warm' if how['warm'] else 'cold'}. "
              f"Load average before/after: {how.get('load_average_before')} / {how.get('load_average_after')}. "
