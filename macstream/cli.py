@@ -1,8 +1,8 @@
 """``macstream``: one command line for the whole system.
 
 Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose, calibrate-pick (the engine); broker,
-produce, feeds, ingest, stats, migrate-store, replay (streaming); serve (HTTP API); up (ingest + serve, always on); bench
-(benchmarks and the report); demo.
+produce, feeds, ingest, stats, migrate-store, replay (streaming); serve (HTTP API); up (ingest + serve, always on);
+bench (benchmarks and the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
 ingest and serve flags are generated from their pydantic configs (:mod:`macstream.flags`).
@@ -51,14 +51,14 @@ def _model(args):
     try:
         return MACModel.load(checkpoint_dir(args.checkpoint))
     except FileNotFoundError as err:
-        raise SystemExit(f"macstream: {err}")
+        raise SystemExit(f"macstream: {err}") from None
 
 
 def _read_config(path: str | None) -> dict:
     try:
         return flags.read_json(path)
     except ValueError as err:
-        raise SystemExit(f"macstream: {err}")
+        raise SystemExit(f"macstream: {err}") from None
 
 
 def cmd_data(args) -> None:
@@ -115,7 +115,8 @@ def _finetune_configs(args) -> dict:
     if not isinstance(conf, dict):
         raise SystemExit(f"macstream: --ft-config {args.ft_config}: expected a JSON object")
     per_mode = conf if conf and set(conf) <= set(FT_MODES) else {m: conf for m in FT_MODES}
-    flags = {k: v for k, v in (("steps", args.ft_steps), ("lr", args.ft_lr), ("optimizer", args.ft_optimizer)) if v is not None}
+    flags = {k: v for k, v in (("steps", args.ft_steps), ("lr", args.ft_lr), ("optimizer", args.ft_optimizer))
+             if v is not None}
     return {m: load_config(FinetuneConfig, (per_mode.get(m) or {}) | flags, f"ft-config {m}") for m in FT_MODES}
 
 
@@ -165,7 +166,8 @@ def cmd_ask(args) -> None:
         raise SystemExit(f"macstream: memory {args.memory} is empty")
     q = Question(id="ask", question=args.question, answers=["-"])
     hits = bank.search(model.encoder.embed([q.question]).numpy(), args.top_k)
-    row = answer_batch(model, args.mode, [q], hits, EvalSettings(max_new_tokens=args.max_new_tokens, multiple_choice=False))[0]
+    row = answer_batch(model, args.mode, [q], hits,
+                       EvalSettings(max_new_tokens=args.max_new_tokens, multiple_choice=False))[0]
     weights = row.get("weights", {})
     best: dict[str, object] = {}
     for h in hits[0]:  # hits are chunks, best first: one source per document, at its best chunk's score
@@ -182,7 +184,8 @@ def cmd_broker(args) -> None:
     from workers.broker import LocalBroker
 
     with LocalBroker(args.port, args.durable) as broker:
-        print(json.dumps({"bootstrap_servers": broker.bootstrap, "durable": str(args.durable) if args.durable else None}),
+        print(json.dumps({"bootstrap_servers": broker.bootstrap,
+                          "durable": str(args.durable) if args.durable else None}),
               flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
@@ -573,13 +576,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--years", type=int, nargs="+", default=[2024])
     d.set_defaults(fn=cmd_data)
 
-    tr = sub.add_parser("train-readout", help="build a readout-memory checkpoint (the LM's own states + a per-layer K/V "
-                        "readout; pipeline/train_readout.py)")
+    tr = sub.add_parser("train-readout", help="build a readout-memory checkpoint (the LM's own states + a per-layer "
+                        "K/V readout; pipeline/train_readout.py)")
     tr.add_argument("--out", required=True, help="checkpoint directory (resumes from <out>/last.pt)")
     tr.add_argument("--config", help="JSON file of ReadoutTrainConfig fields; unknown keys are rejected")
     tr.add_argument("--steps", type=int, help="end-to-end fine-tuning steps (overrides the config)")
-    tr.add_argument("--selection-from", metavar="CHECKPOINT", help="keep this readout checkpoint's selector and readout; "
-                    "train only the selection (question encoder + aggregator) again")
+    tr.add_argument("--selection-from", metavar="CHECKPOINT", help="keep this readout checkpoint's selector and "
+                    "readout; train only the selection (question encoder + aggregator) again")
     tr.set_defaults(fn=cmd_train_readout)
 
     tp = sub.add_parser("train-prompt", help="train a readout checkpoint's answer prompt, the prefix select+rag reads "
@@ -598,8 +601,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--data", required=True)
             s.add_argument("--modes", default="base,mac,rag,mac+rag",
-                           help="comma-separated: base, rag, mac, mac+rag, select+rag, KIND@N for the text kinds (only N texts in the prompt; "
-                                "for mac+rag and select+rag the ones the aggregator weighs most), ft-uniform, ft-salient")
+                           help="comma-separated: base, rag, mac, mac+rag, select+rag, KIND@N for the text kinds "
+                                "(only N texts in the prompt; for mac+rag and select+rag the ones the aggregator "
+                                "weighs most), ft-uniform, ft-salient")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
             s.add_argument("--limit", type=_positive)
@@ -609,7 +613,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--out")
             s.add_argument("--ft-config", dest="ft_config",
                            help="ft modes: JSON FinetuneConfig, {mode: FinetuneConfig}, or a baselines tuning report")
-            s.add_argument("--ft-steps", dest="ft_steps", type=_positive, help="ft modes: K optimiser steps per document")
+            s.add_argument("--ft-steps", dest="ft_steps", type=_positive,
+                           help="ft modes: K optimiser steps per document")
             s.add_argument("--ft-lr", dest="ft_lr", type=float, help="ft modes: learning rate")
             s.add_argument("--ft-optimizer", dest="ft_optimizer", choices=["adamw", "sgd"], help="ft modes: optimiser")
         elif name == "encode":
@@ -619,7 +624,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("question")
             s.add_argument("--memory", required=True, help="file written by `macstream encode`")
             s.add_argument("--mode", default=DEFAULT_MODE, type=_mode,
-                           help=f"base, rag, mac, mac+rag, select+rag, or KIND@N for the text kinds (N texts in the prompt); default {DEFAULT_MODE}, "
+                           help=f"base, rag, mac, mac+rag, select+rag, or KIND@N for the text kinds (N texts in the "
+                                f"prompt); default {DEFAULT_MODE}, "
                                 "the best the shipped checkpoint measures")
             s.add_argument("--top-k", type=_positive, default=4)
             s.add_argument("--max-new-tokens", type=_positive, default=16)
@@ -643,7 +649,8 @@ def parser() -> argparse.ArgumentParser:
 
     fd = sub.add_parser("feeds", help="poll RSS/Atom/JSON feeds into the topic: each story's article text, once "
                         "(again when it changes)", epilog=f"Every setting is also read from "
-                        f"${flags.env_prefix('feeds')}<SETTING> (flags win). State: MACSTREAM_HOME/feeds/<topic>.sqlite.")
+                        f"${flags.env_prefix('feeds')}<SETTING> (flags win). "
+                        "State: MACSTREAM_HOME/feeds/<topic>.sqlite.")
     fd.add_argument("feed_sources", metavar="SOURCES", help="a feed URL, or a file with one feed URL per line")
     flags.add_flags(fd, FeedsConfig, skip=("sources",))
     fd.add_argument("--partitions", type=_positive, default=4, help="when the topic is created")
@@ -720,13 +727,16 @@ def parser() -> argparse.ArgumentParser:
                          "vs online fine-tuning (accuracy, adaptation cost, retention); freshness: time from produce "
                          "to an HTTP answer citing the document, on the always-on path; all: each in turn; store: "
                          "the embedded store's write rate, query latency, RSS and disk by size (not part of all)")
-    bn.add_argument("--out-dir", dest="out_dir", help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
+    bn.add_argument("--out-dir", dest="out_dir",
+                    help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
     bn.add_argument("--quality-entities", dest="quality_entities", type=_positive, default=60,
                     help="quality: synthetic test entities (about 5 questions each)")
     bn.add_argument("--rtqa-questions", dest="rtqa_questions", type=_positive, default=150,
                     help="quality: RealTimeQA 2024 questions (all of its documents in memory)")
-    bn.add_argument("--quality-top-k", dest="quality_top_k", type=_positive, default=4, help="quality, baselines: retrieved chunks")
-    bn.add_argument("--replica-threads", dest="replica_threads", type=_positive, default=1, help="serve: torch threads of the replica")
+    bn.add_argument("--quality-top-k", dest="quality_top_k", type=_positive, default=4,
+                    help="quality, baselines: retrieved chunks")
+    bn.add_argument("--replica-threads", dest="replica_threads", type=_positive, default=1,
+                    help="serve: torch threads of the replica")
     bn.add_argument("--workers", type=_positive, nargs="+", default=[1, 2], help="ingest: worker counts to compare")
     bn.add_argument("--checkpoint")
     bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
@@ -734,7 +744,8 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--clients", type=_positive, default=8)
     bn.add_argument("--top-k", dest="top_k", type=_positive, default=8, help="serve: retrieved chunks")
     bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
-    bn.add_argument("--batch-wait", dest="batch_wait", type=float, help="serve: longest a replica waits to fill a batch (s; default: serve's)")
+    bn.add_argument("--batch-wait", dest="batch_wait", type=float,
+                    help="serve: longest a replica waits to fill a batch (s; default: serve's)")
     bn.add_argument("--baseline-entities", dest="baseline_entities", type=_positive, default=16,
                     help="baselines: synthetic test entities of the stream")
     bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=48,
@@ -743,7 +754,8 @@ def parser() -> argparse.ArgumentParser:
                     help="baselines: synthetic validation entities the ft hyperparameters are tuned on")
     bn.add_argument("--tuning", help="baselines: tuning report to reuse (default <out dir>/baselines-tuning.json; "
                                      "tuned and written there when absent)")
-    bn.add_argument("--threads", type=_positive, default=1, help="torch threads of the benchmark process (quality, baselines)")
+    bn.add_argument("--threads", type=_positive, default=1,
+                    help="torch threads of the benchmark process (quality, baselines)")
     bn.add_argument("--serve-docs", dest="serve_docs", choices=["synthetic", "realtimeqa"], default="synthetic",
                     help="serve: the corpus — synthetic 40-90-word articles, or real-length RealTimeQA 2022 news "
                          "(--entities questions and their articles; latency only, written to serve-realtimeqa.json)")
@@ -776,11 +788,13 @@ def parser() -> argparse.ArgumentParser:
                     help="store: largest size qdrant-client local mode is run at (it keeps everything in RAM)")
     bn.add_argument("--store-queries", dest="store_queries", type=_positive, default=200,
                     help="store: searches timed per filter")
-    bn.add_argument("--store-workdir", dest="store_workdir", help="store: where the stores are built (default: $TMPDIR)")
+    bn.add_argument("--store-workdir", dest="store_workdir",
+                    help="store: where the stores are built (default: $TMPDIR)")
     bn.set_defaults(fn=cmd_bench)
 
-    dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free control "
-                                         "per answer kind and piece, same-type other-document NLL, gold-only answers")
+    dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free "
+                                         "control per answer kind and piece, same-type other-document NLL, gold-only "
+                                         "answers")
     dg.add_argument("--checkpoint")
     dg.add_argument("--split", default="validation", choices=["validation", "test"])
     dg.add_argument("--entities", type=_positive, default=120)
@@ -826,12 +840,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv[1:]  # after the subcommand: benchmarks record the exact command that produced them
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, StoreBusy, Unplaceable) as err:
         print(f"macstream: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
