@@ -5,7 +5,7 @@ present); and the document pick on real news with full-length articles in the me
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -16,8 +16,8 @@ from pipeline.evaluate import evaluate
 from pipeline.model.mac import MACModel, checkpoint_dir
 from pipeline.scoring import EvalSettings
 
-# base, rag, mac, mac+rag, plus one document's text in the prompt: the retriever's best (rag@1) or the aggregator's, with
-# its memory (mac+rag@1) or behind the answer prompt (select+rag@1)
+# base, rag, mac, mac+rag, plus one document's text in the prompt: the retriever's best (rag@1) or the aggregator's,
+# with its memory (mac+rag@1) or behind the answer prompt (select+rag@1)
 QUALITY_MODES = ("base", "rag", "rag@1", "mac", "mac+rag", "mac+rag@1", "select+rag@1")
 
 
@@ -46,7 +46,7 @@ def run(checkpoint: str | None = None, entities: int = 60, rtqa_questions: int =
         out["news_selection"] = {"pick_rule": sel["pick_rule"], "articles_from": sel["articles_from"], "top_k": top_k,
                                  "sets": {n: {k: v for k, v in r.items() if k not in ("records", "by_k")}
                                           | r["by_k"][str(top_k)] for n, r in sel["sets"].items()}}
-    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    out["how"] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                   "threads": torch.get_num_threads(),
                   "checkpoint": model.version, "answer_prompt": model.prompt_version, "modes": list(modes),
                   "top_k": top_k, "synthetic_entities": entities,

@@ -124,8 +124,8 @@ def citation_weights(hits: list[Hit], mass: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def answer(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], hits: list[list[Hit]], max_new_tokens: int,
-           encoded: QuestionEncoding | None = None) -> list[Answer]:
+def answer(model: MACModel | FrozenLM, mode: Mode | str, questions: list[str], hits: list[list[Hit]],
+           max_new_tokens: int, encoded: QuestionEncoding | None = None) -> list[Answer]:
     """Answer a batch of questions in one mode (one batched generation)."""
     lm = lm_of(model)
     tok = lm.tokenizer

@@ -124,7 +124,8 @@ def question_kind(q: Question) -> dict:
     raise ValueError(f"{q.id}: not a synthetic question (no template matches): {q.question!r}")
 
 
-def same_type_others(items: list[tuple[Question, Document]], docs: list[Document], seed: int = 0) -> tuple[list[Document], int]:
+def same_type_others(items: list[tuple[Question, Document]], docs: list[Document],
+                     seed: int = 0) -> tuple[list[Document], int]:
     """For each (question, gold article): an article of the same event type about another company (so it states
     the same kind of fact with another value), drawn with a seeded generator. Falls back to any other company's
     article when the split has no same-type one; returns the others and how many are same-type."""
@@ -157,7 +158,8 @@ def answer_pieces(tokenizer, answer_text: str) -> tuple[list[int], list[str]]:
 
 
 @torch.no_grad()
-def token_scores(lm, prompts: list[list[int]], continuations: list[list[int]], prefix: Prefix | None) -> list[tuple[list[float], list[bool]]]:
+def token_scores(lm, prompts: list[list[int]], continuations: list[list[int]],
+                 prefix: Prefix | None) -> list[tuple[list[float], list[bool]]]:
     """Per continuation token: log p(token | prompt, prefix, earlier tokens) and whether it is the argmax (teacher
     forcing). The same forward as :meth:`FrozenLM.continuation_logprobs`, kept per token."""
     dev, B = lm.device, len(prompts)
@@ -264,7 +266,8 @@ def document_signal(model: MACModel, mods: list[Modulation], question: str) -> d
     r = lambda pair: [float(f"{v:.3g}") for v in pair]
     return {"documents": N, "question": question, "columns": ["share", "energy"],
             "modulation": r(between_doc_share(X)), "phi_star": r(between_doc_share(phi)),
-            "prefix_keys_mean": r(np.mean(per_layer["keys"], 0)), "prefix_values_mean": r(np.mean(per_layer["values"], 0)),
+            "prefix_keys_mean": r(np.mean(per_layer["keys"], 0)),
+            "prefix_values_mean": r(np.mean(per_layer["values"], 0)),
             "prefix_per_layer": per_layer}
 
 
@@ -296,14 +299,16 @@ def diagnose(model: MACModel, split: str = "validation", entities: int = 120, qu
     for cond in CONDITIONS:
         for s in range(0, len(items), batch):
             part = items[s: s + batch]
-            prefix, _ = model.memory_prefix([q.question for q, _ in part], [[(m, 1.0)] for m in memories[cond][s: s + batch]])
+            prefix, _ = model.memory_prefix([q.question for q, _ in part],
+                                            [[(m, 1.0)] for m in memories[cond][s: s + batch]])
             prefixes[cond].append(prefix)
             scored = token_scores(model.lm, prompts[s: s + batch], [t[0] for t in targets[s: s + batch]], prefix)
             for j, (lps, hits) in enumerate(scored):
                 stats.add(cond, kinds[s + j], targets[s + j][1], lps, hits)
                 per_q[cond].append(-sum(lps) / len(lps))
     nll = {c: sum(v) / len(v) for c, v in per_q.items()}
-    out["nll_gold_memory"], out["nll_other_memory"], out["nll_control_memory"] = nll["gold"], nll["other"], nll["control"]
+    out["nll_gold_memory"], out["nll_other_memory"] = nll["gold"], nll["other"]
+    out["nll_control_memory"] = nll["control"]
     out["nll_gap"] = nll["other"] - nll["gold"]
     out["info_gain"] = nll["control"] - nll["gold"]
     out["per_token"] = stats.table()

@@ -47,7 +47,8 @@ def build_memory(model: MACModel, docs: list[Document], progress: bool = True) -
     return bank
 
 
-def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], modes, settings: EvalSettings, desc: str) -> dict[str, list[dict]]:
+def run_questions(model: MACModel, bank: MemoryBank, questions: list[Question], modes, settings: EvalSettings,
+                  desc: str) -> dict[str, list[dict]]:
     q_vecs = model.encoder.embed([q.question for q in questions]).numpy() if questions else np.zeros((0, 1))
     hits = bank.search(q_vecs, settings.top_k) if len(bank) else [[] for _ in questions]
     out: dict[str, list[dict]] = {m: [] for m in modes}
@@ -89,7 +90,8 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
         "cost": {
             "bytes_per_modulation": model.cfg.num_tokens * model.lm.hidden_size * 2,
             "bytes_per_retrieval_vector": model.encoder.width * 4,
-            "bytes_per_expanded_prefix": model.lm.num_layers * 2 * model.cfg.prefix_tokens * model.lm.num_kv_heads * model.lm.head_dim * 2,
+            "bytes_per_expanded_prefix": (model.lm.num_layers * 2 * model.cfg.prefix_tokens * model.lm.num_kv_heads
+                                          * model.lm.head_dim * 2),
             "encode_seconds_per_document": encode_s / max(1, len(docs)),
         },
         "rows": rows,
@@ -103,7 +105,8 @@ def evaluate(model: MACModel, docs: list[Document], questions: list[Question], s
         report["adaptation"] = {m: r["cost"] for m, r in ft.items()}
     if settings.retention:
         # retention reports F1 only: skip the multiple-choice scoring it would otherwise compute and drop
-        report["retention"] = retention(model, docs, qs, replace(lm_settings, multiple_choice=False)) if lm_settings.modes else {}
+        no_mc = replace(lm_settings, multiple_choice=False)
+        report["retention"] = retention(model, docs, qs, no_mc) if lm_settings.modes else {}
         for m, r in ft.items():  # same block (first eighth) and growth points as retention(): merge per point
             if r["retention"]:
                 report["retention"]["questions"] = r["retention"]["questions"]

@@ -17,7 +17,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from random import Random
 
@@ -26,8 +26,8 @@ from pipeline.schemas import Document, Question
 
 SPLITS = ("train", "validation", "test")
 
-_START = datetime(2023, 1, 1, tzinfo=timezone.utc)
-_DAYS = (datetime(2026, 1, 1, tzinfo=timezone.utc) - _START).days  # 2023-01-01 .. 2025-12-31
+_START = datetime(2023, 1, 1, tzinfo=UTC)
+_DAYS = (datetime(2026, 1, 1, tzinfo=UTC) - _START).days  # 2023-01-01 .. 2025-12-31
 _MIN_GAP_DAYS = 60  # two events of one entity never fall in the same month
 
 _ONSETS = (

@@ -45,7 +45,7 @@ class QuestionEncoding(NamedTuple):
     tokens: Tensor  # (B, T, D) query tokens for the aggregator
     vectors: Tensor  # (B, d_enc) unit-norm retrieval vectors
 
-    def select(self, rows: list[int]) -> "QuestionEncoding":
+    def select(self, rows: list[int]) -> QuestionEncoding:
         idx = torch.tensor(rows, dtype=torch.long)
         return QuestionEncoding(self.tokens[idx], self.vectors[idx])
 
@@ -109,7 +109,7 @@ class MACModel(nn.Module):
     def model_id(self) -> str:
         return f"{self.cfg.lm}|{self.cfg.encoder}"
 
-    def to_device(self, device: str | torch.device) -> "MACModel":
+    def to_device(self, device: str | torch.device) -> MACModel:
         """Move every part (frozen LM, encoder, heads) to ``device``. On CUDA the frozen LM runs in bf16 (fp16 where
         bf16 is unsupported); the heads and the encoder stay float32. Moving to CPU changes nothing else."""
         device = torch.device(device)
@@ -139,7 +139,7 @@ class MACModel(nn.Module):
         return version
 
     @classmethod
-    def load(cls, directory: str | Path, lm: FrozenLM | None = None, encoder: TextEncoder | None = None) -> "MACModel":
+    def load(cls, directory: str | Path, lm: FrozenLM | None = None, encoder: TextEncoder | None = None) -> MACModel:
         """The checkpoint in ``directory`` with its answer prompt and document-pick rule, when it has them.
         FileNotFoundError without one; ValueError when its config is not the readout memory, its weights do not fit
         the config, or its ``pick.json`` is not a valid rule."""
@@ -271,18 +271,18 @@ class MACModel(nn.Module):
         return mods, mask, scores
 
     @torch.no_grad()
-    def memory_prefix(self, questions: "list[str] | QuestionEncoding",
+    def memory_prefix(self, questions: list[str] | QuestionEncoding,
                       memories: list[list[tuple[Modulation, float]]]) -> tuple[Prefix, Tensor]:
         """Questions (texts, or their encoding from retrieval) + per-question memories → prefix, mass (B, K)."""
         return self.prefix(*self._aggregator_inputs(questions, memories))
 
     @torch.no_grad()
-    def selection(self, questions: "list[str] | QuestionEncoding",
+    def selection(self, questions: list[str] | QuestionEncoding,
                   memories: list[list[tuple[Modulation, float]]]) -> Tensor:
         """The aggregator's attention mass over each question's memories, (B, K), without building a prefix."""
         return self.aggregator(*self._aggregator_inputs(questions, memories))[1]
 
-    def _aggregator_inputs(self, questions: "list[str] | QuestionEncoding",
+    def _aggregator_inputs(self, questions: list[str] | QuestionEncoding,
                            memories: list[list[tuple[Modulation, float]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q_tokens (B, T, D), mods (B, K, T, D), mask (B, K), scores (B, K)."""
         q_tokens = (questions if isinstance(questions, QuestionEncoding) else self.encode_questions(questions)).tokens
