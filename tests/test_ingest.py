@@ -1,4 +1,4 @@
-"""Streaming ingestion end to end: a real Tansu broker process, real Ray actors, the real qdrant-client store.
+"""Streaming ingestion end to end: a real Tansu broker process, real Ray actors, the real embedded store (Qdrant Edge).
 
 Every test drives an :class:`~workers.ingest.IngestJob` to idle and then checks the store through the job's own
 store handle (the actor that owns the embedded store). The model is the tiny checkpoint (real MiniLM, tiny Llama):
