@@ -165,13 +165,43 @@ def test_jsonl_lines_are_validated_like_topic_messages(cluster, tiny_checkpoint,
              json.dumps({"id": "j4", "text": "x", "title": 7}).encode()]
     src = tmp_path / "news.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
-    report = _backfill(tiny_checkpoint, tmp_path / "store", src)
+    report = _backfill(tiny_checkpoint, tmp_path / "store", f"file://{src}")  # a URI: pyarrow's filesystems
     rows = read_dead_letters(report["dead_letter_file"])
     assert {(r["line"], r["kind"]) for r in rows} == {(2, "invalid_json"), (3, "wrong_type"), (6, "invalid_json"),
                                                       (7, "invalid_document")}
     assert {r["value"] for r in rows} == {lines[1], lines[2], lines[5], lines[6]}  # raw, byte for byte
     assert report["upserted"] == 2 and report["records"] == 6
     Path(report["dead_letter_file"]).unlink()
+
+
+@ray.remote(num_cpus=1)
+class _Hog:
+    def ping(self) -> int:
+        return 1
+
+
+def test_backfill_needs_no_free_cpu_to_read(cluster, tiny_checkpoint, tmp_path):
+    """With the encoder holding the last free CPU, both passes over the source still run: every Ray Data task of the
+    plan reserves no CPU (a projection or listing task reserving one waited forever once the encoders held every
+    core)."""
+    import threading
+
+    free = ray.available_resources().get("CPU", 0)
+    hog = _Hog.options(num_cpus=free - 0.5).remote()  # the encoder gets the last 0.5 (fitted to the cluster)
+    ray.get(hog.ping.remote())
+    docs = [Document(id=f"c{i}", text=f"Bridge {i} reopens after repairs in week {i}.") for i in range(6)]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(d.model_dump_json() + "\n" for d in docs))
+    result: dict = {}
+    try:
+        run = threading.Thread(target=lambda: result.update(_backfill(tiny_checkpoint, tmp_path / "store", src)),
+                               daemon=True)
+        run.start()
+        run.join(timeout=300)
+        assert not run.is_alive(), "the backfill waited for a CPU it will never get"
+    finally:
+        ray.kill(hog)
+    assert result["upserted"] == len(docs) and result["complete"]
 
 
 def test_bad_sources_fail_in_one_line_before_anything_starts(tmp_path):

@@ -150,20 +150,24 @@ def _jsonl_rows(fs, path: str, max_bytes: int):
         yield rows
 
 
-def read_files(batch: dict, fmt: str, fs, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-    """Ray Data UDF: the files named in ``batch["path"]`` → their rows, validated (:data:`PARSED`), in file order, in
-    blocks of at most :data:`ROWS_PER_BLOCK` rows."""
+def read_files(batch: dict, fmt: str, fs, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+               columns: list[str] | None = None):
+    """Ray Data UDF: the files named in ``batch["path"]`` → their rows, validated (:data:`PARSED`, or only
+    ``columns`` of it), in file order, in blocks of at most :data:`ROWS_PER_BLOCK` rows."""
     for path in batch["path"]:
         for rows in (_jsonl_rows if fmt == "jsonl" else _parquet_rows)(fs, str(path), max_bytes):
-            yield pa.Table.from_pylist(rows, schema=PARSED)
+            table = pa.Table.from_pylist(rows, schema=PARSED)
+            yield table.select(columns) if columns else table
 
 
-def dataset(fmt: str, files: list[str], fs, read_tasks: int = 2, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-    """The Ray Data dataset of the source's validated rows (:data:`PARSED`), in source order: one task per file, at
-    most ``read_tasks`` at once, each reserving no CPU (reading and validating are light next to encoding, and the
-    encoders may hold every core). Ray Data's own file readers are not used: their listing step reserves a whole CPU
-    per task, which waits forever once the encoders hold every core. A local path is read on this process's node
-    (the one machine known to have it); a URI on any node."""
+def dataset(fmt: str, files: list[str], fs, read_tasks: int = 2, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+            columns: list[str] | None = None):
+    """The Ray Data dataset of the source's validated rows (:data:`PARSED`, or only ``columns`` of it), in source
+    order: one task per file, at most ``read_tasks`` at once, each reserving no CPU (reading and validating are light
+    next to encoding). Every operator of the plan must reserve no CPU, since the encoders may hold every core and a
+    task that waits for one waits forever: so no Ray Data file reader (their listing step reserves a CPU per task)
+    and no ``select_columns`` (a projection task of its own); the projection is done here. A local path is read on
+    this process's node (the one machine known to have it); a URI on any node."""
     import warnings
 
     import ray
@@ -179,7 +183,8 @@ def dataset(fmt: str, files: list[str], fs, read_tasks: int = 2, max_bytes: int 
     if isinstance(fs, LocalFileSystem):
         here = {"label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
     listing = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return listing.map_batches(read_files, fn_kwargs={"fmt": fmt, "fs": fs, "max_bytes": max_bytes}, batch_size=1,
+    kwargs = {"fmt": fmt, "fs": fs, "max_bytes": max_bytes, "columns": columns}
+    return listing.map_batches(read_files, fn_kwargs=kwargs, batch_size=1,
                                batch_format="numpy", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=read_tasks),
                                **here)
 

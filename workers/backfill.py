@@ -81,12 +81,13 @@ class BackfillJob:
         counts only where it outlasts model loading."""
         init_ray()
         self.store = connect_store(self.cfg.store_location())
-        self.ds = archive.dataset(self.fmt, self.files, self.fs, self.cfg.read_tasks, self.cfg.max_message_bytes)
+        args = (self.fmt, self.files, self.fs, self.cfg.read_tasks, self.cfg.max_message_bytes)
+        self.ds = archive.dataset(*args)
         failed: list[BaseException] = []
 
         def plan() -> None:
             try:
-                self._plan(self.ds)
+                self._plan(archive.dataset(*args, columns=["id", "op", "hash", "kind"]))
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 failed.append(err)
 
@@ -136,8 +137,7 @@ class BackfillJob:
     # ---- pass 1: the last valid row of every document --------------------------------------------------------------
     def _plan(self, ds) -> None:
         rows = 0
-        for batch in ds.select_columns(["id", "op", "hash", "kind"]).iter_batches(batch_format="pyarrow",
-                                                                                  batch_size=4096):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
             if self.halt.is_set():
                 return
             cols = batch.to_pydict()
