@@ -200,8 +200,9 @@ def margin_curve(records: list[dict], pooling: str, margins=MARGINS) -> list[tup
 
 
 def calibrate(records: list[dict], source: str, poolings=("sum", "max"), margins=MARGINS) -> DocumentPick:
-    """The floor rule with the highest pick rate on ``records`` (a calibration split, never a test set); among equal
-    rates the larger margin (the rule nearest the retriever), then sum pooling. ``source`` is recorded."""
+    """The floor rule with the highest pick rate on ``records`` (a calibration split, never a test set; one record per
+    question and k); among equal rates the larger margin (the rule nearest the retriever), then sum pooling.
+    ``source`` is recorded."""
     best = None
     for pooling in poolings:
         for m, rate in margin_curve(records, pooling, margins):
@@ -211,7 +212,7 @@ def calibrate(records: list[dict], source: str, poolings=("sum", "max"), margins
     (rate, m, _), pooling, _ = best
     retr = 100 * sum(picked(r, "retriever") == r["gold"] for r in records) / max(1, len(records))
     return DocumentPick(pooling=pooling, margin=m, calibration={
-        "on": source, "questions": len(records), "pick_rate": rate, "retriever_pick_rate": round(retr, 2),
+        "on": source, "records": len(records), "pick_rate": rate, "retriever_pick_rate": round(retr, 2),
         "rule": "highest pick rate; ties: larger margin, then sum pooling"})
 
 

@@ -235,3 +235,13 @@ def test_news_selection_runs_on_a_realtimeqa_folder_and_caches_its_memory(tiny_c
     monkeypatch.setenv(realtimeqa.ENV_VAR, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="RealTimeQA"):
         news_selection.run(model, questions=4, articles=6, cache=None)
+
+
+def test_the_shipped_rule_was_calibrated_on_held_out_weeks_never_on_the_test_year() -> None:
+    from pipeline.config import SHIPPED_CHECKPOINT
+
+    rule = load_pick(SHIPPED_CHECKPOINT)
+    assert rule is not None and rule.margin is not None
+    on = rule.calibration["on"]
+    assert "held-out weeks of the selection years" in on and "2024" not in on
+    assert rule.calibration["pick_rate"] >= rule.calibration["retriever_pick_rate"]  # where it was calibrated
