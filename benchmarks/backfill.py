@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import ingest
@@ -66,7 +66,7 @@ def run(checkpoint: str | None = None, entities: int = 40, workers: tuple[int, .
     if 1 in by and 2 in by:
         out["checks"]["backfill_2_over_1_workers"] = by[2]["backfill"]["docs_per_s"] / by[1]["backfill"]["docs_per_s"]
         out["checks"]["ingest_2_over_1_workers"] = by[2]["ingest"]["docs_per_s"] / by[1]["ingest"]["docs_per_s"]
-    out["how"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    out["how"] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                   "checkpoint": checkpoint or "shipped", "documents": len(docs), "batch_size": batch_size,
                   "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
                   "method": __doc__.split("How it is measured (printed with the results): ")[1].strip()}

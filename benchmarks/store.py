@@ -33,13 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
 TENANTS, SOURCES, DAYS = 10, 5, 90
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LOCAL_CAP = 10_000  # local mode holds everything in RAM in pure Python: beyond this it is hours per size
 FILTERS = ("none", "tenant", "since", "tenant+since")
 
@@ -235,7 +235,7 @@ def run(points: list[int], out: Path, *, engines: tuple[str, ...] = ("edge", "lo
     result = {"how": {"command": command or "macstream bench store", "method": __doc__.split("\n\n", 1)[1].strip(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "local_cap": local_cap,
                       "k": settings.get("k", 4), "settings": settings,
-                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                      "date": datetime.now(UTC).isoformat(timespec="seconds")},
               "rows": []}
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

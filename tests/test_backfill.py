@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,7 @@ ray = pytest.importorskip("ray")
 
 from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import BackfillConfig, IngestConfig  # noqa: E402
-from pipeline.memory_export import (ExportFormatError, VersionMismatch, export_collection, import_file,  # noqa: E402
-                                    stored_documents)
+from pipeline.memory_export import ExportFormatError, VersionMismatch, export_collection, import_file, stored_documents  # noqa: E402
 from pipeline.model.mac import checkpoint_identity  # noqa: E402
 from pipeline.schemas import Document  # noqa: E402
 from pipeline.store import StoreBusy, collection_name, open_store  # noqa: E402
@@ -42,7 +41,7 @@ from workers.messages import content_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 D_ENC = 384  # MiniLM, the tiny checkpoint's encoder
-T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 COLUMNS = ["id", "text", "title", "published_at", "op"]
 
 
@@ -222,8 +221,9 @@ def _same_bits(a: pa.Table, b: pa.Table) -> None:
     for name in a.column_names:
         if name in ("vector", "modulation"):
             dt = np.uint32 if name == "vector" else np.uint16
-            flat = lambda t: (t.column(name).combine_chunks().flatten().flatten() if name == "modulation"  # noqa: E731
-                              else t.column(name).combine_chunks().flatten()).to_numpy()
+            def flat(t, name=name):
+                col = t.column(name).combine_chunks().flatten()
+                return (col.flatten() if name == "modulation" else col).to_numpy()
             assert np.array_equal(flat(a).view(dt), flat(b).view(dt)), name
         else:
             assert a.column(name).equals(b.column(name)), name

@@ -9,7 +9,7 @@ the transport differs); against a server, add ``QdrantStore("http://HOST:6333")`
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ def _chunks(doc_id: str, seeds: list[int], version: str = "v1") -> list[EncodedC
 
 
 def _doc(i: int, **kw) -> Document:
-    base = dict(id=f"d{i}", text=f"text {i}", published_at=datetime(2024, 1, 1 + i, tzinfo=timezone.utc),
+    base = dict(id=f"d{i}", text=f"text {i}", published_at=datetime(2024, 1, 1 + i, tzinfo=UTC),
                 source="wire" if i % 2 else "blog", tenant="t1" if i % 3 else "t2")
     return Document(**(base | kw))
 
@@ -72,7 +72,7 @@ def _run_ops(store: Store) -> dict:
     out["hashes"] = store.content_hashes(COLL, ["d4", "d5", "d7", "nope"])
     q = np.stack([c.vector for c in _chunks("q", [3, 100, 8])])
     flts = [None, SearchFilter(source="wire"), SearchFilter(tenant="t2"),
-            SearchFilter(since=datetime(2024, 1, 4), until=datetime(2024, 1, 9, tzinfo=timezone.utc)),
+            SearchFilter(since=datetime(2024, 1, 4), until=datetime(2024, 1, 9, tzinfo=UTC)),
             SearchFilter(tenant="nobody")]
     out["search"] = [[[(h.document.id, h.chunk.modulation.chunk, round(h.score, 4)) for h in hits]
                       for hits in store.search(COLL, q, 5, f)] for f in flts]
@@ -82,7 +82,8 @@ def _run_ops(store: Store) -> dict:
     out["newest"] = (store.newest_published(COLL), store.newest_published("macstream-none"))
     out["tenant"] = (store.counts(COLL, "t2"), store.counts(COLL, "nobody"), store.newest_published(COLL, "t2"),
                      store.newest_published(COLL, "nobody"), store.counts("macstream-none", "t2"))
-    out["absent"] = (store.counts("macstream-none"), store.search("macstream-none", q, 3), store.content_hashes("macstream-none", ["d1"]))
+    out["absent"] = (store.counts("macstream-none"), store.search("macstream-none", q, 3),
+                     store.content_hashes("macstream-none", ["d1"]))
     return out
 
 
@@ -97,10 +98,10 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["counts1"] == {"documents": 11, "chunks": 13}
     assert ref["deleted"] == [True, False, False]
     assert ref["hashes"] == {"d4": "h4b", "d5": "h5"}
-    assert ref["newest"] == (datetime(2024, 1, 12, tzinfo=timezone.utc), None)
+    assert ref["newest"] == (datetime(2024, 1, 12, tzinfo=UTC), None)
     # a tenant's view: t2 owns d0 (2 chunks), d3, d6, d9; nothing of the others leaks into its counts
     assert ref["tenant"] == ({"documents": 4, "chunks": 5}, {"documents": 0, "chunks": 0},
-                             datetime(2024, 1, 10, tzinfo=timezone.utc), None, {"documents": 0, "chunks": 0})
+                             datetime(2024, 1, 10, tzinfo=UTC), None, {"documents": 0, "chunks": 0})
     for name, r in results.items():
         assert r == ref, name
 
@@ -110,7 +111,7 @@ def test_filters_and_tenant_isolation(store: Store) -> None:
     q = np.stack([c.vector for c in _chunks("q", [1, 2, 3])])
     for hits in store.search(COLL, q, 20, SearchFilter(tenant="t2")):
         assert hits and {h.document.tenant for h in hits} == {"t2"}
-    since = datetime(2024, 1, 6, tzinfo=timezone.utc)
+    since = datetime(2024, 1, 6, tzinfo=UTC)
     for hits in store.search(COLL, q, 20, SearchFilter(since=since, source="wire")):
         assert hits and all(h.document.published_at >= since and h.document.source == "wire" for h in hits)
 

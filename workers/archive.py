@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import os
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 import pyarrow as pa
@@ -192,7 +192,7 @@ def dataset(fmt: str, files: list[str], fs, read_tasks: int = 2, max_bytes: int 
 def default_dead_letter_path() -> str:
     from pipeline.config import home
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return str(home() / "dead-letter" / f"backfill-{stamp}.parquet")
 
 

@@ -75,7 +75,7 @@ class BackfillJob:
         self.started = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
-    def start(self) -> "BackfillJob":
+    def start(self) -> BackfillJob:
         """Connect the store, load the encoders and, while they load, run the first pass over the source (which row
         of each document wins). docs/s counts from when the encoders are ready, as ingest's does; the first pass
         counts only where it outlasts model loading."""

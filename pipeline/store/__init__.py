@@ -9,8 +9,15 @@ in tests/test_store.py);
 
 from __future__ import annotations
 
-from pipeline.store.base import (SearchFilter, Store, StoreBusy, StoreFormatError, StoreRejection, collection_name,
-                                  point_id)
+from pipeline.store.base import (
+    SearchFilter,
+    Store,
+    StoreBusy,
+    StoreFormatError,
+    StoreRejection,
+    collection_name,
+    point_id,
+)
 
 __all__ = ["SearchFilter", "Store", "StoreBusy", "StoreFormatError", "StoreRejection", "collection_name", "is_remote",
            "open_store", "point_id"]

@@ -8,8 +8,8 @@ delete removes them all, search returns chunks best-first with their cosine scor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -103,7 +103,8 @@ def load_bank(path) -> MemoryBank:
             doc = Document.model_validate(rec["document"])
             chunks = [EncodedChunk(Modulation(doc.id, c["chunk"], c["n_chunks"],
                                               Modulation.decode_tokens(c["tokens"], c["num_tokens"]),
-                                              c["model_id"], c["checkpoint"]), np.asarray(c["vector"], dtype=np.float32))
+                                              c["model_id"], c["checkpoint"]),
+                                   np.asarray(c["vector"], dtype=np.float32))
                       for c in rec["chunks"]]
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path}:{n}: not a memory record: {err}") from None

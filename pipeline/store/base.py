@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,7 +62,7 @@ def point_id(version: str, doc_id: str, chunk: int) -> str:
 
 
 def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 class SearchFilter(BaseModel):
@@ -77,7 +77,7 @@ class SearchFilter(BaseModel):
     tenant: str | None = Field(None, description="Only documents of this tenant (API keys map to a tenant).")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "SearchFilter":
+    def _ordered(self) -> SearchFilter:
         if self.since and self.until and _utc(self.since) > _utc(self.until):
             raise ValueError(f"since ({self.since.isoformat()}) is after until ({self.until.isoformat()})")
         return self
@@ -128,8 +128,8 @@ class Store(ABC):
     def stats(self) -> dict:
         return {c: self.counts(c) for c in self.collections()}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: a store holding nothing open has nothing to close
+        """Release what the store holds open (files, clients); idempotent. The default holds nothing."""
 
     @staticmethod
     def check_chunks(doc: Document, chunks: list[EncodedChunk]) -> str:

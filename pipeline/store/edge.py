@@ -38,7 +38,7 @@ import fcntl
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -343,7 +343,7 @@ class EdgeStore(Store):
                                                     order_by=q.OrderBy("published_ts", q.Direction.Desc)))
         if not records or records[0].payload.get("published_ts") is None:
             return None
-        return datetime.fromtimestamp(records[0].payload["published_ts"], timezone.utc)
+        return datetime.fromtimestamp(records[0].payload["published_ts"], UTC)
 
     def close(self) -> None:
         """Flush and close every shard, then release the directory. Idempotent."""

@@ -37,7 +37,8 @@ def migrate_local(old: str, new: str, page: int = 256) -> dict:
             docs: dict[str, dict] = defaultdict(dict)
             offset = None
             while True:
-                points, offset = src.client.scroll(coll, limit=page, offset=offset, with_payload=True, with_vectors=True)
+                points, offset = src.client.scroll(coll, limit=page, offset=offset, with_payload=True,
+                                                   with_vectors=True)
                 for p in points:
                     docs[p.payload["doc_id"]][p.payload["chunk"]] = p
                 if offset is None:

@@ -7,7 +7,7 @@ Same semantics as every backend (see :mod:`pipeline.store.base`).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
@@ -33,13 +33,13 @@ class ServerLayout(BaseModel):
                                           "returns (write consistency factor); at most ``replicas``.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServerLayout":
+    def _consistent(self) -> ServerLayout:
         if self.write_consistency and self.write_consistency > (self.replicas or 1):
             raise ValueError(f"write_consistency={self.write_consistency} exceeds replicas={self.replicas or 1}")
         return self
 
     @classmethod
-    def from_url(cls, url: str) -> tuple[str, "ServerLayout"]:
+    def from_url(cls, url: str) -> tuple[str, ServerLayout]:
         """Split ``url`` into the server URL (query removed) and its layout. Raises ValueError on unknown keys."""
         parts = urlsplit(url)
         try:
@@ -84,7 +84,8 @@ class QdrantStore(Store):
             return
         m = self._m
         if not self.client.collection_exists(collection):
-            self.client.create_collection(collection, vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+            vectors = m.VectorParams(size=dim, distance=m.Distance.COSINE)
+            self.client.create_collection(collection, vectors_config=vectors,
                                           shard_number=self.layout.shards, replication_factor=self.layout.replicas,
                                           write_consistency_factor=self.layout.write_consistency)
             if self.remote:  # local mode ignores payload indexes (and warns)
@@ -144,14 +145,16 @@ class QdrantStore(Store):
         ) for c in chunks]
         self.client.upsert(collection, points=points, wait=True)
         # overwrite first, then drop the tail of a document that shrank: never a moment without the document
-        self.client.delete(collection, points_selector=m.FilterSelector(filter=self._doc_filter(doc.id, len(chunks))), wait=True)
+        tail = m.FilterSelector(filter=self._doc_filter(doc.id, len(chunks)))
+        self.client.delete(collection, points_selector=tail, wait=True)
 
     def delete(self, collection: str, doc_id: str) -> bool:
         if not self._exists(collection):
             return False
         existed = self.client.count(collection, count_filter=self._doc_filter(doc_id), exact=True).count > 0
         if existed:
-            self.client.delete(collection, points_selector=self._m.FilterSelector(filter=self._doc_filter(doc_id)), wait=True)
+            selector = self._m.FilterSelector(filter=self._doc_filter(doc_id))
+            self.client.delete(collection, points_selector=selector, wait=True)
         return existed
 
     def content_hashes(self, collection: str, doc_ids: list[str]) -> dict[str, str]:
@@ -195,7 +198,7 @@ class QdrantStore(Store):
                                        order_by=m.OrderBy(key="published_ts", direction=m.Direction.DESC))
         if not points or points[0].payload.get("published_ts") is None:
             return None
-        return datetime.fromtimestamp(points[0].payload["published_ts"], timezone.utc)
+        return datetime.fromtimestamp(points[0].payload["published_ts"], UTC)
 
     def close(self) -> None:
         self.client.close()
