@@ -189,7 +189,8 @@ def _child(engine: str, points: int, path: Path, settings: dict, timeout: float 
     finally:
         shutil.rmtree(path, ignore_errors=True)
     if out.returncode != 0:
-        return {"engine": engine, "points": points, "error": " | ".join(out.stderr.strip().splitlines()[-3:])[-500:]}
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])[-500:]
+        return {"engine": engine, "points": points, "error": f"exit {out.returncode}: {tail or 'no output'}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -229,14 +230,21 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def run(points: list[int], out: Path, *, engines: tuple[str, ...] = ("edge", "local"), local_cap: int = LOCAL_CAP,
-        workdir: Path | None = None, timeout: float | None = None, command: str = "", **settings) -> dict:
-    """Every (engine, size) row, local mode only up to ``local_cap``; the JSON (and its PNG) rewritten after each."""
+        workdir: Path | None = None, timeout: float | None = None, command: str = "", append: bool = False,
+        **settings) -> dict:
+    """Every (engine, size) row, local mode only up to ``local_cap``; the JSON (and its PNG) rewritten after each.
+    ``append``: add the rows to those of an existing ``out`` (e.g. a row run again), its command recorded."""
     work = Path(tempfile.mkdtemp(prefix="macstream-bench-store-", dir=workdir))
-    result = {"how": {"command": command or "macstream bench store", "method": __doc__.split("\n\n", 1)[1].strip(),
-                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "local_cap": local_cap,
-                      "k": settings.get("k", 4), "settings": settings,
-                      "date": datetime.now(UTC).isoformat(timespec="seconds")},
-              "rows": []}
+    command = command or "macstream bench store"
+    if append and out.exists():
+        result = json.loads(out.read_text())
+        result["how"].setdefault("commands", [result["how"]["command"]]).append(command)
+    else:
+        result = {"how": {"command": command, "method": __doc__.split("\n\n", 1)[1].strip(),
+                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "local_cap": local_cap,
+                          "k": settings.get("k", 4), "settings": settings,
+                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                  "rows": []}
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for engine in engines:  # every Edge size first: the local-mode rows are the slow ones

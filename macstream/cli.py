@@ -419,8 +419,9 @@ def cmd_bench_store(args) -> None:
     from benchmarks.store import run, table
 
     out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/store.json")
-    result = run(args.points, out, local_cap=args.local_cap, workdir=args.store_workdir, queries=args.store_queries,
-                 k=args.quality_top_k, command="macstream bench " + " ".join(getattr(args, "argv", ["store"])))
+    result = run(args.points, out, engines=tuple(args.store_engines.split(",")), local_cap=args.local_cap,
+                 workdir=args.store_workdir, append=args.append, queries=args.store_queries, k=args.quality_top_k,
+                 command="macstream bench " + " ".join(getattr(args, "argv", ["store"])))
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -790,6 +791,10 @@ def parser() -> argparse.ArgumentParser:
                     help="store: searches timed per filter")
     bn.add_argument("--store-workdir", dest="store_workdir",
                     help="store: where the stores are built (default: $TMPDIR)")
+    bn.add_argument("--store-engines", dest="store_engines", default="edge,local",
+                    choices=["edge,local", "edge", "local"],
+                    help="store: the engines measured (local: qdrant-client local mode, up to --local-cap)")
+    bn.add_argument("--append", action="store_true", help="store: add the rows to an existing --out (a row run again)")
     bn.set_defaults(fn=cmd_bench)
 
     dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free "
