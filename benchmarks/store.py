@@ -202,19 +202,22 @@ def plot(result: dict, path: Path) -> Path:
 
     rows = [r for r in result["rows"] if "error" not in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
-    for engine, style in (("edge", "o-"), ("local", "s--")):
+    for engine, color, marker in (("edge", "C0", "o"), ("local", "C3", "s")):
         mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["points"])
         if not mine:
             continue
         n = [r["points"] for r in mine]
         label = "Qdrant Edge" if engine == "edge" else "qdrant-client local mode"
-        axes[0].plot(n, [r["upserts_per_s"] for r in mine], style, label=label)
-        for f, shade in (("none", 1.0), ("tenant+since", 0.5)):
-            axes[1].plot(n, [r["query_by_filter"][f]["p99_ms"] for r in mine], style, alpha=shade,
-                         label=f"{label}, {'no filter' if f == 'none' else f}")
-        axes[1].plot(n, [r["engine_p99_ms"] for r in mine], style, alpha=0.3, label=f"{label}: engine only")
-        axes[2].plot(n, [r["rss_mb"] for r in mine], style, label=f"{label}: RSS")
-        axes[2].plot(n, [r["disk_mb"] for r in mine], style, alpha=0.5, label=f"{label}: disk")
+        line = dict(color=color, marker=marker)
+        axes[0].plot(n, [r["upserts_per_s"] for r in mine], "-", label=label, **line)
+        axes[1].plot(n, [r["query_p99_ms"] for r in mine], "-", label=f"{label}: no filter", **line)
+        axes[1].plot(n, [r["query_by_filter"]["tenant+since"]["p99_ms"] for r in mine], "--",
+                     label=f"{label}: tenant+since", **line)
+        axes[1].plot(n, [r["engine_p99_ms"] for r in mine], ":", label=f"{label}: engine only (no modulations)", **line)
+        axes[2].plot(n, [r["rss_mb"] for r in mine], "-", label=f"{label}: RSS", **line)
+        axes[2].plot(n, [r["disk_mb"] for r in mine], "--", label=f"{label}: disk", **line)
+    axes[0].axhline(500, color="grey", lw=0.8, ls=":", label="target 500/s")
+    axes[1].axhline(20, color="grey", lw=0.8, ls=":", label="target 20 ms at 10^5")
     titles = ("write rate", f"query p99, top-{result['how']['k']}", "RSS and disk")
     for ax, title, unit in zip(axes, titles, ("windows/s", "ms", "MB")):
         ax.set_xscale("log")
@@ -223,6 +226,10 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.legend(fontsize=7)
+    loads = [x for r in rows for x in r.get("load_average", [])]
+    if loads:
+        fig.suptitle(f"{result['how']['machine']}; 1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs",
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
