@@ -176,13 +176,10 @@ def _engine_query(store, engine: str, coll: str, q: np.ndarray, k: int) -> float
 
 def _child(engine: str, points: int, path: Path, settings: dict, timeout: float | None) -> dict:
     """``measure`` in a fresh interpreter (its RSS is this row's alone), at a lower CPU priority."""
-    code = ("import json, sys; from pathlib import Path; from benchmarks.store import measure; "
-            "a = json.loads(sys.argv[1]); print(json.dumps(measure(a['engine'], a['points'], Path(a['path']), "
-            "**a['settings'])))")
     arg = json.dumps({"engine": engine, "points": points, "path": str(path), "settings": settings})
     root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run([sys.executable, "-c", code, arg], cwd=root, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.store", arg], cwd=root, capture_output=True, text=True,
                              timeout=timeout, env=os.environ | {"PYTHONPATH": str(root)})
     except subprocess.TimeoutExpired:
         return {"engine": engine, "points": points, "error": f"did not finish in {timeout:.0f} s"}
@@ -228,8 +225,8 @@ def plot(result: dict, path: Path) -> Path:
         ax.legend(fontsize=7)
     loads = [x for r in rows for x in r.get("load_average", [])]
     if loads:
-        fig.suptitle(f"{result['how']['machine']}; 1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs",
-                     fontsize=9)
+        fig.suptitle(f"{result['how']['machine']}; 1-min load average {min(loads):.1f}-{max(loads):.1f} during the "
+                     "runs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -250,7 +247,7 @@ def run(points: list[int], out: Path, *, engines: tuple[str, ...] = ("edge", "lo
         result = {"how": {"command": command, "method": __doc__.split("\n\n", 1)[1].strip(),
                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "local_cap": local_cap,
                           "k": settings.get("k", 4), "settings": settings,
-                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                          "date": datetime.now(UTC).isoformat(timespec="seconds")},
                   "rows": []}
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -284,3 +281,8 @@ def table(result: dict) -> str:
                      f"{r['recall_at_k']:.2f} | {r['open_s']:.2f} | {r['rss_mb']:.0f} ({r['rss_anon_mb']:.0f}) | "
                      f"{r['disk_mb']:.0f} | {r['bytes_per_window']:.0f} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one row, in the process `run` starts for it: the JSON of measure's arguments
+    _a = json.loads(sys.argv[1])
+    print(json.dumps(measure(_a["engine"], _a["points"], Path(_a["path"]), **_a["settings"])))
