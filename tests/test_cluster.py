@@ -233,7 +233,7 @@ def test_three_nodes_ingest_and_serve_spread_answer_and_survive_two_lost_nodes(b
     procs: dict[str, subprocess.Popen] = {}
     observed: dict = {}
     try:
-        cluster.start(head_cpus=4, workers=[(2, 0), (2, 0)])
+        cluster.start(head_cpus=4, workers=[(2, 0), (2, 0)], timeout=300)  # 3 nodes joining on 2 busy cores
         head = cluster.head.node_id
         assert ray.get_runtime_context().get_node_id() == head  # this driver is attached to the head
         env = {**cluster.env, "RAY_ADDRESS": cluster.address}
