@@ -115,12 +115,43 @@ def news_memory(model: MACModel, name: str, questions: int = 100, articles: int 
         log(f"news selection: cached memory {path} lacks {len(missing)} gold documents; encoding again")
     t0 = time.perf_counter()
     docs = [evidence[q.doc_ids[0]] for q in qs] + choose_articles(qs, article_pool(), articles, seed)
-    bank = build_memory(model, docs, progress=False)
+    bank = _encode_resumably(model, docs, path.with_suffix(".partial.jsonl") if path is not None else None, log)
     log(f"news selection: encoded {key}: {len(bank)} documents, {bank.num_chunks} windows "
         f"({time.perf_counter() - t0:.0f} s)")
     if path is not None:
         save_bank(bank, path)
+        path.with_suffix(".partial.jsonl").unlink(missing_ok=True)
     return qs, bank
+
+
+def _encode_resumably(model: MACModel, docs: list[Document], partial: Path | None, log, step: int = 8) -> MemoryBank:
+    """Encode ``docs`` ``step`` at a time, appending each finished step to ``partial`` (when given), so an
+    interrupted run resumes where it stopped: documents already in ``partial`` are read back, not encoded again."""
+    done = MemoryBank()
+    if partial is not None and partial.exists():
+        try:
+            done = load_bank(partial)
+        except ValueError as err:  # cut off mid-write: start again
+            log(f"news selection: {partial} unreadable ({err}); encoding from the start")
+            partial.unlink()
+    if len(done):
+        log(f"news selection: resuming from {partial} ({len(done)} documents encoded)")
+    todo = [d for d in docs if d.id not in set(done.document_ids())]
+    for s in range(0, len(todo), step):
+        part = build_memory(model, todo[s: s + step], progress=False)
+        for d in todo[s: s + step]:
+            done.upsert(d, part.chunks(d.id))
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".step")
+            save_bank(part, tmp)
+            with partial.open("a") as out:
+                out.write(tmp.read_text())
+            tmp.unlink()
+    bank = MemoryBank()  # in the documents' order, whatever order they were encoded in
+    for d in docs:
+        bank.upsert(done.document(d.id), done.chunks(d.id))
+    return bank
 
 
 def _contains(text: str, answer: str) -> bool:

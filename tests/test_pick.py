@@ -245,3 +245,31 @@ def test_the_shipped_rule_was_calibrated_on_held_out_weeks_never_on_the_test_yea
     on = rule.calibration["on"]
     assert "held-out weeks of the selection years" in on and "2024" not in on
     assert rule.calibration["pick_rate"] >= rule.calibration["retriever_pick_rate"]  # where it was calibrated
+
+
+@pytest.mark.slow
+def test_an_interrupted_encoding_resumes_where_it_stopped(tiny_mac, tmp_path) -> None:
+    """The news memory is encoded a few documents at a time into a partial file: a rerun reads those back and encodes
+    only the rest; a partial file cut off mid-line is dropped and the encoding starts again."""
+    import numpy as np
+
+    from pipeline.news_selection import _encode_resumably
+
+    docs = [Document(id=f"d{i}", text=f"Story {i}: the council of Town{i} approved a budget. " * (1 + 40 * (i % 2)))
+            for i in range(5)]
+    partial = tmp_path / "m.partial.jsonl"
+    logs: list[str] = []
+    _encode_resumably(tiny_mac, docs[:3], partial, logs.append, step=2)
+    assert partial.exists() and not logs
+    bank = _encode_resumably(tiny_mac, docs, partial, logs.append, step=2)
+    assert logs == [f"news selection: resuming from {partial} (3 documents encoded)"]
+    assert bank.document_ids() == [d.id for d in docs]
+    fresh = _encode_resumably(tiny_mac, docs, None, logs.append)
+    for d in docs:
+        a, b = bank.chunks(d.id), fresh.chunks(d.id)
+        assert len(a) == len(b) >= 1
+        assert all(np.array_equal(x.modulation.tokens, y.modulation.tokens) for x, y in zip(a, b))
+    partial.write_text(partial.read_text()[:-40])  # cut off mid-line
+    logs.clear()
+    again = _encode_resumably(tiny_mac, docs[:2], partial, logs.append)
+    assert "unreadable" in logs[0] and again.document_ids() == ["d0", "d1"]
