@@ -13,6 +13,16 @@ import json
 from pathlib import Path
 
 from benchmarks import backfill, baselines, freshness, ingest, quality, serve
+from benchmarks.config import (
+    BackfillBench,
+    BaselinesBench,
+    BenchConfig,
+    FreshnessBench,
+    IngestBench,
+    QualityBench,
+    ServeBench,
+    command_line,
+)
 from benchmarks.machine import machine
 from benchmarks.quality import QUALITY_MODES
 from pipeline.data import synthetic
@@ -292,36 +302,38 @@ def write_report(directory: str | Path) -> Path:
     return out
 
 
-def run_benchmark(what: str, out_dir: Path, args) -> dict:
-    """Run one benchmark (quality, ingest, serve, baselines, freshness), write ``<out_dir>/<what>.json``, return its
-    result."""
+def run_benchmark(cfg: BenchConfig, out_dir: Path, command: str | None = None) -> dict:
+    """Run one benchmark (``cfg``: a QualityBench, IngestBench, BackfillBench, ServeBench, BaselinesBench or
+    FreshnessBench of benchmarks/config.py), write ``<out_dir>/<target>.json``, return its result. ``command`` is
+    recorded as the command that reproduces it (default: the ``macstream bench`` command that builds ``cfg``)."""
+    if not isinstance(cfg, QualityBench | IngestBench | BackfillBench | ServeBench | BaselinesBench | FreshnessBench):
+        raise ValueError(f"not a benchmark run_benchmark runs: {type(cfg).__name__} (bench {cfg.target})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if what == "quality":
-        result = quality.run(args.checkpoint, args.quality_entities, args.rtqa_questions, args.quality_top_k)
-    elif what == "ingest":
-        result = ingest.run(args.checkpoint, args.entities, tuple(args.workers))
-    elif what == "backfill":
-        result = backfill.run(args.checkpoint, args.entities, tuple(args.workers))
-    elif what == "serve":
-        result = serve.run(args.checkpoint, args.entities, args.requests, args.clients, args.top_k, args.max_new_tokens,
-                           args.batch_wait, args.replica_threads, docs=args.serve_docs,
-                           throughput=args.serve_docs == "synthetic")
-        if args.serve_docs != "synthetic":  # real-length news: its own file beside the synthetic one
-            what = f"serve-{args.serve_docs}"
-    elif what == "baselines":
-        return baselines.run(out_dir / "baselines.json", checkpoint=args.checkpoint, entities=args.baseline_entities,
-                   rtqa_docs=args.rtqa_docs, tune_entities=args.tune_entities, tuning=args.tuning,
-                   threads=args.threads, top_k=args.quality_top_k, max_new_tokens=args.max_new_tokens)
-    elif what == "freshness" and getattr(args, "freshness_source", "produce") == "feed":
-        result = freshness.run_feed(args.checkpoint, args.freshness_docs, args.feeds_interval,
-                                    poll_interval_s=args.poll_interval, mode=args.freshness_mode)
-        what = "freshness-feed"  # its own file beside the produce-path one
-    elif what == "freshness":
-        result = freshness.run(args.checkpoint, args.freshness_docs, args.freshness_rate, args.freshness_burst,
-                               args.poll_interval, tuple(freshness.parse_variant(v) for v in args.freshness_variants),
-                               args.freshness_gate, workers=args.freshness_workers, mode=args.freshness_mode)
-    else:
-        raise ValueError(f"unknown benchmark {what!r}")
-    result.setdefault("how", {})["command"] = "macstream bench " + " ".join(getattr(args, "argv", [what]))
-    (out_dir / f"{what}.json").write_text(json.dumps(result, indent=2, default=str))
+    command = command or command_line(cfg)
+    name = cfg.target
+    if isinstance(cfg, QualityBench):
+        result = quality.run(cfg.checkpoint, cfg.entities, cfg.rtqa_questions, cfg.top_k)
+    elif isinstance(cfg, IngestBench):
+        result = ingest.run(cfg.checkpoint, cfg.entities, tuple(cfg.workers))
+    elif isinstance(cfg, BackfillBench):
+        result = backfill.run(cfg.checkpoint, cfg.entities, tuple(cfg.workers))
+    elif isinstance(cfg, ServeBench):
+        result = serve.run(cfg.checkpoint, cfg.entities, cfg.requests, cfg.clients, cfg.top_k, cfg.max_new_tokens,
+                           cfg.batch_wait, cfg.replica_threads, docs=cfg.corpus, throughput=cfg.corpus == "synthetic")
+        if cfg.corpus != "synthetic":  # real-length news: its own file beside the synthetic one
+            name = f"serve-{cfg.corpus}"
+    elif isinstance(cfg, BaselinesBench):
+        return baselines.run(out_dir / "baselines.json", checkpoint=cfg.checkpoint, entities=cfg.entities,
+                             rtqa_docs=cfg.rtqa_docs, tune_entities=cfg.tune_entities, tuning=cfg.tuning,
+                             threads=cfg.threads, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, command=command)
+    elif isinstance(cfg, FreshnessBench) and cfg.source == "feed":
+        result = freshness.run_feed(cfg.checkpoint, cfg.docs, cfg.feeds_interval, poll_interval_s=cfg.poll_interval,
+                                    mode=cfg.mode)
+        name = "freshness-feed"  # its own file beside the produce-path one
+    else:  # freshness, produce source
+        result = freshness.run(cfg.checkpoint, cfg.docs, cfg.rate, cfg.burst, cfg.poll_interval,
+                               tuple(freshness.parse_variant(v) for v in cfg.variants), cfg.gate,
+                               workers=cfg.workers, mode=cfg.mode)
+    result.setdefault("how", {})["command"] = command
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -22,6 +22,7 @@ LONG_RUNNING = ("up", "ingest", "serve")
 if sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:  # asked to stop while still importing: nothing started yet, so a
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean exit; the command's GracefulStop takes over later
 
+from benchmarks import config as bench_config
 from macstream import flags
 from pipeline.config import DEFAULT_MODE, BackfillConfig, FeedsConfig, IngestConfig, ServeConfig
 from pipeline.placement import Unplaceable
@@ -408,55 +409,78 @@ def cmd_serve(args) -> None:
             serve.shutdown()
 
 
-BENCHMARKS = ("quality", "ingest", "serve", "baselines", "freshness", "backfill")
+BENCHMARKS = bench_config.ALL  # what `bench all` runs, in order (store is not part of it)
 
 
-def cmd_bench_store(args) -> None:
+def cmd_bench_store(cfg, command: str) -> None:
     """`bench store`: the embedded store (Qdrant Edge) beside qdrant-client local mode, one row per size; its own
     JSON and PNG (no model, not part of `all` or the report)."""
     from datetime import date
 
     from benchmarks.store import run, table
 
-    out = Path(args.out or f"benchmarks/results/{date.today().isoformat()}/store.json")
-    result = run(args.points, out, engines=tuple(args.store_engines.split(",")), local_cap=args.local_cap,
-                 workdir=args.store_workdir, append=args.append, queries=args.store_queries, k=args.quality_top_k,
-                 command="macstream bench " + " ".join(getattr(args, "argv", ["store"])))
+    out = Path(cfg.out or f"benchmarks/results/{date.today().isoformat()}/store.json")
+    result = run(cfg.points, out, engines=tuple(cfg.engines), local_cap=cfg.local_cap, workdir=cfg.workdir,
+                 append=cfg.append, queries=cfg.queries, k=cfg.top_k, command=command)
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def bench_settings(args):
+    """The config of `bench TARGET`: its model's defaults < the --config JSON file < the flags typed."""
+    return bench_config.build(args.bench, vars(args), args.config)
 
 
 def cmd_bench(args) -> None:
     """Run one benchmark (or all of them, one after the other, never overlapping) and rewrite the report."""
     from datetime import date
 
-    if args.what == "store":
-        return cmd_bench_store(args)
+    cfg = bench_settings(args)
+    # the exact command line (cli.main sets args.argv); else the command that builds the same config
+    command = "macstream bench " + " ".join(args.argv) if hasattr(args, "argv") else bench_config.command_line(cfg)
+    if cfg.target == "store":
+        return cmd_bench_store(cfg, command)
 
     import torch
 
     from benchmarks.report import run_benchmark, write_report
 
-    torch.set_num_threads(args.threads)  # this process's share; Ray actors set their own
-    out_dir = Path(args.out_dir or f"benchmarks/results/{date.today().isoformat()}")
-    for what in BENCHMARKS if args.what == "all" else (args.what,):
-        print(f"== bench {what}", file=sys.stderr, flush=True)
-        result = run_benchmark(what, out_dir, args)
-        if what == "serve":
+    torch.set_num_threads(cfg.threads)  # this process's share; Ray actors set their own
+    out_dir = Path(cfg.out_dir or f"benchmarks/results/{date.today().isoformat()}")
+    shared = cfg.model_dump()
+    for one in [bench_config.TARGETS[t](**shared) for t in BENCHMARKS] if cfg.target == "all" else [cfg]:
+        print(f"== bench {one.target}", file=sys.stderr, flush=True)
+        result = run_benchmark(one, out_dir, command)
+        if one.target == "serve":
             from benchmarks.serve import table
 
             print(table(result))
-        elif what == "baselines":
+        elif one.target == "baselines":
             print(result["table"])
-        elif what == "freshness":
+        elif one.target == "freshness":
             from benchmarks.freshness import feed_table
             from benchmarks.freshness import table as freshness_table
 
-            print(feed_table(result) if args.freshness_source == "feed" else freshness_table(result))
+            print(feed_table(result) if one.source == "feed" else freshness_table(result))
         else:
-            print(json.dumps({k: v for k, v in result.items() if k != "datasets"} if what == "quality" else result,
-                             indent=2, default=str)[:4000])
+            print(json.dumps({k: v for k, v in result.items() if k != "datasets"} if one.target == "quality"
+                             else result, indent=2, default=str)[:4000])
     print(f"wrote {write_report(out_dir)}")
+
+
+class _BenchTargetParser(argparse.ArgumentParser):
+    """The parser of one `bench TARGET`: a flag that belongs to another target is refused naming that target."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        model = self.get_default("bench")
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            owners = [t for t, m in bench_config.TARGETS.items() if flag in bench_config.flags_of(m)]
+            if model is not None and flag.startswith("--") and owners:
+                self.error(f"{flag} is not a setting of `bench {model.target}`; it is one of `bench "
+                           f"{'`, `bench '.join(owners)}` (see `macstream bench {model.target} --help`)")
+        return ns, extras
 
 
 def cmd_diagnose(args) -> None:
@@ -543,12 +567,6 @@ def _positive(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
-
-
-def _points(v: str) -> list[int]:
-    from benchmarks.store import parse_points
-
-    return parse_points(v)
 
 
 def _mode(v: str) -> str:
@@ -721,81 +739,19 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", help="JSON file of serve settings (environment and flags override it)")
     sv.set_defaults(fn=cmd_serve)
 
-    bn = sub.add_parser("bench", help="benchmarks measured side by side in one run; rewrites the report")
-    bn.add_argument("what", choices=["all", *BENCHMARKS, "store"],
-                    help="quality: eval of every mode on synthetic test + RealTimeQA 2024; ingest: docs/s by worker "
-                         "count; serve: latency per mode and batching throughput over HTTP; baselines: base, rag, mac "
-                         "vs online fine-tuning (accuracy, adaptation cost, retention); freshness: time from produce "
-                         "to an HTTP answer citing the document, on the always-on path; all: each in turn; store: "
-                         "the embedded store's write rate, query latency, RSS and disk by size (not part of all)")
-    bn.add_argument("--out-dir", dest="out_dir",
-                    help="default benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs)")
-    bn.add_argument("--quality-entities", dest="quality_entities", type=_positive, default=60,
-                    help="quality: synthetic test entities (about 5 questions each)")
-    bn.add_argument("--rtqa-questions", dest="rtqa_questions", type=_positive, default=150,
-                    help="quality: RealTimeQA 2024 questions (all of its documents in memory)")
-    bn.add_argument("--quality-top-k", dest="quality_top_k", type=_positive, default=4,
-                    help="quality, baselines: retrieved chunks")
-    bn.add_argument("--replica-threads", dest="replica_threads", type=_positive, default=1,
-                    help="serve: torch threads of the replica")
-    bn.add_argument("--workers", type=_positive, nargs="+", default=[1, 2], help="ingest: worker counts to compare")
-    bn.add_argument("--checkpoint")
-    bn.add_argument("--entities", type=_positive, default=40, help="synthetic test entities in the memory")
-    bn.add_argument("--requests", type=_positive, default=40, help="requests per mode")
-    bn.add_argument("--clients", type=_positive, default=8)
-    bn.add_argument("--top-k", dest="top_k", type=_positive, default=8, help="serve: retrieved chunks")
-    bn.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive, default=16)
-    bn.add_argument("--batch-wait", dest="batch_wait", type=float,
-                    help="serve: longest a replica waits to fill a batch (s; default: serve's)")
-    bn.add_argument("--baseline-entities", dest="baseline_entities", type=_positive, default=16,
-                    help="baselines: synthetic test entities of the stream")
-    bn.add_argument("--rtqa-docs", dest="rtqa_docs", type=_positive, default=48,
-                    help="baselines: the first N RealTimeQA 2024 documents in stream order (with their questions)")
-    bn.add_argument("--tune-entities", dest="tune_entities", type=_positive, default=5,
-                    help="baselines: synthetic validation entities the ft hyperparameters are tuned on")
-    bn.add_argument("--tuning", help="baselines: tuning report to reuse (default <out dir>/baselines-tuning.json; "
-                                     "tuned and written there when absent)")
-    bn.add_argument("--threads", type=_positive, default=1,
-                    help="torch threads of the benchmark process (quality, baselines)")
-    bn.add_argument("--serve-docs", dest="serve_docs", choices=["synthetic", "realtimeqa"], default="synthetic",
-                    help="serve: the corpus — synthetic 40-90-word articles, or real-length RealTimeQA 2022 news "
-                         "(--entities questions and their articles; latency only, written to serve-realtimeqa.json)")
-    bn.add_argument("--freshness-docs", dest="freshness_docs", type=_positive, default=60,
-                    help="freshness: documents timed per ingest configuration")
-    bn.add_argument("--freshness-rate", dest="freshness_rate", type=float,
-                    help="freshness: produce rate in docs/s (default: half the capacity measured on a burst)")
-    bn.add_argument("--freshness-burst", dest="freshness_burst", type=_positive, default=32,
-                    help="freshness: documents of the burst the ingest capacity is measured on")
-    bn.add_argument("--poll-interval", dest="poll_interval", type=float, default=0.05,
-                    help="freshness: seconds between two questions about one document")
-    bn.add_argument("--freshness-gate", dest="freshness_gate", choices=["store", "none"], default="store",
-                    help="freshness: start asking once the store holds the document (store) or from its produce (none)")
-    bn.add_argument("--freshness-variant", dest="freshness_variants", action="append", default=[],
-                    help="freshness: also measure with these ingest settings, e.g. batch_size=4,poll_timeout_ms=50 "
-                         "(repeatable; the product defaults are always measured first)")
-    bn.add_argument("--freshness-workers", dest="freshness_workers", type=_positive, default=1,
-                    help="freshness: encoder workers of the ingest job")
-    bn.add_argument("--freshness-mode", dest="freshness_mode",
-                    help="freshness: answer mode of the polls, e.g. mac (default: the server's default mode)")
-    bn.add_argument("--freshness-source", dest="freshness_source", choices=["produce", "feed"], default="produce",
-                    help="freshness: documents produced to Kafka (produce), or stories appearing in a local RSS feed "
-                         "that the feed poller polls (feed: from appearance to cited; writes freshness-feed.json)")
-    bn.add_argument("--feeds-interval", dest="feeds_interval", type=float, default=5.0,
-                    help="freshness, feed source: the poller's interval in seconds")
-    bn.add_argument("--points", type=_points, default=[10_000, 100_000],
-                    help="store: window counts, comma-separated (e.g. 10000,100000 or 1e4,1e5)")
-    bn.add_argument("--out", help="store: the JSON to write (default benchmarks/results/<date>/store.json; PNG beside)")
-    bn.add_argument("--local-cap", dest="local_cap", type=_positive, default=10_000,
-                    help="store: largest size qdrant-client local mode is run at (it keeps everything in RAM)")
-    bn.add_argument("--store-queries", dest="store_queries", type=_positive, default=200,
-                    help="store: searches timed per filter")
-    bn.add_argument("--store-workdir", dest="store_workdir",
-                    help="store: where the stores are built (default: $TMPDIR)")
-    bn.add_argument("--store-engines", dest="store_engines", default="edge,local",
-                    choices=["edge,local", "edge", "local"],
-                    help="store: the engines measured (local: qdrant-client local mode, up to --local-cap)")
-    bn.add_argument("--append", action="store_true", help="store: add the rows to an existing --out (a row run again)")
-    bn.set_defaults(fn=cmd_bench)
+    bn = sub.add_parser("bench", help="benchmarks measured side by side in one run; rewrites the report",
+                        description="One benchmark per target, each with its own flags (`macstream bench TARGET "
+                        "--help`), generated from its settings in benchmarks/config.py. Results: "
+                        "benchmarks/results/<date>/ (JSON per benchmark, report.md, PNGs).")
+    targets = bn.add_subparsers(dest="target", metavar="TARGET", required=True, parser_class=_BenchTargetParser)
+    for target, model in bench_config.TARGETS.items():
+        doc = " ".join((model.__doc__ or "").split())
+        t = targets.add_parser(target, help=doc.split(": ", 1)[-1], description=doc,
+                               epilog="Precedence, lowest first: the defaults, --config FILE, the flags.")
+        bench_config.add_flags(t, model)
+        t.add_argument("--config", metavar="FILE", help=f"JSON file of {model.__name__} settings (field names as the "
+                       "flags, with underscores); flags override it")
+        t.set_defaults(fn=cmd_bench, bench=model)
 
     dg = sub.add_parser("diagnose", help="does the memory carry the document? information gain over a document-free "
                                          "control per answer kind and piece, same-type other-document NLL, gold-only "

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from benchmarks import freshness
+from benchmarks.config import VARIANT_KEYS, FreshnessBench
 
 
 def test_percentiles_and_variants() -> None:
@@ -20,6 +21,9 @@ def test_percentiles_and_variants() -> None:
     for bad in ("topic=x", "batch_size", "batch_size=four"):
         with pytest.raises(ValueError):
             freshness.parse_variant(bad)
+        with pytest.raises(ValueError):  # refused as early by the bench config (while the command line is parsed)
+            FreshnessBench(variants=[bad])
+    assert VARIANT_KEYS == freshness.TUNABLE  # the config's copy (it does not import this module: Ray, the model)
 
 
 def test_articles_are_fresh_one_per_entity_with_their_own_question() -> None:
@@ -34,14 +38,13 @@ def test_articles_are_fresh_one_per_entity_with_their_own_question() -> None:
 @pytest.mark.slow
 def test_bench_freshness_every_document_becomes_queryable(tiny_checkpoint, tmp_path) -> None:
     from benchmarks.report import run_benchmark, write_report
-    from macstream.cli import parser
+    from macstream.cli import bench_settings, parser
 
     argv = ["bench", "freshness", "--checkpoint", str(tiny_checkpoint), "--freshness-docs", "4",
             "--freshness-burst", "4", "--freshness-variant", "batch_size=2,poll_timeout_ms=50",
             "--out-dir", str(tmp_path)]
-    args = parser().parse_args(argv)
-    args.argv = argv[1:]
-    result = run_benchmark("freshness", tmp_path, args)
+    cfg = bench_settings(parser().parse_args(argv))
+    result = run_benchmark(cfg, tmp_path, "macstream bench " + " ".join(argv[1:]))
     written = json.loads((tmp_path / "freshness.json").read_text())
     assert written["how"]["command"] == "macstream bench " + " ".join(argv[1:])
     how = written["how"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.report import write_report
+import pytest
+
+from benchmarks.config import AllBench, StoreBench
+from benchmarks.report import run_benchmark, write_report
 from pipeline.config import REFERENCE_FILE, REFERENCE_MARKERS, reference_markdown
 
 
@@ -52,3 +55,12 @@ def test_report_has_tables_and_plots(tmp_path):
     assert "| mac+rag | 30.0 | 33.0 | 36.0 |" in text  # the numbers of the input, not made up
     assert "| 2 | 100 | 25.0 | 4.00 | 7.00 |" in text
     assert "Not measured in this report: serve, baselines, freshness." in text
+
+
+def test_run_benchmark_takes_a_target_config(tmp_path):
+    """It dispatches on the config's type; `store` (its own JSON, no report) and `all` (the CLI runs each) are not
+    its to run, and are refused before anything starts."""
+    for cfg in (StoreBench(), AllBench()):
+        with pytest.raises(ValueError, match=f"bench {cfg.target}"):
+            run_benchmark(cfg, tmp_path)
+    assert not list(tmp_path.iterdir())
