@@ -64,3 +64,46 @@ def test_run_benchmark_takes_a_target_config(tmp_path):
         with pytest.raises(ValueError, match=f"bench {cfg.target}"):
             run_benchmark(cfg, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_run_benchmark_hands_each_target_its_settings(tmp_path, monkeypatch):
+    """Each target's settings reach its benchmark as the shared parser's flags did (the runs replaced by recorders),
+    and the command is recorded in the JSON written under the target's name."""
+    from benchmarks import backfill, baselines, freshness, ingest, quality, serve
+    from benchmarks.config import (
+        BackfillBench,
+        BaselinesBench,
+        FreshnessBench,
+        IngestBench,
+        QualityBench,
+        ServeBench,
+    )
+
+    calls = []
+    record = lambda *a, **kw: calls.append((a, kw)) or {}
+    for module, fn in ((quality, "run"), (ingest, "run"), (backfill, "run"), (serve, "run"), (baselines, "run"),
+                       (freshness, "run"), (freshness, "run_feed")):
+        monkeypatch.setattr(module, fn, record)
+    cases = [
+        (QualityBench(entities=7, rtqa_questions=9, top_k=2), "quality", (None, 7, 9, 2), {}),
+        (IngestBench(entities=5, workers=[1, 3]), "ingest", (None, 5, (1, 3)), {}),
+        (BackfillBench(checkpoint="ck", workers=[2]), "backfill", ("ck", 40, (2,)), {}),
+        (ServeBench(corpus="realtimeqa", entities=4, requests=6, top_k=4, batch_wait=0.02), "serve-realtimeqa",
+         (None, 4, 6, 8, 4, 16, 0.02, 1), {"docs": "realtimeqa", "throughput": False}),
+        (FreshnessBench(docs=4, burst=4, variants=["batch_size=2,poll_timeout_ms=50"], mode="mac"), "freshness",
+         (None, 4, None, 4, 0.05, ({"batch_size": 2, "poll_timeout_ms": 50},), "store"), {"workers": 1, "mode": "mac"}),
+        (FreshnessBench(source="feed", docs=30, feeds_interval=2), "freshness-feed", (None, 30, 2.0),
+         {"poll_interval_s": 0.05, "mode": None}),
+    ]
+    for cfg, name, args, kwargs in cases:
+        calls.clear()
+        run_benchmark(cfg, tmp_path, f"macstream bench {cfg.target} ...")
+        assert calls == [(args, kwargs)], name
+        assert json.loads((tmp_path / f"{name}.json").read_text())["how"]["command"] == \
+            f"macstream bench {cfg.target} ..."
+    calls.clear()
+    run_benchmark(BaselinesBench(entities=3, tuning="t.json"), tmp_path)  # writes its own files
+    (args, kwargs), = calls
+    assert args == (tmp_path / "baselines.json",) and kwargs == {
+        "checkpoint": None, "entities": 3, "rtqa_docs": 48, "tune_entities": 5, "tuning": "t.json", "threads": 1,
+        "top_k": 4, "max_new_tokens": 16, "command": "macstream bench baselines --entities 3 --tuning t.json"}
