@@ -80,6 +80,7 @@ class Node:
     def __init__(self, proc: subprocess.Popen, manager_port: int, log: Path):
         self.proc, self.manager_port, self.log = proc, manager_port, log
         self.node_id: str | None = None
+        self.resources: tuple[int, int] = (0, 0)
 
 
 class LocalCluster:
@@ -96,18 +97,22 @@ class LocalCluster:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
 
-    def _start(self, args: list[str], num_cpus: int, num_gpus: int) -> Node:
+    def _start(self, args: list[str], num_cpus: int, num_gpus: int, index: int | None = None) -> Node:
         manager = _free_port()
         ports = ["--node-manager-port", str(manager), "--object-manager-port", str(_free_port()),
                  "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
                  "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
-        log = self.tmp / f"node{len(self.nodes)}.log"
+        log = self.tmp / f"node{len(self.nodes) if index is None else index}-{manager}.log"
+        # every node on the loopback address, whatever the machine's own address resolves to
         cmd = [str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
-               "--object-store-memory", str(256 * 1024 * 1024), "--disable-usage-stats", *ports]
+               "--object-store-memory", str(256 * 1024 * 1024), "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.1", *ports]
         proc = subprocess.Popen(cmd, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         node = Node(proc, manager, log)
-        self.nodes.append(node)
+        node.resources = (num_cpus, num_gpus)
+        if index is None:
+            self.nodes.append(node)
         return node
 
     def start(self, head_cpus: int, workers: list[tuple[int, int]], head_gpus: int = 0,
@@ -127,7 +132,26 @@ class LocalCluster:
             self._start(["--address", self.address], cpus, gpus)
         ray.init(address=self.address, log_to_driver=False)
         by_port = lambda: {n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}  # noqa: E731
-        alive = _wait(lambda: len(by_port()) == len(self.nodes) and by_port(), timeout, "every node alive")
+        restarted: set[int] = set()
+
+        def all_alive():
+            for i, node in enumerate(self.nodes):
+                if node.proc.poll() is None:
+                    continue
+                # a node that exits while joining (a port another process took between _free_port and its bind)
+                # is started once more on fresh ports; a second exit fails with its log
+                if i == 0 or i in restarted:
+                    raise AssertionError(f"ray node {i} exited {node.proc.returncode}: {node.log.read_text()[-3000:]}")
+                restarted.add(i)
+                self.nodes[i] = self._start(["--address", self.address], *node.resources, index=i)
+            alive = by_port()
+            return len(alive) == len(self.nodes) and all(n.manager_port in alive for n in self.nodes) and alive
+
+        try:
+            alive = _wait(all_alive, timeout, "every node alive")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; nodes: {[(n['NodeManagerPort'], n['Alive']) for n in ray.nodes()]}; "
+                                 f"logs: {[n.log.read_text()[-1500:] for n in self.nodes]}") from None
         for node in self.nodes:
             node.node_id = alive[node.manager_port]
         return self
@@ -141,13 +165,26 @@ class LocalCluster:
         _kill_tree(psutil.Process(node.proc.pid))
         node.proc.wait(timeout=10)
 
+    def worker_log_lines(self, words=("member", "died", "Error", "Timeout", "restart")) -> list[str]:
+        """Lines of the head's Ray worker logs (consumer, encoder, store actors) naming any of ``words``: what a
+        failing test prints, since the logs are deleted with the cluster."""
+        out = []
+        for f in sorted(self.tmp.glob("session_*/logs/worker-*")):
+            for line in f.read_text(errors="replace").splitlines():
+                if any(w in line for w in words):
+                    out.append(f"{f.name}: {line[:300]}")
+        return out[-200:]
+
     def stop(self) -> None:
         if ray.is_initialized():
             ray.shutdown()
         for node in reversed(self.nodes):  # workers first, then the head (GCS)
             if node.proc.poll() is None:
                 self.kill(node)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.environ.get("MACSTREAM_TEST_KEEP_CLUSTER"):  # debugging: keep every node's session logs
+            print(f"cluster logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _actors() -> list[dict]:
@@ -332,6 +369,8 @@ def test_three_nodes_ingest_and_serve_spread_answer_and_survive_two_lost_nodes(b
         assert sorted(h.document.id for h in ray.get(hits)[0]) == sorted(expected)  # no duplicates, no strays
     finally:
         print("observed:", json.dumps(observed))
+        if sys.exc_info()[0] is not None:
+            print("\n".join(cluster.worker_log_lines()))
         for name in ("serve", "ingest"):
             p = procs.get(name)
             if p is not None and p.poll() is None:
