@@ -205,6 +205,10 @@ class IngestConfig(StrictModel):
     poll_timeout_ms: int = Field(200, ge=10, le=60000, description=(
         "Longest wait of one poll when the topic is quiet and nothing is in flight (while a batch encodes, polls last "
         "at most 20 ms, so its write and commit are not held up)."))
+    encode_timeout_s: float = Field(300.0, gt=0, le=86400, description=(
+        "Longest an encode batch may stay outstanding (from its poll). Past it the consumer member gives up, dies and "
+        "is replaced; the batch was never committed, so it is redelivered and nothing is lost (an encode call stuck "
+        "on a lost node or a wedged encoder never stalls ingest silently)."))
     max_message_bytes: int = Field(1 << 20, ge=256, description="Larger messages are dead-lettered as oversize.")
     store: str = Field("embedded", description=(
         "'embedded' (Qdrant Edge, Qdrant's engine in-process, under MACSTREAM_HOME/store, owned by one actor), a "

@@ -127,6 +127,37 @@ def test_killed_encoder_and_consumer_lose_and_duplicate_nothing(cluster, broker,
     assert sorted(_doc_ids(job)) == sorted(d.id for d in _docs(n))
 
 
+def test_a_wedged_encoder_never_stalls_ingest(cluster, broker, tiny_checkpoint, tmp_path) -> None:
+    """The encoder process frozen (SIGSTOP) mid-stream: a member's encode call then never returns. Past
+    encode_timeout_s the member dies uncommitted and is replaced (instead of waiting forever); once the encoder runs
+    again every document is stored exactly once."""
+    import signal
+
+    n = 30
+    kafka_io.ensure_topic(broker.bootstrap, "t-wedge", 1)
+    kafka_io.produce(broker.bootstrap, "t-wedge", _docs(n, "w"))
+    job = _job(broker, tiny_checkpoint, tmp_path / "store", "t-wedge", batch_size=2, encode_timeout_s=4.0, idle=6.0)
+    pid = ray.get(job.encoders[0].pid.remote())
+    frozen: dict = {}
+
+    def wedge(snap):
+        if not frozen and snap["upserted"] >= 4:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.update(at=snap["upserted"], t=time.monotonic())
+        elif frozen and "thawed" not in frozen and snap["consumer_restarts"] >= 1:
+            os.kill(pid, signal.SIGCONT)  # the member gave up on its own; the encoder comes back
+            frozen["thawed"] = time.monotonic() - frozen["t"]
+
+    try:
+        snap = _drive(job, wedge)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert frozen["at"] < n and "thawed" in frozen, frozen
+    assert snap["consumer_restarts"] >= 1
+    assert job.store.counts(job.collection) == {"documents": n, "chunks": n}
+    assert sorted(_doc_ids(job)) == sorted(d.id for d in _docs(n, "w"))
+
+
 def test_duplicates_updates_deletes_and_tombstones(cluster, broker, tiny_checkpoint, tmp_path) -> None:
     topic = "t-ops"
     kafka_io.ensure_topic(broker.bootstrap, topic, 3)

@@ -11,6 +11,8 @@ their results are written and committed strictly in poll order. Before partition
 everything in flight is finished and committed, so two members never race on one document.
 
 Backpressure: at most ``max_in_flight`` encode batches outstanding per member; when full, the member stops polling.
+No wait is unbounded: an encode batch outstanding past ``encode_timeout_s`` kills the member (and it is replaced and
+redelivers), a commit times out after ``COMMIT_TIMEOUT_MS``.
 Re-encoding is skipped for a document whose content hash equals what the store holds (or what an in-flight batch
 is about to write).
 """
@@ -41,6 +43,10 @@ IN_FLIGHT_POLL_MS = 20
 # with the batch uncommitted and it is redelivered (writes are idempotent), so a bound loses nothing.
 COMMIT_TIMEOUT_MS = 30_000
 LEAVE_GROUP_TIMEOUT_MS = 5_000
+
+
+class EncodeTimeout(RuntimeError):
+    """An encode call did not return within ``encode_timeout_s``: the member dies (uncommitted batches redelivered)."""
 
 
 @dataclass
@@ -154,10 +160,16 @@ class ConsumerMember:
         """Write, then commit, the finished batches at the head of the queue (in poll order)."""
         while self.queue:
             head = self.queue[0]
-            if head.ref is not None and not block:
-                ready, _ = ray.wait([head.ref], timeout=0)
+            if head.ref is not None:
+                left = self.cfg.encode_timeout_s - (time.monotonic() - head.started)
+                ready, _ = ray.wait([head.ref], timeout=max(0.0, left) if block else 0)
                 if not ready:
-                    return
+                    if left > 0 and not block:
+                        return
+                    raise EncodeTimeout(
+                        f"member {self.index}: an encode batch of {len(head.to_encode)} documents outstanding for "
+                        f"{time.monotonic() - head.started:.0f} s (encode_timeout_s={self.cfg.encode_timeout_s:g}); "
+                        "leaving it uncommitted for redelivery")
             results = ray.get(head.ref) if head.ref is not None else []
             failed = []
             for (op, r), res in zip(head.to_encode, results):
