@@ -279,7 +279,8 @@ def test_three_nodes_ingest_and_serve_spread_answer_and_survive_two_lost_nodes(b
         kafka_io.produce(broker.bootstrap, topic, _docs(6, "w"))  # in the topic before ingest starts
         procs["ingest"] = subprocess.Popen(
             [str(BIN / "macstream"), "ingest", "--topic", topic, "--group-id", group, "--bootstrap-servers",
-             broker.bootstrap, "--workers", "2", "--batch-size", "2", "--partitions", "2", *common],
+             broker.bootstrap, "--workers", "2", "--batch-size", "2", "--partitions", "2",
+             "--encode-timeout-s", "90", *common],  # a call lost with a node is given up within the round's wait
             env=env, stdout=(tmp_path / "ingest.out").open("w"), stderr=(tmp_path / "ingest.err").open("w"))
         procs["serve"] = subprocess.Popen(
             [str(BIN / "macstream"), "serve", "--port", str(port), "--replicas", "2", *common],
