@@ -1,3 +1,4 @@
-"""What ``macstream bench`` runs: ``quality``, ``ingest``, ``serve``, ``baselines``, ``freshness``, and the report
-writer (``report``). Each prints and records how it was measured (``machine``). Results live in
-``benchmarks/results/<date>/``. One-off studies are in ``research/`` (research/README.md)."""
+"""What ``macstream bench TARGET`` runs, one module per target: ``quality``, ``ingest``, ``backfill``, ``serve``,
+``baselines``, ``freshness``, ``store``; each target's settings in ``config``, the report writer in ``report``. Each
+prints and records how it was measured (``machine``). Results live in ``benchmarks/results/<date>/``. One-off studies
+are in ``research/`` (research/README.md)."""

@@ -2,10 +2,12 @@
 
 Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose, calibrate-pick (the engine); broker,
 produce, feeds, ingest, stats, migrate-store, replay (streaming); serve (HTTP API); up (ingest + serve, always on);
-bench (benchmarks and the report); demo.
+backfill, export, import (archives in, memory snapshots out); bench TARGET (one subcommand per benchmark, and the
+report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
-ingest and serve flags are generated from their pydantic configs (:mod:`macstream.flags`).
+ingest, serve, feeds and backfill flags are generated from their pydantic configs (:mod:`macstream.flags`), each
+``bench`` target's from its own config (:mod:`benchmarks.config`).
 """
 
 from __future__ import annotations
