@@ -1,0 +1,278 @@
+"""Compact codecs for a stored modulation φ (T × D float16, 55,296 bytes at T=48, D=576): encode to a few numpy
+arrays (the bytes a store would keep per window) and decode back to float16 states the readout reads.
+
+- ``fp16``: the modulation as it is stored today (T·D·2 bytes);
+- ``int8``: symmetric per-channel absmax: one float16 scale per hidden dimension (over the window's T tokens) and
+  int8 codes, T·D + 2·D bytes; every state is off by at most half its channel's scale;
+- ``pca{r}-int8``: the states projected on r principal directions (a :class:`PcaBasis` fitted once per checkpoint on
+  modulations of *training* documents, stored beside the checkpoint, not per window), the r coefficients then int8
+  per channel: T·r + 2·r bytes. The readout is linear in a state, so what a projection loses is exactly the part of
+  the state off the basis;
+- ``tokens{t}[-<inner>]``: keep t of the T tokens (the t the checkpoint's token selector scores highest, in stored
+  order; without the selector's weights the first t), each kept token coded by ``inner`` (default fp16).
+
+Decoding gives (T', D) with T' = t for the token codecs: a store pads with zero states to the checkpoint's T, as a
+window shorter than T already is. numpy only (no torch): the record stays light, like :mod:`pipeline.modulation`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Parts = dict[str, np.ndarray]  # what a codec stores per window: named arrays; their bytes are the window's cost
+
+_INT8_MAX = 127
+
+
+def nbytes(parts: Parts) -> int:
+    """The bytes a window's parts take (raw array bytes, no container overhead)."""
+    return int(sum(a.nbytes for a in parts.values()))
+
+
+def _check(tokens: np.ndarray, dim: int | None = None) -> np.ndarray:
+    if tokens.ndim != 2:
+        raise ValueError(f"modulation tokens: expected (T, D), got shape {tokens.shape}")
+    if dim is not None and tokens.shape[1] != dim:
+        raise ValueError(f"modulation of width D={tokens.shape[1]}, but this codec was fitted on D={dim}: "
+                         "its basis belongs to another checkpoint/LM")
+    return tokens
+
+
+def _fp16_scale(absmax: np.ndarray) -> np.ndarray:
+    """Per-channel scales in float16 with scale·127 ≥ absmax (rounded up where float16 rounding went below)."""
+    want = absmax.astype(np.float32) / _INT8_MAX
+    s = want.astype(np.float16)
+    low = s.astype(np.float32) * _INT8_MAX < absmax
+    s[low] = np.nextafter(s[low], np.float16(np.inf))
+    return s
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, C) floats → int8 codes (T, C) and float16 scales (C,), symmetric per channel (column): code =
+    round(x / scale) with scale = absmax / 127, so |x - code·scale| ≤ scale / 2. An all-zero channel gets scale 0."""
+    x = x.astype(np.float32)
+    scale = _fp16_scale(np.abs(x).max(0) if len(x) else np.zeros(x.shape[1], np.float32))
+    s = scale.astype(np.float32)
+    q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
+    return np.clip(np.rint(q), -_INT8_MAX, _INT8_MAX).astype(np.int8), scale
+
+
+def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`quantize_int8`, float32."""
+    return codes.astype(np.float32) * scale.astype(np.float32)
+
+
+class Codec:
+    """A modulation codec: ``encode`` (T, D) → parts, ``decode`` parts → (T', D) float16, ``bytes_per_window``."""
+
+    name: str
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        raise NotImplementedError
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        raise NotImplementedError
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        """Exact bytes of one window's parts for a (num_tokens, dim) modulation."""
+        raise NotImplementedError
+
+    def round_trip(self, tokens: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(tokens))
+
+
+class Fp16(Codec):
+    """The modulation as stored today."""
+
+    name = "fp16"
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        return {"tokens": _check(tokens).astype(np.float16)}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        return parts["tokens"].astype(np.float16)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        return num_tokens * dim * 2
+
+
+class Int8(Codec):
+    """Symmetric per-channel (per hidden dimension) absmax int8: T·D int8 codes + D float16 scales."""
+
+    name = "int8"
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        codes, scale = quantize_int8(_check(tokens))
+        return {"codes": codes, "scale": scale}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        return dequantize_int8(parts["codes"], parts["scale"]).astype(np.float16)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        return num_tokens * dim + 2 * dim
+
+
+@dataclass(frozen=True)
+class PcaBasis:
+    """Principal directions of a checkpoint's stored states: mean (D,) and components (D, r), orthonormal columns,
+    by decreasing variance. Fitted on modulations of training documents only; one file per checkpoint."""
+
+    mean: np.ndarray  # (D,) float32
+    components: np.ndarray  # (D, r) float32
+    explained: np.ndarray  # (r,) share of the fitted states' variance each direction explains
+    checkpoint: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.components.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the artifact's arrays (what the checkpoint carries once, not per window)."""
+        return int(self.mean.nbytes + self.components.nbytes)
+
+    @classmethod
+    def fit(cls, states: np.ndarray, rank: int, checkpoint: str = "") -> PcaBasis:
+        """states: (N, D) rows (every stored token of the fit windows; drop zero padding rows first)."""
+        x = np.asarray(states, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"PCA fit: expected (N, D) states, got shape {x.shape}")
+        n, d = x.shape
+        if not 1 <= rank <= d:
+            raise ValueError(f"PCA rank {rank}: expected 1..{d} (the states' width)")
+        if n < 2:
+            raise ValueError(f"PCA fit needs at least 2 states, got {n}")
+        mean = x.mean(0)
+        xc = x - mean
+        evals, evecs = np.linalg.eigh(xc.T @ xc / (n - 1))  # ascending
+        order = np.argsort(evals)[::-1][:rank]
+        total = max(float(evals.clip(min=0).sum()), 1e-30)
+        return cls(mean.astype(np.float32), evecs[:, order].astype(np.float32),
+                   (evals[order].clip(min=0) / total).astype(np.float32), checkpoint)
+
+    def truncate(self, rank: int) -> PcaBasis:
+        """The first ``rank`` directions (a basis fitted at a larger rank serves every smaller one)."""
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"PCA rank {rank}: this basis has {self.rank} directions")
+        return PcaBasis(self.mean, self.components[:, :rank], self.explained[:rank], self.checkpoint)
+
+    def project(self, tokens: np.ndarray) -> np.ndarray:
+        """(T, D) → coefficients (T, r), float32."""
+        x = _check(tokens, self.dim).astype(np.float32)
+        return (x - self.mean) @ self.components
+
+    def reconstruct(self, coeffs: np.ndarray) -> np.ndarray:
+        """(T, r) → (T, D), float32."""
+        if coeffs.ndim != 2 or coeffs.shape[1] != self.rank:
+            raise ValueError(f"PCA coefficients: expected (T, {self.rank}), got shape {coeffs.shape}")
+        return coeffs.astype(np.float32) @ self.components.T + self.mean
+
+    def save(self, path: str | Path) -> int:
+        """Write ``codec-pca{r}.npz``-style file; returns its size in bytes."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("wb") as fh:
+            np.savez(fh, mean=self.mean, components=self.components, explained=self.explained,
+                     checkpoint=np.array(self.checkpoint))
+        return p.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | Path, checkpoint: str | None = None) -> PcaBasis:
+        """Read a saved basis; with ``checkpoint``, refuse one fitted for another checkpoint version."""
+        with np.load(path) as z:
+            basis = cls(z["mean"], z["components"], z["explained"], str(z["checkpoint"]))
+        if checkpoint is not None and basis.checkpoint != checkpoint:
+            raise ValueError(f"{path}: PCA basis of checkpoint {basis.checkpoint!r}, not {checkpoint!r}")
+        return basis
+
+
+class PcaInt8(Codec):
+    """Project on a fitted basis's r directions, then int8 per channel (per direction): T·r + 2·r bytes."""
+
+    def __init__(self, basis: PcaBasis, quantize: bool = True):
+        self.basis, self.quantize = basis, quantize
+        self.name = f"pca{basis.rank}" + ("-int8" if quantize else "")
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        c = self.basis.project(tokens)
+        if not self.quantize:
+            return {"coeffs": c.astype(np.float16)}
+        codes, scale = quantize_int8(c)
+        return {"codes": codes, "scale": scale}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        c = dequantize_int8(parts["codes"], parts["scale"]) if self.quantize else parts["coeffs"]
+        return self.basis.reconstruct(c).astype(np.float16)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        if dim != self.basis.dim:
+            raise ValueError(f"D={dim}, but this basis was fitted on D={self.basis.dim}")
+        r = self.basis.rank
+        return num_tokens * r + 2 * r if self.quantize else num_tokens * r * 2
+
+
+class Tokens(Codec):
+    """Keep ``t`` of the window's tokens, coded by ``inner``. With the token selector's score (``weight`` (D,),
+    ``bias``: the logit the checkpoint's :class:`~pipeline.model.readout.TokenSelector` gives a stored, RMS-normalised
+    state) the t best-scored non-zero tokens, kept in their stored (document) order; without it the first t."""
+
+    def __init__(self, t: int, inner: Codec | None = None, weight: np.ndarray | None = None, bias: float = 0.0):
+        if t < 1:
+            raise ValueError(f"tokens{t}: keep at least one token")
+        self.t, self.inner = t, inner or Fp16()
+        self.weight = None if weight is None else np.asarray(weight, np.float32).reshape(-1)
+        self.bias = float(bias)
+        self.name = f"tokens{t}" + ("" if isinstance(self.inner, Fp16) else f"-{self.inner.name}")
+
+    def keep(self, tokens: np.ndarray) -> np.ndarray:
+        """Indices of the kept tokens, ascending (stored order)."""
+        x = _check(tokens, None if self.weight is None else self.weight.shape[0])
+        if self.t >= len(x):
+            return np.arange(len(x))
+        if self.weight is None:
+            return np.arange(self.t)
+        x = x.astype(np.float32)
+        score = x @ self.weight + self.bias
+        score[~x.any(1)] = -np.inf  # zero padding of a short window: last
+        return np.sort(np.argsort(-score, kind="stable")[: self.t])
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        return self.inner.encode(tokens[self.keep(tokens)])
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        return self.inner.decode(parts)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        return self.inner.bytes_per_window(min(self.t, num_tokens), dim)
+
+
+_SPEC = re.compile(r"^(?:tokens(?P<t>\d+)[-+])?(?:(?P<plain>fp16|int8)|pca(?P<r>\d+)(?P<q>-int8)?)$")
+
+
+def codec(spec: str, basis: PcaBasis | None = None, selector: tuple[np.ndarray, float] | None = None) -> Codec:
+    """``fp16``, ``int8``, ``pca{r}`` / ``pca{r}-int8`` (``basis``: fitted at rank ≥ r, truncated to r), each
+    optionally behind ``tokens{t}-`` (``selector``: the token selector's (weight, bias); ``tokens{t}`` alone keeps
+    fp16). A ValueError names the accepted forms."""
+    m = _SPEC.match(spec) or re.match(r"^tokens(?P<t>\d+)$", spec)
+    if not m:
+        raise ValueError(f"codec {spec!r}: expected fp16, int8, pca<r>, pca<r>-int8, each optionally behind "
+                         "tokens<t>- (e.g. tokens24-int8), or tokens<t> alone")
+    g = m.groupdict()
+    if g.get("r"):
+        if basis is None:
+            raise ValueError(f"codec {spec!r} needs a fitted PCA basis")
+        inner: Codec = PcaInt8(basis.truncate(int(g["r"])), quantize=bool(g["q"]))
+    else:
+        inner = Int8() if g.get("plain") == "int8" else Fp16()
+    if g.get("t"):
+        w, b = selector if selector is not None else (None, 0.0)
+        return Tokens(int(g["t"]), inner, w, b)
+    return inner

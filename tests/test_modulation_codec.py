@@ -1,0 +1,130 @@
+"""The modulation codecs (pipeline/modulation_codec.py): exact byte counts, round-trip error bounds, PCA at full rank
+is lossless, a basis refuses states of another width, the token codec keeps the selector's best tokens in order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.modulation_codec import Fp16, Int8, PcaBasis, PcaInt8, Tokens, codec, nbytes, quantize_int8
+
+T, D = 48, 576
+
+
+def modulation(seed: int = 0, t: int = T, d: int = D) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    x[:, :3] *= 40  # a few large channels, as mid-layer states have
+    return x.astype(np.float16)
+
+
+def fitted(rank: int, d: int = D, n: int = 2000, seed: int = 1) -> PcaBasis:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 32)) @ rng.standard_normal((32, d)) + rng.standard_normal((n, d)) * 0.1
+    return PcaBasis.fit(x, rank, checkpoint="abc")
+
+
+def test_fp16_is_the_identity_at_55296_bytes() -> None:
+    x = modulation()
+    parts = Fp16().encode(x)
+    assert nbytes(parts) == Fp16().bytes_per_window(T, D) == 55_296
+    np.testing.assert_array_equal(Fp16().decode(parts), x)
+
+
+def test_int8_bytes_and_error_within_half_a_scale_per_channel() -> None:
+    x = modulation()
+    c = Int8()
+    parts = c.encode(x)
+    assert parts["codes"].dtype == np.int8 and parts["codes"].shape == (T, D)
+    assert parts["scale"].dtype == np.float16 and parts["scale"].shape == (D,)
+    assert nbytes(parts) == c.bytes_per_window(T, D) == T * D + 2 * D == 28_800
+    y = c.decode(parts)
+    assert y.dtype == np.float16 and y.shape == (T, D)
+    err = np.abs(y.astype(np.float32) - x.astype(np.float32))
+    scale = parts["scale"].astype(np.float32)
+    # half a scale, plus the float16 rounding of the decoded value
+    bound = scale / 2 + np.abs(x.astype(np.float32)) * 2.0 ** -10 + 1e-7
+    assert (err <= bound).all()
+    assert (np.abs(x.astype(np.float32)).max(0) <= scale * 127 * (1 + 1e-6)).all()  # no code clipped
+
+
+def test_int8_zero_and_tiny_channels() -> None:
+    x = np.zeros((4, 3), np.float32)
+    x[:, 1] = [1e-6, -2e-6, 0, 3e-6]  # below float16's normal range: the scale rounds up, never to 0
+    codes, scale = quantize_int8(x)
+    assert scale[0] == 0 and (codes[:, 0] == 0).all()
+    assert scale[1] > 0 and np.abs(codes).max() <= 127
+    y = Int8().decode({"codes": codes, "scale": scale}).astype(np.float32)
+    assert np.abs(y[:, 1] - x[:, 1]).max() <= scale[1].astype(np.float32) / 2 + 1e-7
+
+
+def test_pca_at_full_rank_is_nearly_lossless_and_counts_its_bytes() -> None:
+    basis = fitted(D)
+    x = modulation(3)
+    c = PcaInt8(basis, quantize=False)
+    y = c.round_trip(x).astype(np.float32)
+    assert np.abs(y - x.astype(np.float32)).max() < 0.05  # float16 coefficients only
+    q = PcaInt8(basis.truncate(128))
+    assert q.name == "pca128-int8"
+    assert nbytes(q.encode(x)) == q.bytes_per_window(T, D) == T * 128 + 2 * 128 == 6_400
+    assert basis.truncate(128).nbytes == (D + D * 128) * 4
+
+
+def test_pca_keeps_what_lies_in_its_span() -> None:
+    basis = fitted(32)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((T, 32)) @ basis.components.T + basis.mean).astype(np.float16)
+    y = PcaInt8(basis).round_trip(x).astype(np.float32)
+    rel = np.linalg.norm(y - x.astype(np.float32)) / np.linalg.norm(x.astype(np.float32) - basis.mean)
+    assert rel < 0.02  # int8 on the coefficients only
+
+
+def test_a_fitted_basis_refuses_a_modulation_of_another_width() -> None:
+    c = PcaInt8(fitted(16))
+    with pytest.raises(ValueError, match="D=384.*fitted on D=576"):
+        c.encode(modulation(d=384))
+    with pytest.raises(ValueError, match="D=384"):
+        c.bytes_per_window(T, 384)
+
+
+def test_basis_save_load_and_checkpoint_check(tmp_path) -> None:
+    basis = fitted(8)
+    size = basis.save(tmp_path / "codec-pca8.npz")
+    assert size > basis.nbytes
+    back = PcaBasis.load(tmp_path / "codec-pca8.npz", checkpoint="abc")
+    np.testing.assert_array_equal(back.components, basis.components)
+    with pytest.raises(ValueError, match="checkpoint 'abc', not 'other'"):
+        PcaBasis.load(tmp_path / "codec-pca8.npz", checkpoint="other")
+    with pytest.raises(ValueError, match="rank 9"):
+        basis.truncate(9)
+
+
+def test_tokens_keeps_the_best_scored_in_stored_order() -> None:
+    x = modulation(7).astype(np.float32)
+    w = np.zeros(D, np.float32)
+    w[10] = 1.0
+    x[:, 10] = np.arange(T)[::-1]  # token 0 scores highest
+    x[[5, 20]] *= 0  # zero padding never wins
+    x[5, 10] = x[20, 10] = 0
+    c = Tokens(24, Int8(), w, 0.5)
+    keep = c.keep(x.astype(np.float16))
+    assert list(keep) == sorted(keep) and len(keep) == 24
+    assert 5 not in keep and 20 not in keep and 0 in keep
+    parts = c.encode(x.astype(np.float16))
+    assert nbytes(parts) == c.bytes_per_window(T, D) == 24 * D + 2 * D == 14_976
+    assert c.decode(parts).shape == (24, D)
+    assert list(Tokens(4).keep(x.astype(np.float16))) == [0, 1, 2, 3]  # no selector: the first t
+    assert Tokens(60).keep(x.astype(np.float16)).tolist() == list(range(T))
+
+
+def test_codec_names() -> None:
+    basis = fitted(64)
+    assert codec("fp16").name == "fp16" and codec("int8").name == "int8"
+    assert codec("pca32-int8", basis).name == "pca32-int8" and codec("pca32", basis).name == "pca32"
+    assert codec("tokens24-int8").name == "tokens24-int8" and codec("tokens24+int8").name == "tokens24-int8"
+    assert codec("tokens24").name == "tokens24"
+    assert codec("tokens12-pca32-int8", basis).bytes_per_window(T, D) == 12 * 32 + 64
+    with pytest.raises(ValueError, match="needs a fitted PCA basis"):
+        codec("pca32-int8")
+    with pytest.raises(ValueError, match="expected fp16, int8"):
+        codec("int4")
