@@ -352,7 +352,7 @@ def _cli_store(location: str):
 
 def cmd_export(args) -> None:
     from pipeline.config import store_location
-    from pipeline.memory_export import encoder_width, export_collection
+    from pipeline.memory_export import export_collection
     from pipeline.model.mac import checkpoint_identity
     from pipeline.store import collection_name
 
@@ -360,7 +360,7 @@ def cmd_export(args) -> None:
     collection = args.collection or collection_name(version)
     store = _cli_store(store_location(args.store))
     try:
-        print(json.dumps(export_collection(store, collection, args.out, encoder_width(args.checkpoint)), indent=2))
+        print(json.dumps(export_collection(store, collection, args.out), indent=2))
     finally:
         store.close()
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pipeline.modulation import Modulation
 from pipeline.schemas import Document, EncodedChunk
-from pipeline.store import Store, collection_name, point_id
+from pipeline.store import Store, StoredDocument, collection_name, point_id
 
 FORMAT = "1"
 DOC_FIELDS = [f for f in Document.model_fields if f != "id"]
@@ -42,20 +42,6 @@ class VersionMismatch(ValueError):
     """The file's modulations were produced by another checkpoint than the one the store is filled for."""
 
 
-def encoder_width(checkpoint: str | None = None) -> int:
-    """d_enc, the width of a checkpoint's retrieval vectors (its encoder's hidden size), read from configs only."""
-    import json
-
-    from transformers import AutoConfig
-
-    from pipeline.config import ModelConfig
-    from pipeline.model.mac import CONFIG, checkpoint_dir
-    from pipeline.model.weights import resolve_encoder
-
-    name = json.loads((checkpoint_dir(checkpoint) / CONFIG).read_text())["model"].get("encoder", ModelConfig().encoder)
-    return int(AutoConfig.from_pretrained(resolve_encoder(name)).hidden_size)
-
-
 def schema(d_enc: int, num_tokens: int, d_lm: int, meta: dict[str, str]) -> pa.Schema:
     fields = [pa.field("point_id", pa.string(), False), pa.field("id", pa.string(), False),
               pa.field("chunk", pa.int32(), False), pa.field("n_chunks", pa.int32(), False),
@@ -66,43 +52,10 @@ def schema(d_enc: int, num_tokens: int, d_lm: int, meta: dict[str, str]) -> pa.S
     return pa.schema(fields, metadata={f"macstream.{k}": str(v) for k, v in meta.items()})
 
 
-def stored_documents(store: Store, collection: str, d_enc: int) -> list[tuple[Document, list[EncodedChunk]]]:
-    """Every document of ``collection`` with all its chunks, sorted by id.
-
-    The :class:`Store` interface has no listing yet: a backend with a ``scroll(collection, after, limit)`` method
-    (pages of ``(document, chunks)`` sorted by id, and the cursor of the next page or None) is paged through it;
-    otherwise one search for every point (k = the store's chunk count, ``d_enc`` the retrieval vectors' width).
-    Either way the result is checked complete: every point the store counts, every document's chunks 0..n-1; an
-    incomplete read raises rather than exporting part of the memory."""
-    expected = store.counts(collection)["chunks"]
-    docs: dict[str, Document] = {}
-    chunks: dict[str, list[EncodedChunk]] = {}
-    scroll = getattr(store, "scroll", None)
-    if callable(scroll):
-        after = None
-        while True:
-            page, after = scroll(collection, after, 256)
-            for doc, cs in page:
-                docs[doc.id], chunks[doc.id] = doc, list(cs)
-            if after is None:
-                break
-    elif expected:
-        probe = np.zeros((1, d_enc), np.float32)
-        probe[0, 0] = 1.0
-        for hit in store.search(collection, probe, expected)[0]:
-            m = hit.chunk.modulation
-            docs.setdefault(m.doc_id, hit.document)
-            chunks.setdefault(m.doc_id, []).append(hit.chunk)
-    got = sum(map(len, chunks.values()))
-    for doc_id, cs in chunks.items():
-        cs.sort(key=lambda c: c.modulation.chunk)
-        if [c.modulation.chunk for c in cs] != list(range(cs[0].modulation.n_chunks)):
-            raise RuntimeError(f"export: document {doc_id!r} came back with chunks {[c.modulation.chunk for c in cs]}"
-                               f" of {cs[0].modulation.n_chunks}; nothing written")
-    if got != expected:
-        raise RuntimeError(f"export: the store returned {got} of the {expected} points of {collection}; nothing "
-                           f"written")
-    return [(docs[d], chunks[d]) for d in sorted(docs)]
+def stored_documents(store: Store, collection: str) -> list[StoredDocument]:
+    """Every document of ``collection`` with its content hash and all its chunks, sorted by id (all in memory: for
+    small collections and tests; an export streams :meth:`Store.iter_documents` instead)."""
+    return list(store.iter_documents(collection))
 
 
 def _table(rows: list[tuple[Document, str, EncodedChunk]], sch: pa.Schema) -> pa.Table:
@@ -126,36 +79,64 @@ def _table(rows: list[tuple[Document, str, EncodedChunk]], sch: pa.Schema) -> pa
     return pa.Table.from_arrays([cols[f.name] for f in sch], schema=sch)
 
 
-def export_collection(store: Store, collection: str, out: str | Path, d_enc: int) -> dict:
-    """Write every point of ``collection`` to ``out`` (written to ``<out>.partial``, then moved into place). Returns
-    {file, collection, checkpoint, model_id, documents, points, bytes}. An empty collection is refused."""
+def export_collection(store: Store, collection: str, out: str | Path, batch: int = 256) -> dict:
+    """Write every point of ``collection`` to ``out``, streaming: documents are read ``batch`` at a time
+    (:meth:`Store.iter_documents`) and written as they come, so memory stays bounded by one batch at any size. The file
+    is written to ``<out>.partial`` and moved into place only when complete. Returns {file, collection, checkpoint,
+    model_id, documents, points, bytes}. An empty collection is refused; so is a collection that changed while it was
+    read (documents or points at the end differ from the start: the file would not be one state of the memory), and
+    one holding modulations of several checkpoints; in each case nothing is left at ``out``."""
     import pyarrow.parquet as pq
 
-    found = stored_documents(store, collection, d_enc)
-    if not found:
+    before = store.counts(collection)
+    if not before["chunks"]:
         raise ValueError(f"export: collection {collection} is empty or absent in this store (collections here: "
                          f"{', '.join(store.collections()) or 'none'})")
-    first = found[0][1][0].modulation
-    stamps = {(c.modulation.checkpoint, c.modulation.model_id) for _, cs in found for c in cs}
-    if len(stamps) != 1:
-        raise RuntimeError(f"export: {collection} holds modulations of several checkpoints: {sorted(stamps)[:3]}")
-    hashes: dict[str, str] = {}
-    ids = [d.id for d, _ in found]
-    for s in range(0, len(ids), 1000):
-        hashes |= store.content_hashes(collection, ids[s: s + 1000])
-    meta = {"format": FORMAT, "checkpoint": first.checkpoint, "model_id": first.model_id, "collection": collection,
-            "documents": len(found), "points": sum(len(cs) for _, cs in found)}
-    sch = schema(int(np.asarray(found[0][1][0].vector).shape[0]), *first.tokens.shape, meta)
-    rows = [(d, hashes[d.id], c) for d, cs in found for c in cs]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    with pq.ParquetWriter(partial, sch, compression="zstd") as writer:
-        for s in range(0, len(rows), ROWS_PER_GROUP):
-            writer.write_table(_table(rows[s: s + ROWS_PER_GROUP], sch))
+    writer, sch, stamp, docs, points, rows = None, None, None, 0, 0, []
+
+    def flush() -> None:
+        nonlocal writer, sch
+        if writer is None:
+            first = rows[0][2].modulation
+            meta = {"format": FORMAT, "checkpoint": first.checkpoint, "model_id": first.model_id,
+                    "collection": collection, "documents": before["documents"], "points": before["chunks"]}
+            sch = schema(int(np.asarray(rows[0][2].vector).shape[0]), *first.tokens.shape, meta)
+            writer = pq.ParquetWriter(partial, sch, compression="zstd")
+        writer.write_table(_table(rows, sch))
+        rows.clear()
+
+    try:
+        for doc, content_hash, chunks in store.iter_documents(collection, batch):
+            for c in chunks:
+                mine = (c.modulation.checkpoint, c.modulation.model_id)
+                if stamp is not None and mine != stamp:
+                    raise RuntimeError(f"export: {collection} holds modulations of several checkpoints: "
+                                       f"{sorted({stamp, mine})}; nothing written")
+                stamp = mine
+                rows.append((doc, content_hash, c))
+            docs, points = docs + 1, points + len(chunks)
+            if len(rows) >= ROWS_PER_GROUP:
+                flush()
+        if rows:
+            flush()
+        after = store.counts(collection)
+        if (docs, points) != (before["documents"], before["chunks"]) or after != before:
+            raise RuntimeError(f"export: {collection} changed while it was read ({before['documents']} documents / "
+                               f"{before['chunks']} points at the start, {docs} / {points} read, "
+                               f"{after['documents']} / {after['chunks']} at the end); nothing written: export again "
+                               f"while nothing writes to it")
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
     partial.replace(out)
-    return {"file": str(out), **{k: meta[k] for k in ("collection", "checkpoint", "model_id", "documents", "points")},
-            "bytes": out.stat().st_size}
+    return {"file": str(out), "collection": collection, "checkpoint": stamp[0], "model_id": stamp[1],
+            "documents": docs, "points": points, "bytes": out.stat().st_size}
 
 
 def read_header(path: str | Path) -> dict[str, str]:

@@ -79,9 +79,7 @@ def _backfill(checkpoint, store, source, **kw) -> dict:
 
 def _contents(store, collection) -> dict[str, tuple[Document, str, int]]:
     """id → (document, stored content hash, chunks), read back completely (every point the store counts)."""
-    found = stored_documents(store, collection, D_ENC)
-    hashes = store.content_hashes(collection, [d.id for d, _ in found])
-    return {d.id: (d, hashes[d.id], len(cs)) for d, cs in found}
+    return {d.id: (d, h, len(cs)) for d, h, cs in stored_documents(store, collection)}
 
 
 # ---- the archive: good, duplicate, updated and bad rows ----------------------------------------------------------
@@ -234,7 +232,7 @@ def test_export_then_import_round_trips_bit_exact(archive, tiny_checkpoint, tmp_
     version, model_id = checkpoint_identity(tiny_checkpoint)
     collection = collection_name(version)
     source = connect_store(store_loc)
-    first = export_collection(source, collection, tmp_path / "memory.parquet", D_ENC)
+    first = export_collection(source, collection, tmp_path / "memory.parquet")
     assert first["documents"] == len(expected) and first["checkpoint"] == version
     table = pq.read_table(tmp_path / "memory.parquet")
     meta = table.schema.metadata
@@ -246,7 +244,7 @@ def test_export_then_import_round_trips_bit_exact(archive, tiny_checkpoint, tmp_
         store = connect_store(target) if target != "memory" else open_store("memory")
         done = import_file(store, tmp_path / "memory.parquet", version, model_id)
         assert done["documents"] == len(expected) and done["points"] == table.num_rows
-        export_collection(store, collection, tmp_path / "again.parquet", D_ENC)
+        export_collection(store, collection, tmp_path / "again.parquet")
         _same_bits(table, pq.read_table(tmp_path / "again.parquet"))
         assert _contents(store, collection) == _contents(source, collection)
         q = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy()[:D_ENC]).reshape(1, -1)
@@ -258,7 +256,7 @@ def test_export_then_import_round_trips_bit_exact(archive, tiny_checkpoint, tmp_
 def test_import_refuses_another_checkpoint_and_damaged_files(archive, tiny_checkpoint, tmp_path):
     store_loc, _, _, _, _, _ = archive
     version, model_id = checkpoint_identity(tiny_checkpoint)
-    export_collection(connect_store(store_loc), collection_name(version), tmp_path / "m.parquet", D_ENC)
+    export_collection(connect_store(store_loc), collection_name(version), tmp_path / "m.parquet")
     target = open_store("memory")
     with pytest.raises(VersionMismatch) as err:
         import_file(target, tmp_path / "m.parquet", "0123456789ab", model_id)

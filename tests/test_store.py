@@ -83,7 +83,14 @@ def _run_ops(store: Store) -> dict:
     out["tenant"] = (store.counts(COLL, "t2"), store.counts(COLL, "nobody"), store.newest_published(COLL, "t2"),
                      store.newest_published(COLL, "nobody"), store.counts("macstream-none", "t2"))
     out["absent"] = (store.counts("macstream-none"), store.search("macstream-none", q, 3),
-                     store.content_hashes("macstream-none", ["d1"]))
+                     store.content_hashes("macstream-none", ["d1"]), store.document_ids("macstream-none"),
+                     store.documents("macstream-none", ["d1"]))
+    # the listing an export pages through: ids sorted, documents whole (every chunk, bit-exact), absent ids skipped
+    out["ids"] = store.document_ids(COLL)
+    out["documents"] = [(d.model_dump(), h, [(c.modulation.chunk, c.modulation.n_chunks, c.modulation.tokens.tobytes(),
+                                              np.round(c.vector, 5).tolist()) for c in cs])  # server: renormalised
+                        for d, h, cs in store.documents(COLL, ["d0", "d7", "d4", "nope", "d10"])]
+    out["iterated"] = [d.id for d, _, _ in store.iter_documents(COLL, batch=4)]
     return out
 
 
@@ -98,6 +105,10 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["counts1"] == {"documents": 11, "chunks": 13}
     assert ref["deleted"] == [True, False, False]
     assert ref["hashes"] == {"d4": "h4b", "d5": "h5"}
+    assert ref["ids"] == ref["iterated"] == sorted(f"d{i}" for i in range(12) if i != 7)
+    assert [(d["id"], h, [c[:2] for c in cs]) for d, h, cs in ref["documents"]] == \
+        [("d0", "h0", [(0, 2), (1, 2)]), ("d4", "h4b", [(0, 1)]), ("d10", "h10", [(0, 1)])]
+    assert ref["documents"][0][2][1][2] == _chunks("d0", [0, 100])[1].modulation.tokens.tobytes()
     assert ref["newest"] == (datetime(2024, 1, 12, tzinfo=UTC), None)
     # a tenant's view: t2 owns d0 (2 chunks), d3, d6, d9; nothing of the others leaks into its counts
     assert ref["tenant"] == ({"documents": 4, "chunks": 5}, {"documents": 0, "chunks": 0},
@@ -346,3 +357,45 @@ def test_migrate_store_copies_the_old_format_without_re_encoding(tmp_path, capsy
     for bad in ((new, tmp_path / "other"), (old, new)):  # not the old format; a destination that is not empty
         with pytest.raises(SystemExit):
             main(["migrate-store", "--from", str(bad[0]), "--to", str(bad[1])])
+
+
+def test_export_streams_document_batches_and_refuses_a_collection_that_changed_meanwhile(tmp_path) -> None:
+    """`macstream export` reads the memory a batch of documents at a time (never all of it at once) and writes one
+    state of it: a write landing while it reads leaves no file behind and says why."""
+    import pyarrow.parquet as pq
+
+    from pipeline.memory_export import export_collection, import_file
+
+    store = EdgeStore(str(tmp_path / "edge"))
+    _fill(store)
+    reads: list[int] = []
+    real = store.documents
+
+    def counted(collection, doc_ids):
+        reads.append(len(doc_ids))
+        return real(collection, doc_ids)
+
+    store.documents = counted
+    done = export_collection(store, COLL, tmp_path / "m.parquet", batch=5)
+    assert reads == [5, 5, 2] and (done["documents"], done["points"]) == (12, 15)
+    table = pq.read_table(tmp_path / "m.parquet")
+    assert table.column("id").to_pylist() == [d for d in sorted(f"d{i}" for i in range(12)) for _ in
+                                              range(2 if int(d[1:]) % 4 == 0 else 1)]
+    copy = InMemoryStore()
+    import_file(copy, tmp_path / "m.parquet", "v1", "lm|enc")
+    assert [(d, h, len(cs)) for d, h, cs in copy.iter_documents(COLL)] == \
+           [(d, h, len(cs)) for d, h, cs in store.iter_documents(COLL)]
+
+    reads.clear()
+
+    def racing(collection, doc_ids):  # ingest writes a new document while the export reads its second batch
+        if len(reads) == 1:
+            store.upsert(COLL, _doc(20), "h20", _chunks("d20", [20]))
+        reads.append(len(doc_ids))
+        return real(collection, doc_ids)
+
+    store.documents = racing
+    with pytest.raises(RuntimeError, match="changed while it was read"):
+        export_collection(store, COLL, tmp_path / "n.parquet", batch=5)
+    assert not list(tmp_path.glob("n.parquet*"))  # neither the file nor its partial
+    store.close()

@@ -13,14 +13,15 @@ from pipeline.store.base import (
     SearchFilter,
     Store,
     StoreBusy,
+    StoredDocument,
     StoreFormatError,
     StoreRejection,
     collection_name,
     point_id,
 )
 
-__all__ = ["SearchFilter", "Store", "StoreBusy", "StoreFormatError", "StoreRejection", "collection_name", "is_remote",
-           "open_store", "point_id"]
+__all__ = ["SearchFilter", "Store", "StoreBusy", "StoredDocument", "StoreFormatError", "StoreRejection",
+           "collection_name", "is_remote", "open_store", "point_id"]
 
 LOCAL_MODE = "local:"  # prefix: qdrant-client's pure-Python local mode on a directory (the old embedded engine)
 

@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store import LOCAL_MODE, SearchFilter, Store, StoreBusy, is_remote, open_store
+from pipeline.store import LOCAL_MODE, SearchFilter, Store, StoreBusy, StoredDocument, is_remote, open_store
 
 __all__ = ["RemoteStore", "StoreActor", "StoreBusy", "connect_store", "ensure_store_free", "store_actor_name"]
 
@@ -51,6 +51,12 @@ class StoreActor:
     def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
         return self.store.newest_published(collection, tenant)
 
+    def document_ids(self, collection: str) -> list[str]:
+        return self.store.document_ids(collection)
+
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        return self.store.documents(collection, doc_ids)
+
     def stats(self) -> dict:
         return self.store.stats()
 
@@ -81,6 +87,12 @@ class RemoteStore(Store):
 
     def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
         return ray.get(self.actor.newest_published.remote(collection, tenant))
+
+    def document_ids(self, collection: str) -> list[str]:
+        return ray.get(self.actor.document_ids.remote(collection))
+
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        return ray.get(self.actor.documents.remote(collection, doc_ids))
 
     def stats(self) -> dict:
         return ray.get(self.actor.stats.remote())

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -92,6 +94,14 @@ class SearchFilter(BaseModel):
         return (self.source is None or doc.source == self.source) and (self.tenant is None or doc.tenant == self.tenant)
 
 
+class StoredDocument(NamedTuple):
+    """One document as a store holds it: what an export writes and an import upserts back."""
+
+    document: Document
+    content_hash: str
+    chunks: list[EncodedChunk]
+
+
 class Store(ABC):
     """Where modulations live. Collections are created on first upsert."""
 
@@ -124,6 +134,24 @@ class Store(ABC):
     def newest_published(self, collection: str, tenant: str | None = None) -> datetime | None:
         """The latest ``published_at`` in the collection (UTC), None when no document has one; with ``tenant``: among
         that tenant's documents only."""
+
+    @abstractmethod
+    def document_ids(self, collection: str) -> list[str]:
+        """Every document id of the collection, sorted; [] for an absent one. Ids only (read from the index, never
+        the modulations), so a listing of 10^6 windows stays small."""
+
+    @abstractmethod
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        """Each of ``doc_ids`` that is stored, in the order given, whole: the document, its content hash and every
+        chunk in chunk order (modulations bit-exact, retrieval vectors as stored)."""
+
+    def iter_documents(self, collection: str, batch: int = 256) -> Iterator[StoredDocument]:
+        """Every stored document, sorted by id, read ``batch`` documents at a time: memory stays bounded by one batch
+        whatever the collection's size (an export of a month of news). A document written or deleted meanwhile may
+        or may not be seen; one listed but deleted before its batch is read is skipped."""
+        ids = self.document_ids(collection)
+        for s in range(0, len(ids), batch):
+            yield from self.documents(collection, ids[s: s + batch])
 
     def stats(self) -> dict:
         return {c: self.counts(c) for c in self.collections()}

@@ -45,7 +45,15 @@ import numpy as np
 
 from pipeline.modulation import Modulation
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store.base import SearchFilter, Store, StoreBusy, StoreFormatError, _utc, point_id
+from pipeline.store.base import (
+    SearchFilter,
+    Store,
+    StoreBusy,
+    StoredDocument,
+    StoreFormatError,
+    _utc,
+    point_id,
+)
 
 FORMAT = {"engine": "qdrant-edge", "format": 1}
 MARKER, LOCK, COLLECTIONS = "macstream-store.json", "macstream.lock", "collections"
@@ -311,12 +319,49 @@ class EdgeStore(Store):
         return [[self._hit(p, mods[str(p.id)]) for p in points] for points in found]
 
     @staticmethod
-    def _hit(point, modulation) -> Hit:
+    def _chunk(point, modulation) -> EncodedChunk:
         p = point.payload
         tokens = np.asarray(modulation, dtype=np.float32).astype(np.float16)  # stored as float16: exact
         mod = Modulation(p["doc_id"], p["chunk"], p["n_chunks"], tokens, p["model_id"], p["checkpoint"])
-        return Hit(EncodedChunk(mod, np.asarray(point.vector[RETRIEVAL], np.float32)),
-                   Document.model_validate(p["document"]), float(point.score))
+        return EncodedChunk(mod, np.asarray(point.vector[RETRIEVAL], np.float32))
+
+    def _hit(self, point, modulation) -> Hit:
+        return Hit(self._chunk(point, modulation), Document.model_validate(point.payload["document"]),
+                   float(point.score))
+
+    def document_ids(self, collection: str) -> list[str]:
+        c = self._get(collection)
+        if c is None:
+            return []
+        q, ids, offset = self.q, [], None
+        first = q.Filter(must=[q.FieldCondition("chunk", match=q.MatchValue(0))])
+        while True:
+            records, offset = c.index.scroll(q.ScrollRequest(offset=offset, limit=4096, filter=first,
+                                                             with_payload=["doc_id"], with_vector=False))
+            ids += [r.payload["doc_id"] for r in records]
+            if offset is None:
+                return sorted(ids)
+
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        c = self._get(collection)
+        if c is None or not doc_ids:
+            return []
+        version = collection.removeprefix("macstream-")
+        heads = c.index.retrieve([point_id(version, d, 0) for d in doc_ids], with_payload=["doc_id", "n_chunks"],
+                                 with_vector=False)
+        n = {r.payload["doc_id"]: r.payload["n_chunks"] for r in heads}
+        ids = [point_id(version, d, i) for d in doc_ids if d in n for i in range(n[d])]
+        points = {str(r.id): r for r in c.index.retrieve(ids, with_payload=True, with_vector=[RETRIEVAL])}
+        mods = {str(r.id): r.vector[MODULATION] for r in c.modulations.retrieve(ids, with_payload=False,
+                                                                                 with_vector=[MODULATION])}
+        out = []
+        for d in doc_ids:
+            mine = [str(point_id(version, d, i)) for i in range(n.get(d, 0))]
+            if mine and all(i in points and i in mods for i in mine):  # a document deleted meanwhile: skipped whole
+                first = points[mine[0]].payload
+                out.append(StoredDocument(Document.model_validate(first["document"]), first["content_hash"],
+                                          [self._chunk(points[i], mods[i]) for i in mine]))
+        return out
 
     def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
         c = self._get(collection)

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store.bank import MemoryBank
-from pipeline.store.base import SearchFilter, Store, _utc
+from pipeline.store.base import SearchFilter, Store, StoredDocument, _utc
 
 
 class InMemoryStore(Store):
@@ -55,3 +55,11 @@ class InMemoryStore(Store):
         docs = [self._banks[collection].document(d) for d in self._doc_ids(collection, tenant)]
         times = [_utc(d.published_at) for d in docs if d.published_at is not None]
         return max(times) if times else None
+
+    def document_ids(self, collection: str) -> list[str]:
+        return sorted(self._doc_ids(collection, None))
+
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        bank, hashes = self._banks.get(collection), self._hashes.get(collection, {})
+        return [StoredDocument(bank.document(d), hashes[d], list(bank.chunks(d)))
+                for d in doc_ids if bank is not None and d in hashes]

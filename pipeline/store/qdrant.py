@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.modulation import Modulation
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store.base import SearchFilter, Store, StoreBusy, _utc, point_id
+from pipeline.store.base import SearchFilter, Store, StoreBusy, StoredDocument, _utc, point_id
 
 
 class ServerLayout(BaseModel):
@@ -120,13 +120,14 @@ class QdrantStore(Store):
         return m.Filter(must=must) if must else None
 
     @staticmethod
-    def _hit(point) -> Hit:
+    def _chunk(point) -> EncodedChunk:
         p = point.payload
-        doc = Document.model_validate(p["document"])
         tokens = Modulation.decode_tokens(p["tokens"], p["num_tokens"])
         mod = Modulation(p["doc_id"], p["chunk"], p["n_chunks"], tokens, p["model_id"], p["checkpoint"])
-        return Hit(EncodedChunk(mod, np.asarray(point.vector, np.float32) if point.vector is not None else None),
-                   doc, float(point.score))
+        return EncodedChunk(mod, np.asarray(point.vector, np.float32) if point.vector is not None else None)
+
+    def _hit(self, point) -> Hit:
+        return Hit(self._chunk(point), Document.model_validate(point.payload["document"]), float(point.score))
 
     # ---- interface -----------------------------------------------------------------------------------------------
     def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
@@ -199,6 +200,37 @@ class QdrantStore(Store):
         if not points or points[0].payload.get("published_ts") is None:
             return None
         return datetime.fromtimestamp(points[0].payload["published_ts"], UTC)
+
+    def document_ids(self, collection: str) -> list[str]:
+        if not self._exists(collection):
+            return []
+        m, ids, offset = self._m, [], None
+        first = m.Filter(must=[m.FieldCondition(key="chunk", match=m.MatchValue(value=0))])
+        while True:
+            points, offset = self.client.scroll(collection, scroll_filter=first, limit=4096, offset=offset,
+                                                with_payload=["doc_id"], with_vectors=False)
+            ids += [p.payload["doc_id"] for p in points]
+            if offset is None:
+                return sorted(ids)
+
+    def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
+        if not doc_ids or not self._exists(collection):
+            return []
+        version = collection.removeprefix("macstream-")
+        heads = self.client.retrieve(collection, ids=[point_id(version, d, 0) for d in doc_ids],
+                                     with_payload=["doc_id", "n_chunks"], with_vectors=False)
+        n = {p.payload["doc_id"]: p.payload["n_chunks"] for p in heads}
+        ids = [point_id(version, d, i) for d in doc_ids if d in n for i in range(n[d])]
+        points = {str(p.id): p for p in self.client.retrieve(collection, ids=ids, with_payload=True,
+                                                             with_vectors=True)}
+        out = []
+        for d in doc_ids:
+            mine = [str(point_id(version, d, i)) for i in range(n.get(d, 0))]
+            if mine and all(i in points for i in mine):  # a document deleted meanwhile: skipped whole
+                first = points[mine[0]].payload
+                out.append(StoredDocument(Document.model_validate(first["document"]), first["content_hash"],
+                                          [self._chunk(points[i]) for i in mine]))
+        return out
 
     def close(self) -> None:
         self.client.close()
