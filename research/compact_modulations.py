@@ -187,6 +187,26 @@ def readout_error(model: MACModel, x: np.ndarray, y: np.ndarray, n: int = 64) ->
         return float(torch.linalg.norm((b - a) @ W.T) / torch.linalg.norm(a @ W.T))
 
 
+def verdict(rows: list[dict], sets: list[str]) -> dict:
+    """Per codec (smallest first): its worst F1 change against fp16 over every measured (dataset, mode), whether
+    every unit was measured, and whether it stays within 1 F1 everywhere; and the smallest codec that does."""
+    units = [(ds, m) for ds in sets for m in (*CHEAP_MODES, *COSTLY_MODES)]
+    out: dict = {"codecs": []}
+    for row in sorted(rows, key=lambda r: r["bytes_per_window"]):
+        if row["codec"] == "fp16":
+            continue
+        deltas = {f"{ds} {m}": row["datasets"][ds]["modes"][m]["delta_f1"] for ds, m in units
+                  if "delta_f1" in row["datasets"].get(ds, {}).get("modes", {}).get(m, {})}
+        worst = min(deltas.values()) if deltas else None
+        complete = len(deltas) == len(units)
+        out["codecs"].append({"codec": row["codec"], "bytes_per_window": row["bytes_per_window"], "worst_delta_f1":
+                              worst, "complete": complete, "within_1_f1": complete and worst is not None
+                              and worst >= -1.0})
+    ok = [c for c in out["codecs"] if c["within_1_f1"]]
+    out["smallest_within_1_f1"] = ok[0]["codec"] if ok else None
+    return out
+
+
 # ---- output ---------------------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
     import matplotlib
@@ -259,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ranks = [int(n.split("pca")[1].split("-")[0]) for n in names if "pca" in n]
     basis, fit, bases = None, {}, {}
-    selector = (model.amortizer.score.weight.detach().numpy()[0], float(model.amortizer.score.bias))
+    selector = (model.amortizer.score.weight.detach().numpy()[0], float(model.amortizer.score.bias.detach()[0]))
 
     def codec_of(name: str) -> Codec:
         nonlocal basis, fit
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(row)
         result = {
             "question": "bytes per stored window against F1: which compact modulation loses at most 1 F1?",
-            "rows": rows, "skipped_units": skipped,
+            "rows": rows, "verdict": verdict(rows, sets), "skipped_units": skipped,
             "how": {"date": started, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": machine(), "threads": torch.get_num_threads(),
                     "command": "HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python -m research.compact_modulations "
@@ -342,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             est.setdefault((ds, mode), u["seconds"])
             continue
         guess = est.get((ds, mode), 0.0) * (0.3 if mode == SELECT else 1.0)
-        if time.time() + guess > stop:
+        if time.time() + guess > stop or time.time() > stop:
             skipped.append(f"{c} {ds} {mode} (expected {guess:.0f} s, past --stop-at)")
             log(f"skip {c} {ds} {mode}: expected {guess:.0f} s")
             write()
