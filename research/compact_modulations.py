@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=".cache/compact-modulations")
     ap.add_argument("--stop-at", help="ISO time (UTC): start no unit expected to end after it")
+    ap.add_argument("--probe", default="", help="comma-separated codecs measured without answering, once the "
+                    "answered ones are done: state and readout error, and how many select+rag@1 prompts change")
     ap.add_argument("--out", default="research/results/2026-12-03/compact-modulations.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         data[name] = (docs, qs)
         enc[name] = encoded(model, docs, cache / f"{model.version}-{tag}")
 
-    ranks = [int(n.split("pca")[1].split("-")[0]) for n in names if "pca" in n]
+    probes = [c.strip() for c in args.probe.split(",") if c.strip()]
+    ranks = [int(n.split("pca")[1].split("-")[0]) for n in (*names, *probes) if "pca" in n]
     basis, fit, bases = None, {}, {}
     selector = (model.amortizer.score.weight.detach().numpy()[0], float(model.amortizer.score.bias.detach()[0]))
 
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     diag: dict[tuple[str, str], dict] = {}
     skipped: list[str] = []
+    probed: list[dict] = []
 
     def write() -> dict:
         rows = []
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "question": "bytes per stored window against F1: which compact modulation loses at most 1 F1?",
             "rows": rows, "verdict": verdict(rows, sets), "skipped_units": skipped,
+            "probes": probed,
             "how": {"date": started, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": machine(), "threads": torch.get_num_threads(),
                     "command": "HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python -m research.compact_modulations "
@@ -405,6 +410,25 @@ def main(argv: list[str] | None = None) -> dict:
             if (c, ds) not in diag:
                 x = enc[ds]["tokens"]
                 diag[(c, ds)] = diagnostics(model, x, x if c == "fp16" else round_trip(codec_of(c), x))
+    for c in probes:  # no answers: what the codec does to the states, the readout and the aggregator's pick
+        if time.time() > stop:
+            skipped.append(f"probe {c} (past --stop-at)")
+            continue
+        cd = codec_of(c)
+        row = {"codec": c, "bytes_per_window": cd.bytes_per_window(T, D), "datasets": {}}
+        for ds in sets:
+            docs, qs = data[ds]
+            x = enc[ds]["tokens"]
+            y = round_trip(cd, x)
+            bank = bank_of(model, docs, enc[ds], y)
+            hits = bank.search(model.encoder.embed([q.question for q in qs]).numpy(), settings.top_k)
+            prompts = select_prompts(model, hits, qs, settings)
+            ref = refs.get((ds, SELECT))
+            changed = None if ref is None else sum(a != b for a, b in zip(prompts, ref["prompts"]))
+            row["datasets"][ds] = {**diagnostics(model, x, y), "n": len(qs), "select_prompt_changed": changed}
+        probed.append(row)
+        log(f"probe {c}: {row['datasets']}")
+        write()
     result = write()
     log(f"wrote {out}")
     return result
