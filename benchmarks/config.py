@@ -13,7 +13,6 @@ Light on purpose: no model, Ray or Kafka code, so ``macstream bench ... --help``
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import types
@@ -24,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from pipeline.config import StrictModel, load_config
+from pipeline.config import StrictModel, load_config, read_json_object
 from pipeline.modes import Mode
 
 Positive = Annotated[int, Field(ge=1)]
@@ -322,26 +321,13 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[StrictModel]) -> None:
         parser.add_argument(*flag_names(name, field), **kw)
 
 
-def read_config(path: str | Path | None) -> dict:
-    """A ``--config`` JSON object of one target's fields (an unknown key is refused when the config is built)."""
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a JSON object of settings")
-    return data
-
-
 def build(cls: type[StrictModel], values: dict[str, Any], config_file: str | Path | None = None):
     """defaults < ``config_file`` < ``values`` (the flags typed: None means not typed), validated into ``cls``;
     ValueError names each bad setting with its flag."""
     typed = {k: v for k, v in values.items() if k in cls.model_fields and v is not None}
     section = f"bench {cls.target}"
     try:
-        return load_config(cls, read_config(config_file) | typed, section)
+        return load_config(cls, read_json_object(config_file) | typed, section)
     except ValueError as err:
         msg = str(err).replace(f"{section}: <root>: ", f"{section}: ").replace("Value error, ", "")
         for name, field in cls.model_fields.items():

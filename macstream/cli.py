@@ -26,7 +26,7 @@ if sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:  # asked to stop while still i
 
 from benchmarks import config as bench_config
 from macstream import flags
-from pipeline.config import DEFAULT_MODE, BackfillConfig, FeedsConfig, IngestConfig, ServeConfig
+from pipeline.config import DEFAULT_MODE, BackfillConfig, FeedsConfig, IngestConfig, ServeConfig, read_json_object
 from pipeline.placement import Unplaceable
 from pipeline.store.actor import StoreBusy
 
@@ -59,7 +59,7 @@ def _model(args):
 
 def _read_config(path: str | None) -> dict:
     try:
-        return flags.read_json(path)
+        return read_json_object(path)
     except ValueError as err:
         raise SystemExit(f"macstream: {err}") from None
 
@@ -383,7 +383,7 @@ def cmd_import(args) -> None:
 def _serve_config(args):
     """Like every config, plus ``--api-keys FILE`` (or $MACSTREAM_API_KEYS_FILE): keys live in a file, never in argv."""
     keys_file = args.api_keys_file or os.environ.get("MACSTREAM_API_KEYS_FILE")
-    return flags.build(ServeConfig, "serve", args, {"api_keys": flags.read_json(keys_file)} if keys_file else None)
+    return flags.build(ServeConfig, "serve", args, {"api_keys": read_json_object(keys_file)} if keys_file else None)
 
 
 def cmd_serve(args) -> None:

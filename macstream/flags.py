@@ -13,11 +13,10 @@ import json
 import os
 import types
 import typing
-from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.config import load_config
+from pipeline.config import load_config, read_json_object
 
 
 def _scalar(annotation):
@@ -64,28 +63,16 @@ def from_env(model: type[BaseModel], section: str, environ: typing.Mapping[str, 
     return out
 
 
-def read_json(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a JSON object")
-    return data
-
-
 def given(model: type[BaseModel], section: str, args: argparse.Namespace, name: str) -> bool:
     """Whether the user set ``name`` anywhere (flag, environment or config file), rather than left the default."""
     return (getattr(args, name, None) is not None or name in from_env(model, section)
-            or name in read_json(getattr(args, "config", None)))
+            or name in read_json_object(getattr(args, "config", None)))
 
 
 def build(model: type[BaseModel], section: str, args: argparse.Namespace, extra: dict | None = None):
     """defaults < ``args.config`` file < environment < flags (< ``extra``), validated into ``model``."""
     flags = {k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None}
-    data = read_json(getattr(args, "config", None)) | from_env(model, section) | flags | (extra or {})
+    data = read_json_object(getattr(args, "config", None)) | from_env(model, section) | flags | (extra or {})
     try:
         return load_config(model, data, section)
     except ValueError as err:  # name the flag next to the field: "ingest: batch_size (--batch-size): ..."

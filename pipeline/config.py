@@ -6,6 +6,7 @@ naming the key. All state (model cache, checkpoints, stores, logs) lives under :
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -170,6 +171,20 @@ class FinetuneConfig(StrictModel):
     max_tokens: int = Field(512, ge=8, le=8192, description=(
         "Window length. A longer document is split into non-overlapping windows, and each step trains on all of them "
         "as one batch."))
+
+
+def read_json_object(path: str | Path | None) -> dict:
+    """A JSON object of settings read from ``path`` ({} for no path); ValueError in one line when it cannot be read or
+    is not an object. Unknown keys are refused later, when the config is built (:func:`load_config`)."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path}: expected a JSON object of settings")
+    return data
 
 
 def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str = "config") -> StrictModel:
