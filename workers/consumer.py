@@ -8,7 +8,10 @@ ids, content hashes), so redelivery never duplicates.
 Ordering: records of one document share a partition (key = id), so one member sees them in order. Within a poll the
 last operation per document wins (each replaces the whole document). Encode calls run in parallel on the pool, but
 their results are written and committed strictly in poll order. Before partitions move to another member (rebalance)
-everything in flight is finished and committed, so two members never race on one document.
+everything in flight and not yet committed is dropped and the partitions it came from rewound to their committed
+offsets (the records are delivered again, to whichever member owns them next). A member checks for a revocation
+before each document it writes, so after a rebalance it writes at most the one document it was writing; the
+rebalance callback itself makes no blocking call (kafka-python 3 runs it on its IO thread).
 
 Backpressure: at most ``max_in_flight`` encode batches outstanding per member; when full, the member stops polling.
 No wait is unbounded: an encode batch outstanding past ``encode_timeout_s`` kills the member (and it is replaced and
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 import ray
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from pipeline.config import IngestConfig
 from pipeline.schemas import EncodeFailure
@@ -60,11 +64,15 @@ class _Batch:
 
 
 class _Listener(ConsumerRebalanceListener):
+    """Called on kafka-python's IO thread, where a blocking consumer call raises (kafka-python 3): committing here
+    killed the member in the middle of a rebalance, and a member leaving then wedged the local broker's group (no
+    member was assigned again). So it only records the revocation; the run loop drops what is in flight."""
+
     def __init__(self, member: ConsumerMember):
         self.member = member
 
     def on_partitions_revoked(self, revoked):
-        self.member.finish_all()  # commit what we own before another member takes it
+        self.member.revoked.set()
         self.member.assigned = []
 
     def on_partitions_assigned(self, assigned):
@@ -82,6 +90,7 @@ class ConsumerMember:
         self.pending: dict[str, tuple[int, str | None]] = {}  # doc id → (batch seq, hash it will hold; None = delete)
         self.seq = 0
         self.stop_event = threading.Event()
+        self.revoked = threading.Event()  # set by a rebalance: in-flight batches are dropped, never committed
         self.counters: Counter = Counter()
         self.dlq_kinds: Counter = Counter()
         self.committed: dict[int, int] = {}
@@ -101,6 +110,8 @@ class ConsumerMember:
         self.last_activity = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                if self.revoked.is_set():
+                    self._drop_in_flight("partitions revoked")
                 self._finish(block=len(self.queue) >= cfg.max_in_flight)
                 if len(self.queue) >= cfg.max_in_flight:
                     continue
@@ -173,6 +184,9 @@ class ConsumerMember:
             results = ray.get(head.ref) if head.ref is not None else []
             failed = []
             for (op, r), res in zip(head.to_encode, results):
+                if self.revoked.is_set():  # the partition may have a new owner: stop writing at once
+                    self._drop_in_flight("partitions revoked")
+                    return
                 if isinstance(res, EncodeFailure):
                     failed.append((r, PoisonMessage("encode_failed", res.error), "encode"))
                     continue
@@ -187,8 +201,15 @@ class ConsumerMember:
             for d in head.deletes:
                 self.counters["deleted" if self.store.delete(self.collection, d) else "delete_absent"] += 1
             self._dead_letter(failed)
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in head.offsets.items()},
-                                 timeout_ms=COMMIT_TIMEOUT_MS)
+            if self.revoked.is_set():  # written, not committed: redelivered, found unchanged, never re-encoded
+                self._drop_in_flight("partitions revoked")
+                return
+            try:
+                self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in head.offsets.items()},
+                                     timeout_ms=COMMIT_TIMEOUT_MS)
+            except KafkaError as err:  # a rebalance under way (the generation moved on), or a commit timed out
+                self._drop_in_flight(f"commit failed ({type(err).__name__})")
+                return
             for tp, off in head.offsets.items():
                 self.committed[tp.partition] = off
             for d, (seq, _) in list(self.pending.items()):
@@ -203,6 +224,24 @@ class ConsumerMember:
     def finish_all(self) -> None:
         while self.queue:
             self._finish(block=True)
+
+    def _drop_in_flight(self, why: str) -> None:
+        """Forget every batch not committed yet and rewind each partition still held to its committed offset: those
+        records are delivered again (to this member or the partition's new owner). Written-but-uncommitted documents
+        come back unchanged (content hash) and are not encoded again; nothing is lost, nothing duplicated."""
+        self.revoked.clear()
+        if not self.queue:
+            return
+        self.counters["batches_dropped"] += len(self.queue)
+        log.info("member %d: %s; dropping %d uncommitted batches for redelivery", self.index, why, len(self.queue))
+        self.queue.clear()
+        self.pending.clear()
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
 
     def _dead_letter(self, items: list) -> None:
         if not items:

@@ -251,4 +251,5 @@ class IngestJob:
             "batch_latency_p50_s": statistics.median(lat) if lat else None,
             "batch_latency_max_s": max(lat) if lat else None,
             "batches": totals.get("batches", 0),
+            "batches_dropped": totals.get("batches_dropped", 0),  # uncommitted at a rebalance, redelivered
         }
