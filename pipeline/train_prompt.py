@@ -40,13 +40,14 @@ def initial_prompt(model: MACModel, docs: list[Document]) -> Prefix:
     return Prefix(init.keys.float(), init.values.float())
 
 
-def answer_nll(model: MACModel, questions: list[Question], by_id: dict[str, Document], prefix: Prefix) -> torch.Tensor:
+def answer_nll(model: MACModel, questions: list[Question], by_id: dict[str, Document], prefix: Prefix,
+               bf16: bool = True) -> torch.Tensor:
     """Mean answer NLL per token of ``questions``, each with its gold article in the ``mac+rag`` prompt, behind
-    ``prefix`` (batch B = len(questions)); bf16 autocast on CPU."""
+    ``prefix`` (batch B = len(questions)); bf16 autocast on CPU when ``bf16``."""
     tok = model.lm.tokenizer
     prompts = [tok(prompt_for("mac+rag", q.question, [by_id[q.doc_ids[0]]]))["input_ids"] for q in questions]
     targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in questions]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         s, n = model.lm.continuation_logprobs(prompts, targets, prefix)
         return -s.sum() / n.sum()
 
@@ -59,7 +60,8 @@ def train_prompt(model: MACModel, cfg: PromptTrainConfig, log: Callable[[str], N
     opt = torch.optim.Adam([keys, values], lr=cfg.lr)
     rng, t0 = random.Random(cfg.seed), time.time()
     for step in range(1, cfg.steps + 1):
-        loss = answer_nll(model, rng.sample(pool, cfg.batch), by_id, batched(Prefix(keys, values), cfg.batch))
+        loss = answer_nll(model, rng.sample(pool, cfg.batch), by_id, batched(Prefix(keys, values), cfg.batch),
+                          cfg.bf16)
         opt.zero_grad()
         loss.backward()
         opt.step()

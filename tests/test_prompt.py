@@ -44,7 +44,7 @@ def test_train_prompt_writes_a_prompt_the_product_loads_and_keeps_the_version(tm
     (ck / PROMPT_FILE).unlink(missing_ok=True)
     before = checkpoint_identity(ck)
     conf = tmp_path / "p.json"
-    conf.write_text(json.dumps({"synthetic_entities": 3, "batch": 2, "lr": 0.05, "threads": 1}))
+    conf.write_text(json.dumps({"synthetic_entities": 3, "batch": 2, "lr": 0.05, "threads": 1, "bf16": False}))
     main(["train-prompt", "--checkpoint", str(ck), "--config", str(conf), "--steps", "2"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (ck / PROMPT_FILE).exists() and checkpoint_identity(ck) == before

@@ -200,7 +200,7 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     monkeypatch.setenv("MACSTREAM_RTQA_DIR", str(tmp_path / "rtqa"))
     conf = tmp_path / "c.json"
     conf.write_text('{"synthetic_entities": 4, "steps": 2, "eval_every": 1, "eval_questions": 4, "select_steps": 2, '
-                    '"batch": 2, "num_tokens": 8, "threads": 1, "selection_validation_share": 0.25}')
+                    '"batch": 2, "num_tokens": 8, "threads": 1, "selection_validation_share": 0.25, "bf16": false}')
     out = tmp_path / "ck"
     main(["train-readout", "--out", str(out), "--config", str(conf)])
     metrics = json.loads((out / "metrics.json").read_text())
