@@ -4,6 +4,7 @@ arrays (the bytes a store would keep per window) and decode back to float16 stat
 - ``fp16``: the modulation as it is stored today (T·D·2 bytes);
 - ``int8``: symmetric per-channel absmax: one float16 scale per hidden dimension (over the window's T tokens) and
   int8 codes, T·D + 2·D bytes; every state is off by at most half its channel's scale;
+- ``int4``: the same per channel, 4-bit codes (-7..7) packed two to a byte: T·D/2 + 2·D bytes;
 - ``pca{r}-int8``: the states projected on r principal directions (a :class:`PcaBasis` fitted once per checkpoint on
   modulations of *training* documents, stored beside the checkpoint, not per window), the r coefficients then int8
   per channel: T·r + 2·r bytes. The readout is linear in a state, so what a projection loses is exactly the part of
@@ -26,6 +27,7 @@ import numpy as np
 Parts = dict[str, np.ndarray]  # what a codec stores per window: named arrays; their bytes are the window's cost
 
 _INT8_MAX = 127
+_INT4_MAX = 7
 
 
 def nbytes(parts: Parts) -> int:
@@ -42,23 +44,38 @@ def _check(tokens: np.ndarray, dim: int | None = None) -> np.ndarray:
     return tokens
 
 
-def _fp16_scale(absmax: np.ndarray) -> np.ndarray:
-    """Per-channel scales in float16 with scale·127 ≥ absmax (rounded up where float16 rounding went below)."""
-    want = absmax.astype(np.float32) / _INT8_MAX
+def _fp16_scale(absmax: np.ndarray, qmax: int = _INT8_MAX) -> np.ndarray:
+    """Per-channel scales in float16 with scale·qmax ≥ absmax (rounded up where float16 rounding went below)."""
+    want = absmax.astype(np.float32) / qmax
     s = want.astype(np.float16)
-    low = s.astype(np.float32) * _INT8_MAX < absmax
+    low = s.astype(np.float32) * qmax < absmax
     s[low] = np.nextafter(s[low], np.float16(np.inf))
     return s
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(x: np.ndarray, qmax: int = _INT8_MAX) -> tuple[np.ndarray, np.ndarray]:
     """(T, C) floats → int8 codes (T, C) and float16 scales (C,), symmetric per channel (column): code =
-    round(x / scale) with scale = absmax / 127, so |x - code·scale| ≤ scale / 2. An all-zero channel gets scale 0."""
+    round(x / scale) with scale = absmax / qmax (127; 7 for 4-bit codes), so |x - code·scale| ≤ scale / 2. An
+    all-zero channel gets scale 0."""
     x = x.astype(np.float32)
-    scale = _fp16_scale(np.abs(x).max(0) if len(x) else np.zeros(x.shape[1], np.float32))
+    scale = _fp16_scale(np.abs(x).max(0) if len(x) else np.zeros(x.shape[1], np.float32), qmax)
     s = scale.astype(np.float32)
     q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
-    return np.clip(np.rint(q), -_INT8_MAX, _INT8_MAX).astype(np.int8), scale
+    return np.clip(np.rint(q), -qmax, qmax).astype(np.int8), scale
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """int8 codes in -7..7, (T, C) → uint8 (T·C/2 rounded up,): two 4-bit two's-complement nibbles per byte."""
+    flat = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The inverse of :func:`pack_int4`: int8 codes of ``shape``."""
+    nib = np.stack([packed & 0xF, packed >> 4], 1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8).reshape(shape)
 
 
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -114,6 +131,24 @@ class Int8(Codec):
 
     def bytes_per_window(self, num_tokens: int, dim: int) -> int:
         return num_tokens * dim + 2 * dim
+
+
+class Int4(Codec):
+    """Symmetric per-channel absmax with 4-bit codes (-7..7), two per byte: T·D/2 + 2·D bytes (the token count is
+    the window's T, known to the store)."""
+
+    name = "int4"
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        codes, scale = quantize_int8(_check(tokens), _INT4_MAX)
+        return {"codes": pack_int4(codes), "scale": scale, "shape": np.array(codes.shape, np.uint16)}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        t, d = (int(v) for v in parts["shape"])
+        return dequantize_int8(unpack_int4(parts["codes"], (t, d)), parts["scale"]).astype(np.float16)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        return (num_tokens * dim + 1) // 2 + 2 * dim + 4
 
 
 @dataclass(frozen=True)
@@ -254,7 +289,7 @@ class Tokens(Codec):
         return self.inner.bytes_per_window(min(self.t, num_tokens), dim)
 
 
-_SPEC = re.compile(r"^(?:tokens(?P<t>\d+)[-+])?(?:(?P<plain>fp16|int8)|pca(?P<r>\d+)(?P<q>-int8)?)$")
+_SPEC = re.compile(r"^(?:tokens(?P<t>\d+)[-+])?(?:(?P<plain>fp16|int8|int4)|pca(?P<r>\d+)(?P<q>-int8)?)$")
 
 
 def codec(spec: str, basis: PcaBasis | None = None, selector: tuple[np.ndarray, float] | None = None) -> Codec:
@@ -271,7 +306,7 @@ def codec(spec: str, basis: PcaBasis | None = None, selector: tuple[np.ndarray, 
             raise ValueError(f"codec {spec!r} needs a fitted PCA basis")
         inner: Codec = PcaInt8(basis.truncate(int(g["r"])), quantize=bool(g["q"]))
     else:
-        inner = Int8() if g.get("plain") == "int8" else Fp16()
+        inner = {"int8": Int8(), "int4": Int4()}.get(g.get("plain") or "", Fp16())
     if g.get("t"):
         w, b = selector if selector is not None else (None, 0.0)
         return Tokens(int(g["t"]), inner, w, b)

@@ -127,4 +127,19 @@ def test_codec_names() -> None:
     with pytest.raises(ValueError, match="needs a fitted PCA basis"):
         codec("pca32-int8")
     with pytest.raises(ValueError, match="expected fp16, int8"):
-        codec("int4")
+        codec("int3")
+
+
+def test_int4_packs_two_codes_a_byte_within_half_a_scale() -> None:
+    from pipeline.modulation_codec import Int4, pack_int4, unpack_int4
+
+    codes = np.arange(-7, 8, dtype=np.int8).repeat(3)[:44].reshape(4, 11)  # odd count: a padded last byte
+    np.testing.assert_array_equal(unpack_int4(pack_int4(codes), codes.shape), codes)
+    x = modulation(9)
+    c = Int4()
+    parts = c.encode(x)
+    assert nbytes(parts) == c.bytes_per_window(T, D) == T * D // 2 + 2 * D + 4 == 14_980
+    err = np.abs(c.decode(parts).astype(np.float32) - x.astype(np.float32))
+    scale = parts["scale"].astype(np.float32)
+    assert (err <= scale / 2 + np.abs(x.astype(np.float32)) * 2.0 ** -10 + 1e-7).all()
+    assert codec("int4").name == "int4" and codec("tokens24-int4").bytes_per_window(T, D) == 24 * D // 2 + 2 * D + 4
