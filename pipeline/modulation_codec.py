@@ -4,7 +4,7 @@ arrays (the bytes a store would keep per window) and decode back to float16 stat
 - ``fp16``: the modulation as it is stored today (T·D·2 bytes);
 - ``int8``: symmetric per-channel absmax: one float16 scale per hidden dimension (over the window's T tokens) and
   int8 codes, T·D + 2·D bytes; every state is off by at most half its channel's scale;
-- ``int4``: the same per channel, 4-bit codes (-7..7) packed two to a byte: T·D/2 + 2·D bytes;
+- ``int4``: the same per channel, 4-bit codes (-7..7) packed two to a byte: T·D/2 + 2·D + 4 bytes (the shape);
 - ``pca{r}-int8``: the states projected on r principal directions (a :class:`PcaBasis` fitted once per checkpoint on
   modulations of *training* documents, stored beside the checkpoint, not per window), the r coefficients then int8
   per channel: T·r + 2·r bytes. The readout is linear in a state, so what a projection loses is exactly the part of
