@@ -206,7 +206,8 @@ def readout_error(model: MACModel, x: np.ndarray, y: np.ndarray, n: int = 64) ->
 def verdict(rows: list[dict], sets: list[str]) -> dict:
     """Per codec (smallest first): its worst F1 change against fp16 over every measured (dataset, mode), whether
     every unit was measured, and whether it stays within 1 F1 everywhere; and the smallest codec that does."""
-    units = [(ds, m) for ds in sets for m in (*CHEAP_MODES, *COSTLY_MODES)]
+    units = [(ds, m) for ds in sets for m in (*CHEAP_MODES, *COSTLY_MODES)
+             if any(m in r["datasets"].get(ds, {}).get("modes", {}) for r in rows)]
     out: dict = {"codecs": []}
     for row in sorted(rows, key=lambda r: r["bytes_per_window"]):
         if row["codec"] == "fp16":
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint")
     ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated, in priority order")
     ap.add_argument("--datasets", default="synthetic-test,realtimeqa-2024")
+    ap.add_argument("--modes", default=",".join((*CHEAP_MODES, *COSTLY_MODES)), help="a subset of the default")
     ap.add_argument("--entities", type=int, default=60, help="synthetic test entities (bench quality: 60)")
     ap.add_argument("--rtqa-questions", type=int, default=100)
     ap.add_argument("--top-k", type=int, default=4)
@@ -319,8 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     def unit_file(c: str, ds: str, mode: str) -> Path:
         return units_dir / f"{c}--{ds}--{mode.replace('+', 'plus').replace('@', 'at')}.json"
 
-    plan = ([(c, ds, m) for c in names for ds in sets for m in CHEAP_MODES]
-            + [(c, ds, m) for c in names for ds in sets for m in COSTLY_MODES])
+    modes = args.modes.split(",")
+    plan = ([(c, ds, m) for c in names for ds in sets for m in CHEAP_MODES if m in modes]
+            + [(c, ds, m) for c in names for ds in sets for m in COSTLY_MODES if m in modes])
     started = datetime.now(UTC).isoformat(timespec="seconds")
     diag: dict[tuple[str, str], dict] = {}
     skipped: list[str] = []
