@@ -40,7 +40,7 @@ from pipeline.schemas import Document, EncodeFailure
 from pipeline.store import StoreRejection, collection_name
 from pipeline.store.actor import connect_store
 from workers import archive
-from workers.ingest import start_encoders
+from workers.ingest import start_encoders, stop_encoders
 from workers.messages import Upsert
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class BackfillJob:
         self.dlq_kinds: Counter = Counter()
         self.batch_seconds: deque[float] = deque(maxlen=1000)
         self.encoders: list = []
+        self.encoder_cpus = 0.0  # what each encoder reserves (set when they start: fitted to the cluster)
         self.load: list[int] = []  # encode calls in flight per encoder
         self.inflight: dict = {}  # ref → (encoder index, submitted at, [(Upsert, path, line)])
         self.buffer: list[tuple[Upsert, str, int | None]] = []  # to encode, not yet submitted
@@ -95,8 +96,8 @@ class BackfillJob:
         t0 = time.monotonic()
         planner.start()
         try:
-            self.encoders, cpus = start_encoders(self.cfg, (self.version, self.model_id),
-                                                 name="macstream-backfill-encoder")
+            self.encoders, self.encoder_cpus = start_encoders(self.cfg, (self.version, self.model_id),
+                                                              name="macstream-backfill-encoder")
         except BaseException:
             self.halt.set()  # the planner stops at its next batch
             raise
@@ -104,7 +105,7 @@ class BackfillJob:
         self.load = [0] * len(self.encoders)
         self.dead = archive.DeadLetters(self.cfg.dead_letter)
         log.info("backfill: %s (%s, %d file(s)) → %d encoders (%g CPU each) → %s [%s]", self.cfg.source, self.fmt,
-                 len(self.files), len(self.encoders), cpus, self.cfg.store_location(), self.collection)
+                 len(self.files), len(self.encoders), self.encoder_cpus, self.cfg.store_location(), self.collection)
         planner.join()
         self.plan_s = time.monotonic() - t0
         if failed:
@@ -130,8 +131,7 @@ class BackfillJob:
         if self.dead is not None:
             self.dead_letter_file = self.dead.close()
             self.dead = None
-        for e in self.encoders:
-            ray.kill(e, no_restart=True)
+        stop_encoders(self.encoders, self.encoder_cpus)
         self.encoders = []
 
     # ---- pass 1: the last valid row of every document --------------------------------------------------------------

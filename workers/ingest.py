@@ -31,6 +31,7 @@ from workers.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 UNASSIGNED_GIVE_UP_S = 60.0
+RELEASE_TIMEOUT_S = 10.0  # longest a stopped job waits for its encoders' CPUs to be free again
 STOP_TIMEOUT_S = 60  # a member drains its in-flight batches, commits (≤ 30 s) and leaves the group (≤ 5 s)
 
 
@@ -78,6 +79,21 @@ def start_encoders(cfg, identity: tuple[str, str], reserve_cpus: float = 0.0, re
     return encoders, cpus
 
 
+def stop_encoders(encoders: list, cpus: float, timeout_s: float = RELEASE_TIMEOUT_S) -> None:
+    """Kill ``encoders`` (each reserving ``cpus`` CPUs) and wait, at most ``timeout_s``, until the cluster has their
+    CPUs free again. ``ray.kill`` is asynchronous: a job started right after (the next freshness variant, the next
+    worker count of a benchmark, ``up`` restarted in one cluster) was otherwise fitted against CPUs still held by
+    the dying actors and refused as unplaceable."""
+    if not encoders:
+        return
+    target = ray.available_resources().get("CPU", 0.0) + len(encoders) * cpus - 1e-6
+    for e in encoders:
+        ray.kill(e, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < target and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 class IngestJob:
     def __init__(self, cfg: IngestConfig, partitions: int = 4, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -85,6 +101,7 @@ class IngestJob:
         self.version, self.model_id = checkpoint_identity(cfg.checkpoint)
         self.collection = collection_name(self.version)
         self.encoders: list = []
+        self.encoder_cpus = 0.0  # what each encoder reserves (set by start: fitted to the cluster)
         self.members: dict[int, tuple] = {}  # slot → (actor, run ref)
         self.incarnation: dict[int, int] = {}  # slot → how many members it has had (names are never reused)
         self.restarts = 0
@@ -217,8 +234,7 @@ class IngestJob:
         snap = self.snapshot()
         for actor, _ in self.members.values():
             ray.kill(actor, no_restart=True)
-        for e in self.encoders:
-            ray.kill(e, no_restart=True)
+        stop_encoders(self.encoders, self.encoder_cpus)
         self.members, self.encoders = {}, []
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
