@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from pipeline.config import StrictModel, load_config, read_json_object
+from pipeline.config import ModulationCodec, StrictModel, load_config, read_json_object
 from pipeline.modes import Mode
 
 Positive = Annotated[int, Field(ge=1)]
@@ -202,6 +202,7 @@ class StoreBench(StrictModel):
                          ge=1, le=1000)
     workdir: str | None = setting(None, "Where the stores are built; default $TMPDIR.", aliases=("--store-workdir",))
     append: bool = setting(False, "Add the rows to an existing --out (a row run again).")
+    codec: ModulationCodec = setting("int8", "The Edge store's modulation codec (int8, int4, fp16).")
 
     @field_validator("points", mode="before")
     @classmethod

@@ -93,17 +93,21 @@ def _location(engine: str, path: Path) -> str:
 
 
 def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int = 48, d_lm: int = 576, k: int = 4,
-            queries: int = 200, text_chars: int = 1000, seed: int = 0) -> dict:
+            queries: int = 200, text_chars: int = 1000, seed: int = 0, codec: str = "int8") -> dict:
     """One row: load ``points`` windows into a fresh store at ``path`` with ``engine`` ("edge" or "local"), reopen it,
-    time searches. Runs in the calling process (``run`` gives each row its own)."""
+    time searches. Runs in the calling process (``run`` gives each row its own). ``codec``: the Edge store's modulation
+    codec (local mode stores float16 as base64 in the payload)."""
+    from pipeline.modulation_codec import codec as codec_for
     from pipeline.store import SearchFilter, collection_name, open_store
+
+    codec = codec if engine == "edge" else "fp16"
 
     if path.exists():
         shutil.rmtree(path)
     rng = np.random.default_rng(seed)
     coll, version = collection_name("bench"), "bench"
     text = ("Markets moved as the central bank held rates; analysts expect growth to slow. " * 40)[:text_chars]
-    store = open_store(_location(engine, path))
+    store = open_store(_location(engine, path), codec if engine == "edge" else None)
     writes = np.empty(points)
     kept = np.empty((points, dim), np.float32)  # for the exact top-k
     load0 = os.getloadavg()[0]
@@ -151,7 +155,8 @@ def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int
             "query_p50_ms": latency["none"]["p50_ms"], "query_p99_ms": latency["none"]["p99_ms"],
             "query_by_filter": latency, **mem, "disk_mb": disk / 2**20, "bytes_per_window": disk / points,
             "engine_p50_ms": _ms(engine_times, 50), "engine_p99_ms": _ms(engine_times, 99),
-            "recall_at_k": found / (queries * k), "modulation_bytes": tokens * d_lm * 2, "k": k, "queries": queries,
+            "recall_at_k": found / (queries * k), "codec": codec,
+            "modulation_bytes": codec_for(codec).bytes_per_window(tokens, d_lm), "k": k, "queries": queries,
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
 

@@ -423,7 +423,7 @@ def cmd_bench_store(cfg, command: str) -> None:
 
     out = Path(cfg.out or f"benchmarks/results/{date.today().isoformat()}/store.json")
     result = run(cfg.points, out, engines=tuple(cfg.engines), local_cap=cfg.local_cap, workdir=cfg.workdir,
-                 append=cfg.append, queries=cfg.queries, k=cfg.top_k, command=command)
+                 append=cfg.append, queries=cfg.queries, k=cfg.top_k, codec=cfg.codec, command=command)
     print(table(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

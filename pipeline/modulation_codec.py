@@ -56,12 +56,36 @@ def _fp16_scale(absmax: np.ndarray, qmax: int = _INT8_MAX) -> np.ndarray:
 def quantize_int8(x: np.ndarray, qmax: int = _INT8_MAX) -> tuple[np.ndarray, np.ndarray]:
     """(T, C) floats → int8 codes (T, C) and float16 scales (C,), symmetric per channel (column): code =
     round(x / scale) with scale = absmax / qmax (127; 7 for 4-bit codes), so |x - code·scale| ≤ scale / 2. An
-    all-zero channel gets scale 0."""
-    x = x.astype(np.float32)
-    scale = _fp16_scale(np.abs(x).max(0) if len(x) else np.zeros(x.shape[1], np.float32), qmax)
-    s = scale.astype(np.float32)
-    q = np.divide(x, s, out=np.zeros_like(x), where=s > 0)
-    return np.clip(np.rint(q), -qmax, qmax).astype(np.int8), scale
+    all-zero channel gets scale 0.
+
+    Idempotent on its own output: float16 states that a decode produced (code·scale rounded to float16) are coded
+    again to states that decode to exactly the same float16 values (the scale of each such channel is found again
+    among its float16 neighbours), so an export → import → export of a compact store is bit-exact."""
+    x32 = x.astype(np.float32)
+    scale = _fp16_scale(np.abs(x32).max(0) if len(x32) else np.zeros(x32.shape[1], np.float32), qmax)
+
+    def codes_for(v: np.ndarray, s: np.ndarray) -> np.ndarray:
+        s32 = s.astype(np.float32)
+        q = np.divide(v, s32, out=np.zeros_like(v), where=s32 > 0)
+        return np.clip(np.rint(q), -qmax, qmax).astype(np.int8)
+
+    def reproduces(rows: slice | np.ndarray, cols: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Per column: do these scales code x[rows, cols] back to exactly the same float16 values?"""
+        return (dequantize_int8(codes_for(x32[rows][:, cols], s), s).astype(np.float16) == x[rows][:, cols]).all(0)
+
+    codes = codes_for(x32, scale)
+    if x.dtype == np.float16 and len(x):
+        exact = np.zeros(x.shape[1], bool)
+        for step in (0, -1, 1, -2, 2):  # the scale, then its float16 neighbours (positive: bit patterns are monotone)
+            near = scale.view(np.uint16).astype(np.int32) + step
+            cand = np.where((scale > 0) & (near > 0) & (near < 0x7C00), near, scale.view(np.uint16)).astype(
+                np.uint16).view(np.float16)
+            cols = np.flatnonzero(~exact)
+            cols = cols[reproduces(slice(0, 4), cols, cand[cols])]  # a cheap screen: fresh states fail it
+            cols = cols[reproduces(slice(None), cols, cand[cols])] if len(cols) else cols
+            scale[cols], exact[cols] = cand[cols], True
+            codes[:, cols] = codes_for(x32[:, cols], cand[cols])
+    return codes, scale
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.modulation import Modulation
+from pipeline.modulation_codec import codec as codec_for
 from pipeline.schemas import Document, EncodedChunk
 from pipeline.store import SearchFilter, Store, StoreBusy, StoreFormatError, collection_name, open_store, point_id
 from pipeline.store.edge import EdgeStore
@@ -47,9 +48,13 @@ def _fill(store: Store) -> None:
 
 
 BACKENDS = {"memory": lambda tmp: InMemoryStore(),
-            "edge": lambda tmp: EdgeStore(str(tmp / "edge")),
+            "edge": lambda tmp: EdgeStore(str(tmp / "edge"), codec="fp16"),
             # the optimizers (index building, segment merging) after every write
-            "edge-optimized": lambda tmp: EdgeStore(str(tmp / "edge-opt"), optimize_every=1),
+            "edge-optimized": lambda tmp: EdgeStore(str(tmp / "edge-opt"), codec="fp16", optimize_every=1),
+            # compact modulations (the default codec int8, and int4): equal to the others once the reference's
+            # modulations are coded the same way (see _coded)
+            "edge-int8": lambda tmp: EdgeStore(str(tmp / "edge-int8"), codec="int8"),
+            "edge-int4": lambda tmp: EdgeStore(str(tmp / "edge-int4"), codec="int4"),
             "qdrant-memory": lambda tmp: QdrantStore(":memory:"),
             "qdrant-path": lambda tmp: QdrantStore(str(tmp / "q"))}
 
@@ -94,6 +99,17 @@ def _run_ops(store: Store) -> dict:
     return out
 
 
+def _coded(result: dict, codec: str) -> dict:
+    """``result`` of _run_ops with every modulation it holds passed through ``codec`` (encode, decode): what a store
+    coding with it must return."""
+    c = codec_for(codec)
+    doc, tokens, checkpoint = result["payload"]
+    documents = [(d, h, [(i, n, c.round_trip(np.frombuffer(b, np.float16).reshape(-1, 4)).tobytes(), v)
+                         for i, n, b, v in cs]) for d, h, cs in result["documents"]]
+    return result | {"payload": (doc, c.round_trip(np.array(tokens, np.float16)).tolist(), checkpoint),
+                     "documents": documents}
+
+
 def test_backends_are_congruent(tmp_path) -> None:
     results = {}
     for name, make in BACKENDS.items():
@@ -114,7 +130,9 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["tenant"] == ({"documents": 4, "chunks": 5}, {"documents": 0, "chunks": 0},
                              datetime(2024, 1, 10, tzinfo=UTC), None, {"documents": 0, "chunks": 0})
     for name, r in results.items():
-        assert r == ref, name
+        codec = name.removeprefix("edge-")
+        assert r == (_coded(ref, codec) if codec in ("int8", "int4") else ref), name
+    assert results["edge-int8"]["payload"][1] != ref["payload"][1]  # the compact stores did code them
 
 
 def test_filters_and_tenant_isolation(store: Store) -> None:
@@ -236,7 +254,7 @@ def test_modulations_are_stored_natively_and_read_back_bit_exact(tmp_path) -> No
     tokens.flat[:6] = np.array([0.0, -0.0, 6.1e-5, -5.96e-8, 65504.0, -65504.0], np.float16)
     v = rng.normal(size=384).astype(np.float32)
     chunk = EncodedChunk(Modulation("d0", 0, 1, tokens, "lm|enc", "v1"), v / np.linalg.norm(v))
-    s = EdgeStore(str(tmp_path / "e"))
+    s = EdgeStore(str(tmp_path / "e"), codec="fp16")
     try:
         s.upsert(COLL, _doc(0), "h", [chunk])
         w = rng.normal(size=384).astype(np.float32)  # a second document, of fewer tokens, does not disturb it
@@ -255,6 +273,73 @@ def test_modulations_are_stored_natively_and_read_back_bit_exact(tmp_path) -> No
         assert set(stored.vector) == {"modulation"} and len(stored.vector["modulation"]) == 48
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_compact_modulations_are_native_uint8_within_half_a_scale_and_stable(tmp_path, codec) -> None:
+    """A compact collection stores uint8 codes as a multivector (d_LM columns for int8, d_LM/2 for int4) and one
+    float16 scale per channel, nothing in the payload; every state comes back within half its channel's scale, short
+    windows keep their length, and storing what was read back reads back the same bits (export → import is exact)."""
+    rng = np.random.default_rng(3)
+    tokens = (rng.normal(size=(48, 576)) * rng.uniform(0.05, 4.0, size=576)).astype(np.float16)
+    v = rng.normal(size=384).astype(np.float32)
+    chunk = EncodedChunk(Modulation("d0", 0, 1, tokens, "lm|enc", "v1"), v / np.linalg.norm(v))
+    s = EdgeStore(str(tmp_path / "e"), codec=codec)
+    try:
+        s.upsert(COLL, _doc(0), "h", [chunk])
+        w = rng.normal(size=384).astype(np.float32)
+        s.upsert(COLL, _doc(1), "h1", [EncodedChunk(Modulation("d1", 0, 1, tokens[:5], "lm|enc", "v1"),
+                                                    w / np.linalg.norm(w))])
+        got = s.search(COLL, chunk.vector[None], 1)[0][0].chunk.modulation.tokens
+        assert got.dtype == np.float16 and got.shape == (48, 576)
+        stored = s._get(COLL).modulations.retrieve([point_id("v1", "d0", 0)], with_payload=True, with_vector=True)[0]
+        rows, scale = np.array(stored.vector["modulation"]), np.array(stored.vector["scale"], np.float32)
+        assert rows.shape == (48, 576 if codec == "int8" else 288) and scale.shape == (576,) and not stored.payload
+        assert rows.min() >= 0 and rows.max() <= 255 and np.array_equal(rows, np.rint(rows))
+        err = np.abs(got.astype(np.float32) - tokens.astype(np.float32))
+        assert (err <= scale / 2 + np.abs(tokens.astype(np.float32)) * 2**-10 + 1e-7).all()  # + float16 rounding
+        assert 0 < err.max() and (scale > 0).all()
+        assert np.array_equal(got, codec_for(codec).round_trip(tokens))
+        assert s.search(COLL, w[None] / np.linalg.norm(w), 1)[0][0].chunk.modulation.tokens.shape == (5, 576)
+        s.upsert(COLL, _doc(2), "h2", [EncodedChunk(Modulation("d2", 0, 1, got, "lm|enc", "v1"),
+                                                    chunk.vector)])  # what was read back, stored again
+        again = s.documents(COLL, ["d2"])[0].chunks[0].modulation.tokens
+        assert np.array_equal(again.view(np.uint16), got.view(np.uint16))
+        assert json.loads((tmp_path / "e" / "collections" / COLL / "codec.json").read_text()) == {"codec": codec}
+    finally:
+        s.close()
+
+
+def test_a_format_1_store_reads_as_before_and_each_collection_keeps_its_codec(tmp_path) -> None:
+    """A store written before codecs existed (format 1: float16, no codec.json) opens and answers unchanged; a
+    compact collection created in it upgrades the marker (a format-1 reader must refuse it, not misread it); a
+    collection keeps the codec it was created with, whatever the codec the store is opened with later."""
+    root = tmp_path / "e"
+    s = EdgeStore(str(root), codec="fp16")
+    _fill(s)
+    s.close()
+    (root / "collections" / COLL / "codec.json").unlink()  # as format 1 wrote it
+    (root / "macstream-store.json").write_text('{"engine": "qdrant-edge", "format": 1}')
+    s = EdgeStore(str(root), codec="int4")
+    try:
+        assert s.counts(COLL) == {"documents": 12, "chunks": 15}
+        got = s.documents(COLL, ["d1"])[0].chunks[0].modulation.tokens
+        assert np.array_equal(got.view(np.uint16), _chunks("d1", [1])[0].modulation.tokens.view(np.uint16))
+        assert json.loads((root / "macstream-store.json").read_text())["format"] == 1  # nothing compact yet
+        s.upsert(collection_name("v2"), _doc(1), "h", _chunks("d1", [1], version="v2"))
+        assert json.loads((root / "macstream-store.json").read_text()) == {"engine": "qdrant-edge", "format": 2}
+    finally:
+        s.close()
+    s = EdgeStore(str(root), codec="int8")
+    try:
+        assert s._get(COLL).codec == "fp16" and s._get(collection_name("v2")).codec == "int4"
+        s.upsert(COLL, _doc(30), "h30", _chunks("d30", [30]))  # an old collection stays float16
+        assert np.array_equal(s.documents(COLL, ["d30"])[0].chunks[0].modulation.tokens,
+                              _chunks("d30", [30])[0].modulation.tokens)
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="expected one of int8, int4, fp16"):
+        EdgeStore(str(tmp_path / "other"), codec="int3")
 
 
 def test_a_write_survives_a_process_that_dies_without_closing(tmp_path) -> None:

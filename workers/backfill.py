@@ -81,7 +81,7 @@ class BackfillJob:
         of each document wins). docs/s counts from when the encoders are ready, as ingest's does; the first pass
         counts only where it outlasts model loading."""
         init_ray()
-        self.store = connect_store(self.cfg.store_location())
+        self.store = connect_store(self.cfg.store_location(), self.cfg.modulation_codec)
         args = (self.fmt, self.files, self.fs, self.cfg.read_tasks, self.cfg.max_message_bytes)
         self.ds = archive.dataset(*args)
         failed: list[BaseException] = []

@@ -121,7 +121,7 @@ class IngestJob:
         kafka_io.ensure_topic(cfg.bootstrap_servers, kafka_io.dlq_topic(cfg.topic), 1)
         n_parts = len(kafka_io.partitions_of(cfg.bootstrap_servers, cfg.topic))
         init_ray()
-        self.store = connect_store(cfg.store_location())
+        self.store = connect_store(cfg.store_location(), cfg.modulation_codec)
         self.encoders, self.encoder_cpus = start_encoders(cfg, (self.version, self.model_id), reserve_cpus,
                                                           reserve_gpus)
         self.n_members = min(cfg.consumers or cfg.workers, n_parts)

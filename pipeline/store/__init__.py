@@ -31,8 +31,9 @@ def is_remote(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
-def open_store(location: str) -> Store:
-    """Open the store at ``location`` in this process.
+def open_store(location: str, codec: str | None = None) -> Store:
+    """Open the store at ``location`` in this process. ``codec``: how the embedded store codes the modulations of the
+    collections it creates (``int8``, ``int4``, ``fp16``; None: its default, int8); the other backends store float16.
 
     - "memory" → :class:`~pipeline.store.inmemory.InMemoryStore` (numpy, lost on exit);
     - a Qdrant server URL (http://host:6333) or ":memory:" → :class:`~pipeline.store.qdrant.QdrantStore`;
@@ -51,4 +52,4 @@ def open_store(location: str) -> Store:
         return QdrantStore(location.removeprefix(LOCAL_MODE))
     from pipeline.store.edge import EdgeStore
 
-    return EdgeStore(location)
+    return EdgeStore(location) if codec is None else EdgeStore(location, codec=codec)

@@ -27,8 +27,18 @@ __all__ = ["RemoteStore", "StoreActor", "StoreBusy", "connect_store", "ensure_st
 class StoreActor:
     """Owns one store and runs every call on it, in the order each caller made them."""
 
-    def __init__(self, location: str):
-        self.store = open_store(location)
+    def __init__(self, location: str, codec: str | None = None):
+        self.store, self.codec = open_store(location, codec), codec
+
+    def use_codec(self, codec: str) -> str | None:
+        """Take ``codec`` for the collections created from now on, unless another writer already asked for another
+        one: then return that one (the caller refuses to start)."""
+        if self.codec not in (None, codec):
+            return self.codec
+        self.codec = codec
+        if hasattr(self.store, "codec"):
+            self.store.codec = codec
+        return None
 
     def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
         self.store.upsert(collection, doc, content_hash, chunks)
@@ -152,12 +162,14 @@ def _head_node_id() -> str | None:
     return None
 
 
-def connect_store(location: str) -> Store:
+def connect_store(location: str, codec: str | None = None) -> Store:
     """A Qdrant server URL → a direct client (any number of processes may connect). Anything else → the one named
     actor in this Ray cluster that owns it (created on first use, shared by ingest and serve). Raises
-    :class:`StoreBusy` when a process outside the cluster holds the directory."""
+    :class:`StoreBusy` when a process outside the cluster holds the directory. ``codec`` (writers: ingest, backfill):
+    the embedded store's codec for new collections; a writer asking for another codec than one already running
+    raises ValueError."""
     if is_remote(location):
-        return open_store(location)
+        return open_store(location, codec)
     ensure_store_free(location)
     # detached: the owner must outlive whichever process happened to create it (e.g. a serve replica being replaced).
     # Pinned (hard) to the head node, the one node a cluster cannot lose: an owner on a worker node that dies stalls
@@ -166,5 +178,10 @@ def connect_store(location: str) -> Store:
     head = _head_node_id()
     here = NodeAffinitySchedulingStrategy(head or ray.get_runtime_context().get_node_id(), soft=head is None)
     actor = StoreActor.options(name=store_actor_name(location), namespace="macstream", get_if_exists=True,
-                               lifetime="detached", scheduling_strategy=here).remote(location)
+                               lifetime="detached", scheduling_strategy=here).remote(location, codec)
+    if codec is not None:
+        other = ray.get(actor.use_codec.remote(codec))
+        if other is not None:
+            raise ValueError(f"store {location} is open in this cluster by a writer that codes new collections as "
+                             f"{other}; this job asks for {codec}: give both the same modulation_codec")
     return RemoteStore(actor)

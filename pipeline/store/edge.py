@@ -3,8 +3,9 @@ segments, HNSW, payload indexes, a write-ahead log), two shards per collection u
 
 Layout of a store directory::
 
-    <dir>/macstream-store.json                    {"engine": "qdrant-edge", "format": 1}
+    <dir>/macstream-store.json                    {"engine": "qdrant-edge", "format": 2}
     <dir>/macstream.lock                          held (flock) by the one process that has the store open
+    <dir>/collections/<collection>/codec.json     {"codec": "int8"}: how this collection's modulations are coded
     <dir>/collections/<collection>/index/         Edge shard: retrieval vectors + payload (one point per window)
     <dir>/collections/<collection>/modulations/   Edge shard: the windows' modulations, under the same point ids
 
@@ -13,10 +14,20 @@ Layout of a store directory::
   filterable keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant`` (each
   payload-indexed; ``tenant`` as Qdrant's tenant key), and ``n_chunks``, ``content_hash``, ``model_id``,
   ``checkpoint``.
-- ``modulations``: the modulation stored natively, a float16 multivector (``modulation``: T rows of d_LM; distance
-  Dot so the engine never normalises it; no index; on disk, memory-mapped). Read back, bit-exact, only for the k
-  hits of a search. It has a shard of its own so that building and merging the index never copies it (55 KB per
-  window against about 3 KB for everything else).
+- ``modulations``: the modulation stored natively as a multivector (``modulation``: T rows; distance Dot so the
+  engine never normalises it; no index; on disk, memory-mapped), coded by the collection's codec
+  (:mod:`pipeline.modulation_codec`), chosen when the collection is created and kept for its life:
+
+  - ``int8`` (the default): uint8 rows of d_LM (the int8 codes + 128) and ``scale``, a float16 vector of d_LM (one
+    per-channel scale): T·d_LM + 2·d_LM bytes (28,800 at T=48, d_LM=576); every state within half its channel's
+    scale of the encoder's, which costs at most 1 F1 in every mode measured (docs/results.md);
+  - ``int4``: 4-bit codes packed two per byte (uint8 rows of d_LM/2) and the same ``scale``: 14,976 bytes; about
+    1.4 F1 lost in synthetic ``mac`` (one standard error), nothing elsewhere;
+  - ``fp16``: float16 rows of d_LM, bit-exact (55,296 bytes; every collection of a format-1 store).
+
+  Read back only for the k hits of a search. It has a shard of its own so that building and merging the index never
+  copies it. Decoding is exact and deterministic, and coding a decoded modulation again gives the same states, so an
+  export → import round trip stays bit-exact.
 
 Write order keeps the contract that no point is retrievable without its modulation: an upsert writes the
 modulations first, then the index points; removals go the other way. Same semantics as every backend otherwise
@@ -40,10 +51,13 @@ import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
+from pipeline.config import ModulationCodec
 from pipeline.modulation import Modulation
+from pipeline.modulation_codec import dequantize_int8, pack_int4, quantize_int8, unpack_int4
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store.base import (
     SearchFilter,
@@ -55,9 +69,14 @@ from pipeline.store.base import (
     point_id,
 )
 
-FORMAT = {"engine": "qdrant-edge", "format": 1}
-MARKER, LOCK, COLLECTIONS = "macstream-store.json", "macstream.lock", "collections"
-RETRIEVAL, MODULATION = "retrieval", "modulation"
+# format 1: every collection's modulations in float16; format 2: each collection names its codec in codec.json
+# (a collection without one is float16). A format-1 store is read as it is and upgraded to format 2 when a compact
+# collection is created in it (a format-1 reader would misread one).
+FORMAT, READS = {"engine": "qdrant-edge", "format": 2}, ({"engine": "qdrant-edge", "format": 1},)
+MARKER, LOCK, COLLECTIONS, CODEC_FILE = "macstream-store.json", "macstream.lock", "collections", "codec.json"
+RETRIEVAL, MODULATION, SCALE = "retrieval", "modulation", "scale"
+CODECS = get_args(ModulationCodec)  # the first is the default: the smallest that loses at most 1 F1 (docs/results.md)
+DEFAULT_CODEC = CODECS[0]
 INDEX, MODULATIONS = "index", "modulations"
 # Windows written to a collection between two runs of the index shard's optimizers (the binding runs them in the
 # caller's thread, holding the GIL) and between two flushes of both shards (a flush writes the segments and
@@ -92,8 +111,8 @@ def check_format(root: Path) -> bool:
             found = json.loads(marker.read_text())
         except ValueError:
             found = None
-        if found != FORMAT:
-            raise StoreFormatError(f"store {root}: {MARKER} says {found!r}; this version reads {FORMAT}")
+        if found != FORMAT and found not in READS:
+            raise StoreFormatError(f"store {root}: {MARKER} says {found!r}; this version reads {[FORMAT, *READS]}")
         return True
     others = [p.name for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
     if others:
@@ -125,21 +144,51 @@ def check_free(location: str) -> None:
 
 
 class _Collection:
-    """The two open shards of one collection and the windows written since the last optimize / flush."""
+    """The two open shards of one collection, its codec and the windows written since the last optimize / flush."""
 
-    def __init__(self, index, modulations):
-        self.index, self.modulations = index, modulations
+    def __init__(self, index, modulations, codec: str):
+        self.index, self.modulations, self.codec = index, modulations, codec
+        self.vectors = [MODULATION] if codec == "fp16" else [MODULATION, SCALE]  # what a read fetches
         self.since_optimize = self.since_flush = 0
+
+    def encode(self, tokens: np.ndarray) -> dict:
+        """(T, d_LM) float16 → the named vectors of one modulation point (as lists: the binding converts a list about
+        twice as fast as an array)."""
+        if self.codec == "fp16":
+            return {MODULATION: tokens.astype(np.float32).tolist()}
+        codes, scale = quantize_int8(tokens, 127 if self.codec == "int8" else 7)  # (T, d_LM) int8, (d_LM,) fp16
+        if self.codec == "int4":
+            rows = pack_int4(codes).reshape(len(tokens), -1)  # (T, d_LM / 2) uint8: two codes a byte, row by row
+        else:
+            rows = (codes.astype(np.int16) + 128).astype(np.uint8)  # (T, d_LM) uint8
+        return {MODULATION: rows.astype(np.float32).tolist(), SCALE: scale.astype(np.float32).tolist()}
+
+    def decode(self, vectors: dict) -> np.ndarray:
+        """The named vectors of a modulation point → (T, d_LM) float16."""
+        rows = np.asarray(vectors[MODULATION], dtype=np.float32)
+        if self.codec == "fp16":
+            return rows.astype(np.float16)  # stored as float16: exact
+        scale = np.asarray(vectors[SCALE], dtype=np.float32).astype(np.float16)
+        if self.codec == "int4":
+            codes = unpack_int4(rows.astype(np.uint8).reshape(-1), (len(rows), len(scale)))
+        else:
+            codes = (rows.astype(np.int16) - 128).astype(np.int8)
+        return dequantize_int8(codes, scale).astype(np.float16)
 
 
 class EdgeStore(Store):
-    """Qdrant Edge in this process: ``location`` is a directory (created when absent). ``optimize_every`` and
-    ``flush_every``: windows written to a collection between two runs of the index optimizers / two flushes."""
+    """Qdrant Edge in this process: ``location`` is a directory (created when absent). ``codec``: how the collections
+    this store creates code their modulations (``CODECS``; a collection keeps the codec it was created with).
+    ``optimize_every`` and ``flush_every``: windows written to a collection between two runs of the index optimizers
+    / two flushes."""
 
-    def __init__(self, location: str, optimize_every: int = OPTIMIZE_EVERY, flush_every: int = FLUSH_EVERY):
+    def __init__(self, location: str, codec: str = DEFAULT_CODEC, optimize_every: int = OPTIMIZE_EVERY,
+                 flush_every: int = FLUSH_EVERY):
         import qdrant_edge as qe
 
-        self.q = qe
+        if codec not in CODECS:
+            raise ValueError(f"modulation codec {codec!r}: expected one of {', '.join(CODECS)}")
+        self.q, self.codec = qe, codec
         self.location = location
         self.root = Path(location)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -166,23 +215,54 @@ class EdgeStore(Store):
         if not (path / MODULATIONS / "edge_config.json").exists():
             raise StoreFormatError(f"store {self.location}: collection {collection} has an index but no modulations")
         load = self.q.EdgeShard.load
-        self._open[collection] = c = _Collection(load(str(path / INDEX)), load(str(path / MODULATIONS)))
+        self._open[collection] = c = _Collection(load(str(path / INDEX)), load(str(path / MODULATIONS)),
+                                                 self._codec_of(path))
         return c
+
+    def _codec_of(self, path: Path) -> str:
+        """The codec a collection was created with (none recorded: a format-1 collection, float16)."""
+        if not (path / CODEC_FILE).exists():
+            return "fp16"
+        found = json.loads((path / CODEC_FILE).read_text()).get("codec")
+        if found not in CODECS:
+            raise StoreFormatError(f"store {self.location}: {path.name} is coded {found!r}, which this version does "
+                                   f"not read ({', '.join(CODECS)})")
+        return found
+
+    def _write_json(self, path: Path, obj: dict) -> None:
+        """Replace ``path`` atomically (a crash leaves the old or the new file, never half of one)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
 
     def _create(self, collection: str, d_enc: int, d_lm: int) -> _Collection:
         q, path = self.q, self._path(collection)
-        # modulations first: an index without them is refused on open, modulations without an index are invisible
-        # (and reused: a process that died between the two creations left them)
+        # the codec, then modulations: an index without them is refused on open, modulations without an index are
+        # invisible (and reused, with their codec: a process that died between the creations left them)
+        path.mkdir(parents=True, exist_ok=True)
+        if not (path / CODEC_FILE).exists():
+            if self.codec == "int4" and d_lm % 2:
+                raise ValueError(f"codec int4 packs two states a byte: d_LM={d_lm} is odd (use int8)")
+            self._write_json(path / CODEC_FILE, {"codec": self.codec})
+        codec = self._codec_of(path)
+        if codec != "fp16" and json.loads((self.root / MARKER).read_text()) != FORMAT:
+            self._write_json(self.root / MARKER, FORMAT)  # a format-1 reader must not open a compact collection
         if (path / MODULATIONS / "edge_config.json").exists():
             modulations = q.EdgeShard.load(str(path / MODULATIONS))
         else:
-            modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(
-                vectors={MODULATION: q.EdgeVectorParams(
-                    size=d_lm, distance=q.Distance.Dot, datatype=q.VectorStorageDatatype.Float16,
-                    multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim),
-                    hnsw_config=q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000),  # no graph
-                    memory=q.Memory.Cold)},
-                payload_memory=q.Memory.Cold))
+            no_graph = q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+            rows = q.EdgeVectorParams(
+                size=d_lm // 2 if codec == "int4" else d_lm, distance=q.Distance.Dot,
+                datatype=q.VectorStorageDatatype.Float16 if codec == "fp16" else q.VectorStorageDatatype.Uint8,
+                multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim), hnsw_config=no_graph,
+                memory=q.Memory.Cold)
+            vectors = {MODULATION: rows}
+            if codec != "fp16":
+                vectors[SCALE] = q.EdgeVectorParams(size=d_lm, distance=q.Distance.Dot,
+                                                    datatype=q.VectorStorageDatatype.Float16, hnsw_config=no_graph,
+                                                    memory=q.Memory.Cold)
+            modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(vectors=vectors,
+                                                                                 payload_memory=q.Memory.Cold))
         index = q.EdgeShard.create(str(path / INDEX), q.EdgeConfig(
             vectors={RETRIEVAL: q.EdgeVectorParams(
                 size=d_enc, distance=q.Distance.Cosine,
@@ -194,7 +274,7 @@ class EdgeStore(Store):
                               ("tenant", q.KeywordIndexParams(is_tenant=True)), ("source", q.PayloadSchemaType.Keyword),
                               ("published_ts", q.PayloadSchemaType.Float)):
             index.update(q.UpdateOperation.create_field_index(field, schema))
-        self._open[collection] = c = _Collection(index, modulations)
+        self._open[collection] = c = _Collection(index, modulations, codec)
         return c
 
     def _wrote(self, c: _Collection, n: int) -> None:
@@ -271,7 +351,7 @@ class EdgeStore(Store):
                 "document": doc.model_dump(mode="json", exclude_none=True)}
         # one operation per shard (every chunk of the document or none), modulations before the points that use them
         c.modulations.update(q.UpdateOperation.upsert_points(
-            [q.Point(i, {MODULATION: ch.modulation.tokens.astype(np.float32).tolist()}) for i, ch in zip(ids, chunks)]))
+            [q.Point(i, c.encode(ch.modulation.tokens)) for i, ch in zip(ids, chunks)]))
         c.index.update(q.UpdateOperation.upsert_points(
             [q.Point(i, {RETRIEVAL: np.asarray(ch.vector, np.float32).tolist()},
                      flat | {"chunk": ch.modulation.chunk, "n_chunks": ch.modulation.n_chunks,
@@ -311,23 +391,26 @@ class EdgeStore(Store):
                 for v in vectors]
         found = c.index.query_batch(q.QueryBatchRequest(reqs))
         ids = list({str(p.id): p.id for points in found for p in points}.values())  # the top-k only, once each
-        mods = {str(r.id): r.vector[MODULATION] for r in c.modulations.retrieve(ids, with_payload=False,
-                                                                                with_vector=[MODULATION])}
+        mods = self._modulations(c, ids)
         missing = [i for i in ids if str(i) not in mods]
         if missing:
             raise RuntimeError(f"store {self.location}: {collection} points without a modulation: {missing[:3]}")
         return [[self._hit(p, mods[str(p.id)]) for p in points] for points in found]
 
     @staticmethod
-    def _chunk(point, modulation) -> EncodedChunk:
+    def _modulations(c: _Collection, ids: list) -> dict[str, np.ndarray]:
+        """point id → its decoded modulation (T, d_LM) float16, for the ids that have one."""
+        return {str(r.id): c.decode(r.vector) for r in c.modulations.retrieve(ids, with_payload=False,
+                                                                              with_vector=c.vectors)}
+
+    @staticmethod
+    def _chunk(point, tokens: np.ndarray) -> EncodedChunk:
         p = point.payload
-        tokens = np.asarray(modulation, dtype=np.float32).astype(np.float16)  # stored as float16: exact
         mod = Modulation(p["doc_id"], p["chunk"], p["n_chunks"], tokens, p["model_id"], p["checkpoint"])
         return EncodedChunk(mod, np.asarray(point.vector[RETRIEVAL], np.float32))
 
-    def _hit(self, point, modulation) -> Hit:
-        return Hit(self._chunk(point, modulation), Document.model_validate(point.payload["document"]),
-                   float(point.score))
+    def _hit(self, point, tokens: np.ndarray) -> Hit:
+        return Hit(self._chunk(point, tokens), Document.model_validate(point.payload["document"]), float(point.score))
 
     def document_ids(self, collection: str) -> list[str]:
         c = self._get(collection)
@@ -352,8 +435,7 @@ class EdgeStore(Store):
         n = {r.payload["doc_id"]: r.payload["n_chunks"] for r in heads}
         ids = [point_id(version, d, i) for d in doc_ids if d in n for i in range(n[d])]
         points = {str(r.id): r for r in c.index.retrieve(ids, with_payload=True, with_vector=[RETRIEVAL])}
-        mods = {str(r.id): r.vector[MODULATION] for r in c.modulations.retrieve(ids, with_payload=False,
-                                                                                 with_vector=[MODULATION])}
+        mods = self._modulations(c, ids)
         out = []
         for d in doc_ids:
             mine = [str(point_id(version, d, i)) for i in range(n.get(d, 0))]

@@ -1,6 +1,7 @@
 """Copy a store of the old embedded format (qdrant-client local mode) into a new Qdrant Edge store, without
 re-encoding: every point's document, content hash, retrieval vector and modulation (base64 float16 in the old payload,
-a native float16 multivector in the new store, bit for bit) are carried over, one collection per checkpoint version.
+a native float16 multivector in the new store: codec fp16, bit for bit) are carried over, one collection per
+checkpoint version.
 
 The old store is only read; the new one must be a new or empty directory. A document whose chunks are not all there
 (0..n_chunks-1) is not written and is counted under ``incomplete``. At the end every collection's counts are compared:
@@ -30,7 +31,7 @@ def migrate_local(old: str, new: str, page: int = 256) -> dict:
         raise StoreFormatError(f"{old} is not a store of the old format (qdrant-client local mode: no meta.json)")
     if Path(new).exists() and any(Path(new).iterdir()):
         raise StoreFormatError(f"{new} is not empty: migrate into a new directory")
-    src, dst = QdrantStore(old), EdgeStore(new)
+    src, dst = QdrantStore(old), EdgeStore(new, codec="fp16")  # a copy, bit for bit
     report = {}
     try:
         for coll in src.collections():
