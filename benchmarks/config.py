@@ -222,6 +222,23 @@ class StoreBench(StrictModel):
         return list(dict.fromkeys(items)) if isinstance(items, list) else items  # each once, in the order given
 
 
+class SoakBench(BenchConfig):
+    """`bench soak`: what `macstream up` runs, fed a continuous stream with questions alongside: RSS and query
+    latency over time, and nothing lost (its own JSON and PNG, not part of `all` or the report)."""
+
+    target: ClassVar[str] = "soak"
+
+    docs: int = setting(20_000, "Documents produced to the topic.", ge=1)
+    rate: float = setting(8.0, "Produce rate, docs/s (open loop; above ingest capacity the topic's lag grows).",
+                          gt=0.0)
+    qps: float = setting(0.5, "Questions per second asked alongside (one client).", gt=0.0, le=100.0)
+    prefill: int = setting(0, "Random windows written into the checkpoint's collection before the product starts.",
+                           ge=0)
+    sample_s: float = setting(15.0, "Seconds between two memory samples (and latency windows).", gt=0.0)
+    max_new_tokens: int = setting(1, "Answer length of the questions.", ge=1, le=256)
+    workers: int = setting(1, "Encoder workers of the ingest job.", ge=1, le=256)
+
+
 class AllBench(BenchConfig):
     """`bench all`: quality, ingest, serve, baselines, freshness and backfill, one after another (never
     overlapping), each with its own defaults and these shared settings; then the report."""
@@ -231,7 +248,8 @@ class AllBench(BenchConfig):
 
 ALL = ("quality", "ingest", "serve", "baselines", "freshness", "backfill")  # what `bench all` runs, in order
 TARGETS: dict[str, type[StrictModel]] = {cls.target: cls for cls in (
-    QualityBench, IngestBench, BackfillBench, ServeBench, BaselinesBench, FreshnessBench, StoreBench, AllBench)}
+    QualityBench, IngestBench, BackfillBench, ServeBench, BaselinesBench, FreshnessBench, StoreBench, SoakBench,
+    AllBench)}
 
 
 def _scalar(annotation: Any) -> Any:

@@ -428,6 +428,27 @@ def cmd_bench_store(cfg, command: str) -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def cmd_bench_soak(cfg, command: str) -> None:
+    """`bench soak`: `up` under a continuous stream with questions alongside; its own JSON and PNG."""
+    import json
+    from datetime import date
+
+    import torch
+
+    from benchmarks.soak import plot, run, table
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir or f"benchmarks/results/{date.today().isoformat()}") / "soak.json"
+    result = run(cfg.checkpoint, cfg.docs, cfg.rate, cfg.qps, cfg.prefill, cfg.sample_s,
+                 max_new_tokens=cfg.max_new_tokens, workers=cfg.workers)
+    result["how"]["command"] = command
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def bench_settings(args):
     """The config of `bench TARGET`: its model's defaults < the --config JSON file < the flags typed."""
     return bench_config.build(args.bench, vars(args), args.config)
@@ -442,6 +463,8 @@ def cmd_bench(args) -> None:
     command = "macstream bench " + " ".join(args.argv) if hasattr(args, "argv") else bench_config.command_line(cfg)
     if cfg.target == "store":
         return cmd_bench_store(cfg, command)
+    if cfg.target == "soak":
+        return cmd_bench_soak(cfg, command)
 
     import torch
 

@@ -36,9 +36,12 @@ SAMPLES = {
                   {"docs": 4, "rate": 1.5, "burst": 4, "poll_interval": 0.1, "gate": "none",
                    "variants": ["batch_size=2,poll_timeout_ms=50", "workers=2"], "workers": 2, "mode": "mac"}),
     "store": ("--points 1e3,2000 --store-engines edge --out s.json --local-cap 500 --store-queries 10 "
-              "--quality-top-k 8 --store-workdir /tmp/w --append",
+              "--quality-top-k 8 --store-workdir /tmp/w --append --codec int4",
               {"points": [1000, 2000], "engines": ["edge"], "out": "s.json", "local_cap": 500, "queries": 10,
-               "top_k": 8, "workdir": "/tmp/w", "append": True}),
+               "top_k": 8, "workdir": "/tmp/w", "append": True, "codec": "int4"}),
+    "soak": ("--docs 30 --rate 2.5 --qps 0.25 --prefill 100 --sample-s 2 --max-new-tokens 3 --workers 2",
+             {"docs": 30, "rate": 2.5, "qps": 0.25, "prefill": 100, "sample_s": 2.0, "max_new_tokens": 3,
+              "workers": 2}),
     "all": ("--checkpoint ck --out-dir od --threads 2", {"checkpoint": "ck", "out_dir": "od", "threads": 2}),
 }
 
@@ -58,8 +61,9 @@ def refused(argv: list[str], capsys) -> str:
 
 
 def test_every_target_has_a_config_and_every_field_a_flag_and_a_description() -> None:
-    assert set(bc.TARGETS) == {"quality", "ingest", "backfill", "serve", "baselines", "freshness", "store", "all"}
-    assert set(bc.ALL) == set(bc.TARGETS) - {"store", "all"}
+    assert set(bc.TARGETS) == {"quality", "ingest", "backfill", "serve", "baselines", "freshness", "store", "soak",
+                               "all"}
+    assert set(bc.ALL) == set(bc.TARGETS) - {"store", "soak", "all"}
     assert set(SAMPLES) == set(bc.TARGETS)
     for target, model in bc.TARGETS.items():
         assert model.target == target
