@@ -259,16 +259,19 @@ def test_an_interrupted_encoding_resumes_where_it_stopped(tiny_mac, tmp_path) ->
             for i in range(5)]
     partial = tmp_path / "m.partial.jsonl"
     logs: list[str] = []
-    _encode_resumably(tiny_mac, docs[:3], partial, logs.append, step=2)
+    first = _encode_resumably(tiny_mac, docs[:3], partial, logs.append, step=2)
     assert partial.exists() and not logs
     bank = _encode_resumably(tiny_mac, docs, partial, logs.append, step=2)
     assert logs == [f"news selection: resuming from {partial} (3 documents encoded)"]
     assert bank.document_ids() == [d.id for d in docs]
+    for d in docs[:3]:  # read back from the partial file bit for bit, not encoded again
+        assert all(np.array_equal(x.modulation.tokens, y.modulation.tokens)
+                   for x, y in zip(bank.chunks(d.id), first.chunks(d.id), strict=True))
     fresh = _encode_resumably(tiny_mac, docs, None, logs.append)
-    for d in docs:
+    for d in docs:  # the same memory as one uninterrupted run, up to the float16 ulp a batch's padding can move
         a, b = bank.chunks(d.id), fresh.chunks(d.id)
         assert len(a) == len(b) >= 1
-        assert all(np.array_equal(x.modulation.tokens, y.modulation.tokens) for x, y in zip(a, b))
+        assert all(np.allclose(x.modulation.tokens, y.modulation.tokens, rtol=1e-2, atol=1e-3) for x, y in zip(a, b))
     partial.write_text(partial.read_text()[:-40])  # cut off mid-line
     logs.clear()
     again = _encode_resumably(tiny_mac, docs[:2], partial, logs.append)
