@@ -95,19 +95,17 @@ def _location(engine: str, path: Path) -> str:
 def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int = 48, d_lm: int = 576, k: int = 4,
             queries: int = 200, text_chars: int = 1000, seed: int = 0, codec: str = "int8") -> dict:
     """One row: load ``points`` windows into a fresh store at ``path`` with ``engine`` ("edge" or "local"), reopen it,
-    time searches. Runs in the calling process (``run`` gives each row its own). ``codec``: the Edge store's modulation
-    codec (local mode stores float16 as base64 in the payload)."""
+    time searches. Runs in the calling process (``run`` gives each row its own). ``codec``: how the store codes the
+    modulations (both engines store them as named vectors)."""
     from pipeline.modulation_codec import codec as codec_for
     from pipeline.store import SearchFilter, collection_name, open_store
-
-    codec = codec if engine == "edge" else "fp16"
 
     if path.exists():
         shutil.rmtree(path)
     rng = np.random.default_rng(seed)
     coll, version = collection_name("bench"), "bench"
     text = ("Markets moved as the central bank held rates; analysts expect growth to slow. " * 40)[:text_chars]
-    store = open_store(_location(engine, path), codec if engine == "edge" else None)
+    store = open_store(_location(engine, path), codec)
     writes = np.empty(points)
     kept = np.empty((points, dim), np.float32)  # for the exact top-k
     load0 = os.getloadavg()[0]
@@ -162,10 +160,12 @@ def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int
 
 def _engine_query(store, engine: str, coll: str, q: np.ndarray, k: int) -> float:
     """Seconds for one unfiltered top-k asked of the engine itself: ids and document ids, no vectors."""
+    from pipeline.store.base import RETRIEVAL
+
     if engine == "edge":
         import qdrant_edge as qe
 
-        from pipeline.store.edge import OVERSAMPLING, RETRIEVAL, SEARCH_EF
+        from pipeline.store.edge import OVERSAMPLING, SEARCH_EF
 
         index = store._get(coll).index
         request = qe.QueryRequest(limit=k, query=qe.Query.Nearest(q.tolist(), using=RETRIEVAL), with_payload=["doc_id"],
@@ -175,7 +175,7 @@ def _engine_query(store, engine: str, coll: str, q: np.ndarray, k: int) -> float
         index.query(request)
     else:
         t = time.perf_counter()
-        store.client.query_points(coll, query=q.tolist(), limit=k, with_payload=["doc_id"])
+        store.client.query_points(coll, query=q.tolist(), using=RETRIEVAL, limit=k, with_payload=["doc_id"])
     return time.perf_counter() - t
 
 

@@ -208,9 +208,9 @@ def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str 
 
 ModulationCodec = Literal["int8", "int4", "fp16"]  # the first is the embedded store's default
 CODEC_HELP = (
-    "How the embedded store codes the modulations of a collection it creates (an existing collection keeps its "
-    "codec): int8 (28.8 KB a window, within 1 F1 of float16 in every mode measured), int4 (15 KB, about 1.4 F1 lost "
-    "in mac on synthetic news), fp16 (55 KB, exact). Other backends store float16.")
+    "How a Qdrant store (the embedded one or a server) codes the modulations of a collection it creates (an existing "
+    "collection keeps its codec): int8 (28.8 KB a window, within 1 F1 of float16 in every mode measured), int4 (15 "
+    "KB, about 1.4 F1 lost in mac on synthetic news), fp16 (55 KB, exact). The in-memory store keeps float16.")
 
 
 class IngestConfig(StrictModel):

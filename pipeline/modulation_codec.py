@@ -175,6 +175,49 @@ class Int4(Codec):
         return (num_tokens * dim + 1) // 2 + 2 * dim + 4
 
 
+MODULATION, SCALE = "modulation", "scale"  # the named vectors a Qdrant store keeps a window's modulation in
+
+
+def store_vectors(tokens: np.ndarray, codec: str) -> dict[str, list]:
+    """(T, d_LM) float16 → the named vectors a store writes for one window under ``codec`` (``fp16``, ``int8``,
+    ``int4``; as lists: Qdrant's bindings convert a list about twice as fast as an array):
+
+    - ``fp16``: ``modulation``, T float16 rows of d_LM;
+    - ``int8``: ``modulation``, T uint8 rows of d_LM (the int8 codes + 128), and ``scale``, d_LM float16;
+    - ``int4``: ``modulation``, T uint8 rows of d_LM/2 (two 4-bit codes a byte), and ``scale``.
+    """
+    if codec == "fp16":
+        return {MODULATION: tokens.astype(np.float32).tolist()}
+    codes, scale = quantize_int8(_check(tokens), _INT8_MAX if codec == "int8" else _INT4_MAX)  # (T, d) int8, (d,)
+    if codec == "int4":
+        rows = pack_int4(codes).reshape(len(tokens), -1)  # (T, d_LM / 2) uint8, row by row
+    else:
+        rows = (codes.astype(np.int16) + 128).astype(np.uint8)  # (T, d_LM) uint8
+    return {MODULATION: rows.astype(np.float32).tolist(), SCALE: scale.astype(np.float32).tolist()}
+
+
+def from_store_vectors(vectors: dict, codec: str) -> np.ndarray:
+    """The inverse of :func:`store_vectors` → (T, d_LM) float16. Exact for ``fp16``; for the others, coding the result
+    again gives the same vectors (an export → import round trip is bit-exact)."""
+    rows = np.asarray(vectors[MODULATION], dtype=np.float32)
+    if codec == "fp16":
+        return rows.astype(np.float16)
+    scale = np.asarray(vectors[SCALE], dtype=np.float32).astype(np.float16)
+    if codec == "int4":
+        codes = unpack_int4(rows.astype(np.uint8).reshape(-1), (len(rows), len(scale)))
+    else:
+        codes = (rows.astype(np.int16) - 128).astype(np.int8)
+    return dequantize_int8(codes, scale).astype(np.float16)
+
+
+def store_vector_sizes(codec: str, d_lm: int) -> dict[str, int]:
+    """Row length of each named vector :func:`store_vectors` writes (int4 refuses an odd d_LM)."""
+    if codec == "int4" and d_lm % 2:
+        raise ValueError(f"codec int4 packs two states a byte: d_LM={d_lm} is odd (use int8)")
+    rows = {MODULATION: d_lm // 2 if codec == "int4" else d_lm}
+    return rows if codec == "fp16" else rows | {SCALE: d_lm}
+
+
 @dataclass(frozen=True)
 class PcaBasis:
     """Principal directions of a checkpoint's stored states: mean (D,) and components (D, r), orthonormal columns,

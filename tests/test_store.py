@@ -55,8 +55,19 @@ BACKENDS = {"memory": lambda tmp: InMemoryStore(),
             # modulations are coded the same way (see _coded)
             "edge-int8": lambda tmp: EdgeStore(str(tmp / "edge-int8"), codec="int8"),
             "edge-int4": lambda tmp: EdgeStore(str(tmp / "edge-int4"), codec="int4"),
-            "qdrant-memory": lambda tmp: QdrantStore(":memory:"),
-            "qdrant-path": lambda tmp: QdrantStore(str(tmp / "q"))}
+            "qdrant-memory": lambda tmp: QdrantStore(":memory:", codec="fp16"),
+            "qdrant-path-int8": lambda tmp: QdrantStore(str(tmp / "q")),  # the default codec
+            "qdrant-memory-int4": lambda tmp: QdrantStore(":memory:", codec="int4"),
+            # a collection of the layout before native modulations (base64 in the payload): read and written as it was
+            "qdrant-legacy": lambda tmp: _legacy(QdrantStore(":memory:"))}
+
+
+def _legacy(store: QdrantStore, collection: str = COLL) -> QdrantStore:
+    """``store`` with ``collection`` created as the releases before native modulations did: one unnamed vector."""
+    from qdrant_client import models as m
+
+    store.client.create_collection(collection, vectors_config=m.VectorParams(size=DIM, distance=m.Distance.COSINE))
+    return store
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -130,7 +141,7 @@ def test_backends_are_congruent(tmp_path) -> None:
     assert ref["tenant"] == ({"documents": 4, "chunks": 5}, {"documents": 0, "chunks": 0},
                              datetime(2024, 1, 10, tzinfo=UTC), None, {"documents": 0, "chunks": 0})
     for name, r in results.items():
-        codec = name.removeprefix("edge-")
+        codec = name.rsplit("-", 1)[-1]
         assert r == (_coded(ref, codec) if codec in ("int8", "int4") else ref), name
     assert results["edge-int8"]["payload"][1] != ref["payload"][1]  # the compact stores did code them
 
@@ -203,7 +214,7 @@ def test_open_store_picks_the_backend_by_location(tmp_path) -> None:
 
 def _old_store(path) -> None:
     """A directory written by the old embedded engine (qdrant-client local mode) with data in it."""
-    s = QdrantStore(str(path))
+    s = _legacy(QdrantStore(str(path)))
     _fill(s)
     s.close()
 
@@ -484,3 +495,37 @@ def test_export_streams_document_batches_and_refuses_a_collection_that_changed_m
         export_collection(store, COLL, tmp_path / "n.parquet", batch=5)
     assert not list(tmp_path.glob("n.parquet*"))  # neither the file nor its partial
     store.close()
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp16"])
+def test_a_qdrant_collection_keeps_modulations_as_native_vectors_and_its_codec(tmp_path, codec) -> None:
+    """Through qdrant-client (the server path; local mode here): a new collection stores the modulation as named
+    vectors (uint8 rows + a float16 scale, or float16 rows), nothing of it in the payload; reopened with another
+    default codec, the collection is read and written with its own. A collection of the old layout stays in it."""
+    from pipeline.modulation_codec import store_vector_sizes
+
+    path = str(tmp_path / "q")
+    s = QdrantStore(path, codec=codec)
+    try:
+        _fill(s)
+        point = s.client.retrieve(COLL, [point_id("v1", "d1", 0)], with_payload=True, with_vectors=True)[0]
+        assert "tokens" not in point.payload and set(point.vector) == {"retrieval", *store_vector_sizes(codec, 4)}
+        assert np.array(point.vector["modulation"]).shape == (3, 2 if codec == "int4" else 4)
+        before = s.documents(COLL, ["d1"])[0].chunks[0].modulation.tokens
+        assert np.array_equal(before, codec_for(codec).round_trip(_chunks("d1", [1])[0].modulation.tokens))
+    finally:
+        s.close()
+    other = "fp16" if codec != "fp16" else "int8"
+    s = QdrantStore(path, codec=other)
+    try:
+        assert s._layout_of(COLL) == codec
+        s.upsert(COLL, _doc(1), "h1b", _chunks("d1", [1]))  # rewritten with the collection's codec, not the store's
+        assert np.array_equal(s.documents(COLL, ["d1"])[0].chunks[0].modulation.tokens, before)
+        legacy = collection_name("v0")
+        _legacy(s, legacy).upsert(legacy, _doc(1), "h", _chunks("d1", [1], version="v0"))
+        point = s.client.retrieve(legacy, [point_id("v0", "d1", 0)], with_payload=True, with_vectors=True)[0]
+        assert "tokens" in point.payload and isinstance(point.vector, list)
+        got = s.search(legacy, _chunks("d1", [1])[0].vector[None], 1)[0][0].chunk.modulation.tokens
+        assert np.array_equal(got, _chunks("d1", [1])[0].modulation.tokens)  # float16, bit for bit
+    finally:
+        s.close()

@@ -32,8 +32,9 @@ def is_remote(location: str) -> bool:
 
 
 def open_store(location: str, codec: str | None = None) -> Store:
-    """Open the store at ``location`` in this process. ``codec``: how the embedded store codes the modulations of the
-    collections it creates (``int8``, ``int4``, ``fp16``; None: its default, int8); the other backends store float16.
+    """Open the store at ``location`` in this process. ``codec``: how a Qdrant store (embedded or server) codes the
+    modulations of the collections it creates (``int8``, ``int4``, ``fp16``; None: the default, int8); the in-memory
+    store keeps float16.
 
     - "memory" → :class:`~pipeline.store.inmemory.InMemoryStore` (numpy, lost on exit);
     - a Qdrant server URL (http://host:6333) or ":memory:" → :class:`~pipeline.store.qdrant.QdrantStore`;
@@ -49,7 +50,7 @@ def open_store(location: str, codec: str | None = None) -> Store:
     if is_remote(location) or location == ":memory:" or location.startswith(LOCAL_MODE):
         from pipeline.store.qdrant import QdrantStore  # imports qdrant-client only when used
 
-        return QdrantStore(location.removeprefix(LOCAL_MODE))
+        return QdrantStore(location.removeprefix(LOCAL_MODE), **({"codec": codec} if codec else {}))
     from pipeline.store.edge import EdgeStore
 
-    return EdgeStore(location) if codec is None else EdgeStore(location, codec=codec)
+    return EdgeStore(location, **({"codec": codec} if codec else {}))

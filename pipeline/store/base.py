@@ -9,7 +9,7 @@ each and assert equal results:
   a Ray job one actor owns it, see :mod:`pipeline.store.actor`;
 - :class:`~pipeline.store.qdrant.QdrantStore`: ``qdrant-client`` against a server URL (production), ``":memory:"``, or
   ``local:DIR`` (qdrant-client's pure-Python local mode, the embedded engine before Qdrant Edge; kept to read stores
-  of that format).
+  of that format), modulations stored natively in the same codecs as named vectors beside the retrieval vector.
 
 Semantics every backend guarantees:
 - ``upsert`` is idempotent. Point ids are deterministic (uuid5 of checkpoint version, document id, chunk index), so a
@@ -27,12 +27,26 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.config import ModulationCodec
 from pipeline.schemas import Document, EncodedChunk, Hit
+
+# How a Qdrant store (the embedded engine or a server) codes the modulations of the collections it creates
+# (pipeline.modulation_codec.store_vectors); the first is the default: the smallest that loses at most 1 F1
+# (docs/results.md). A collection keeps the codec it was created with.
+CODECS = get_args(ModulationCodec)
+DEFAULT_CODEC = CODECS[0]
+RETRIEVAL = "retrieval"  # the named vector a Qdrant collection searches: the window's retrieval vector (d_enc)
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ValueError(f"modulation codec {codec!r}: expected one of {', '.join(CODECS)}")
+    return codec
 
 
 class StoreRejection(ValueError):

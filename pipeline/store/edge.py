@@ -51,21 +51,23 @@ import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 
-from pipeline.config import ModulationCodec
 from pipeline.modulation import Modulation
-from pipeline.modulation_codec import dequantize_int8, pack_int4, quantize_int8, unpack_int4
+from pipeline.modulation_codec import MODULATION, SCALE, from_store_vectors, store_vector_sizes, store_vectors
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store.base import (
+    CODECS,
+    DEFAULT_CODEC,
+    RETRIEVAL,
     SearchFilter,
     Store,
     StoreBusy,
     StoredDocument,
     StoreFormatError,
     _utc,
+    check_codec,
     point_id,
 )
 
@@ -74,9 +76,6 @@ from pipeline.store.base import (
 # collection is created in it (a format-1 reader would misread one).
 FORMAT, READS = {"engine": "qdrant-edge", "format": 2}, ({"engine": "qdrant-edge", "format": 1},)
 MARKER, LOCK, COLLECTIONS, CODEC_FILE = "macstream-store.json", "macstream.lock", "collections", "codec.json"
-RETRIEVAL, MODULATION, SCALE = "retrieval", "modulation", "scale"
-CODECS = get_args(ModulationCodec)  # the first is the default: the smallest that loses at most 1 F1 (docs/results.md)
-DEFAULT_CODEC = CODECS[0]
 INDEX, MODULATIONS = "index", "modulations"
 # Windows written to a collection between two runs of the index shard's optimizers (the binding runs them in the
 # caller's thread, holding the GIL) and between two flushes of both shards (a flush writes the segments and
@@ -152,28 +151,10 @@ class _Collection:
         self.since_optimize = self.since_flush = 0
 
     def encode(self, tokens: np.ndarray) -> dict:
-        """(T, d_LM) float16 → the named vectors of one modulation point (as lists: the binding converts a list about
-        twice as fast as an array)."""
-        if self.codec == "fp16":
-            return {MODULATION: tokens.astype(np.float32).tolist()}
-        codes, scale = quantize_int8(tokens, 127 if self.codec == "int8" else 7)  # (T, d_LM) int8, (d_LM,) fp16
-        if self.codec == "int4":
-            rows = pack_int4(codes).reshape(len(tokens), -1)  # (T, d_LM / 2) uint8: two codes a byte, row by row
-        else:
-            rows = (codes.astype(np.int16) + 128).astype(np.uint8)  # (T, d_LM) uint8
-        return {MODULATION: rows.astype(np.float32).tolist(), SCALE: scale.astype(np.float32).tolist()}
+        return store_vectors(tokens, self.codec)
 
     def decode(self, vectors: dict) -> np.ndarray:
-        """The named vectors of a modulation point → (T, d_LM) float16."""
-        rows = np.asarray(vectors[MODULATION], dtype=np.float32)
-        if self.codec == "fp16":
-            return rows.astype(np.float16)  # stored as float16: exact
-        scale = np.asarray(vectors[SCALE], dtype=np.float32).astype(np.float16)
-        if self.codec == "int4":
-            codes = unpack_int4(rows.astype(np.uint8).reshape(-1), (len(rows), len(scale)))
-        else:
-            codes = (rows.astype(np.int16) - 128).astype(np.int8)
-        return dequantize_int8(codes, scale).astype(np.float16)
+        return from_store_vectors(vectors, self.codec)
 
 
 class EdgeStore(Store):
@@ -186,9 +167,7 @@ class EdgeStore(Store):
                  flush_every: int = FLUSH_EVERY):
         import qdrant_edge as qe
 
-        if codec not in CODECS:
-            raise ValueError(f"modulation codec {codec!r}: expected one of {', '.join(CODECS)}")
-        self.q, self.codec = qe, codec
+        self.q, self.codec = qe, check_codec(codec)
         self.location = location
         self.root = Path(location)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -241,8 +220,7 @@ class EdgeStore(Store):
         # invisible (and reused, with their codec: a process that died between the creations left them)
         path.mkdir(parents=True, exist_ok=True)
         if not (path / CODEC_FILE).exists():
-            if self.codec == "int4" and d_lm % 2:
-                raise ValueError(f"codec int4 packs two states a byte: d_LM={d_lm} is odd (use int8)")
+            store_vector_sizes(self.codec, d_lm)  # refuses what the codec cannot hold
             self._write_json(path / CODEC_FILE, {"codec": self.codec})
         codec = self._codec_of(path)
         if codec != "fp16" and json.loads((self.root / MARKER).read_text()) != FORMAT:
@@ -251,14 +229,15 @@ class EdgeStore(Store):
             modulations = q.EdgeShard.load(str(path / MODULATIONS))
         else:
             no_graph = q.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+            sizes = store_vector_sizes(codec, d_lm)
             rows = q.EdgeVectorParams(
-                size=d_lm // 2 if codec == "int4" else d_lm, distance=q.Distance.Dot,
+                size=sizes[MODULATION], distance=q.Distance.Dot,
                 datatype=q.VectorStorageDatatype.Float16 if codec == "fp16" else q.VectorStorageDatatype.Uint8,
                 multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim), hnsw_config=no_graph,
                 memory=q.Memory.Cold)
             vectors = {MODULATION: rows}
             if codec != "fp16":
-                vectors[SCALE] = q.EdgeVectorParams(size=d_lm, distance=q.Distance.Dot,
+                vectors[SCALE] = q.EdgeVectorParams(size=sizes[SCALE], distance=q.Distance.Dot,
                                                     datatype=q.VectorStorageDatatype.Float16, hnsw_config=no_graph,
                                                     memory=q.Memory.Cold)
             modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(vectors=vectors,

@@ -14,10 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.modulation import Modulation
-from pipeline.schemas import Document, EncodedChunk
+from pipeline.schemas import Document
 from pipeline.store.base import StoreFormatError
 
 
@@ -35,6 +32,7 @@ def migrate_local(old: str, new: str, page: int = 256) -> dict:
     report = {}
     try:
         for coll in src.collections():
+            layout = src._layout_of(coll)
             docs: dict[str, dict] = defaultdict(dict)
             offset = None
             while True:
@@ -45,17 +43,13 @@ def migrate_local(old: str, new: str, page: int = 256) -> dict:
                 if offset is None:
                     break
             written = incomplete = 0
-            for doc_id, by_chunk in docs.items():
+            for by_chunk in docs.values():
                 n = next(iter(by_chunk.values())).payload["n_chunks"]
                 if sorted(by_chunk) != list(range(n)):
                     incomplete += 1
                     continue
                 first = by_chunk[0].payload
-                chunks = [EncodedChunk(Modulation(doc_id, i, n, Modulation.decode_tokens(p.payload["tokens"],
-                                                                                          p.payload["num_tokens"]),
-                                                  p.payload["model_id"], p.payload["checkpoint"]),
-                                       np.asarray(p.vector, np.float32))
-                          for i, p in sorted(by_chunk.items())]
+                chunks = [src._chunk(p, layout) for _, p in sorted(by_chunk.items())]
                 dst.upsert(coll, Document.model_validate(first["document"]), first["content_hash"], chunks)
                 written += 1
             dst.optimize(coll)

@@ -14,8 +14,22 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.modulation import Modulation
+from pipeline.modulation_codec import MODULATION, SCALE, from_store_vectors, store_vector_sizes, store_vectors
 from pipeline.schemas import Document, EncodedChunk, Hit
-from pipeline.store.base import SearchFilter, Store, StoreBusy, StoredDocument, _utc, point_id
+from pipeline.store.base import (
+    DEFAULT_CODEC,
+    RETRIEVAL,
+    SearchFilter,
+    Store,
+    StoreBusy,
+    StoredDocument,
+    StoreFormatError,
+    _utc,
+    check_codec,
+    point_id,
+)
+
+LEGACY = "payload"  # a collection of the layout before native modulations: one unnamed vector, base64 in the payload
 
 
 class ServerLayout(BaseModel):
@@ -54,12 +68,19 @@ class QdrantStore(Store):
     """qdrant-client: ``location`` is a server URL (http://host:6333, optionally ``?shards=N&replicas=R``: see
     :class:`ServerLayout`), a local directory (local mode), or ":memory:".
 
-    Payload (JSON, as local mode requires): the modulation as base64 float16, the document's fields, and filterable
-    top-level keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant``; on a server
-    these get payload indexes.
+    A collection it creates holds one point per window with named vectors: ``retrieval`` (d_enc, cosine, the one the
+    HNSW index is built on) and the modulation stored natively, coded by ``codec`` (``int8`` by default, ``int4``,
+    ``fp16``; :func:`pipeline.modulation_codec.store_vectors`): ``modulation`` (a uint8 or float16 multivector) and
+    ``scale`` (float16, not for fp16), both without an index and on disk, read back only for the hits of a search.
+    The codec is read from the collection's vector layout, so a collection keeps the one it was created with. The
+    payload (JSON) holds the document's fields and the filterable keys ``doc_id``, ``chunk``, ``published_ts`` (epoch
+    seconds), ``source``, ``tenant``; on a server these get payload indexes.
+
+    A collection written before native modulations (one unnamed vector, the modulation as base64 float16 in the
+    payload) is read and written in that layout, as it was.
     """
 
-    def __init__(self, location: str, api_key: str | None = None):
+    def __init__(self, location: str, api_key: str | None = None, codec: str = DEFAULT_CODEC):
         from qdrant_client import QdrantClient, models
 
         self._m = models
@@ -76,15 +97,46 @@ class QdrantStore(Store):
             except RuntimeError as err:  # the storage folder is locked by another process
                 raise StoreBusy(f"store {location} is open in another process (an embedded store has one owner: "
                                    f"stop the running ingest/serve job or point at a Qdrant server): {err}") from None
-        self._known: set[str] = set()
+        self.codec = check_codec(codec)
+        self._layout: dict[str, str] = {}  # collection → its codec, or LEGACY
 
     # ---- helpers -------------------------------------------------------------------------------------------------
-    def _ensure(self, collection: str, dim: int) -> None:
-        if collection in self._known:
-            return
-        m = self._m
+    def _layout_of(self, collection: str) -> str | None:
+        """The codec an existing collection stores its modulations with (LEGACY: base64 payload); None: absent."""
+        if collection in self._layout:
+            return self._layout[collection]
         if not self.client.collection_exists(collection):
-            vectors = m.VectorParams(size=dim, distance=m.Distance.COSINE)
+            return None
+        vectors = self.client.get_collection(collection).config.params.vectors
+        if not isinstance(vectors, dict):
+            layout = LEGACY
+        elif RETRIEVAL in vectors and MODULATION in vectors:
+            rows = vectors[MODULATION]
+            if SCALE not in vectors:
+                layout = "fp16"
+            else:
+                layout = "int4" if rows.size * 2 == vectors[SCALE].size else "int8"
+        else:
+            raise StoreFormatError(f"collection {collection} in {self.location} has vectors {sorted(vectors)}: not "
+                                   f"a macstream collection")
+        self._layout[collection] = layout
+        return layout
+
+    def _ensure(self, collection: str, d_enc: int, d_lm: int) -> str:
+        """Create ``collection`` when absent (with this store's codec); returns its layout."""
+        layout = self._layout_of(collection)
+        if layout is None:
+            m = self._m
+            sizes = store_vector_sizes(self.codec, d_lm)
+            # read back for the hits, never searched: no graph, on disk
+            stored = dict(distance=m.Distance.DOT, on_disk=True, hnsw_config=m.HnswConfigDiff(m=0))
+            vectors = {RETRIEVAL: m.VectorParams(size=d_enc, distance=m.Distance.COSINE),
+                       MODULATION: m.VectorParams(
+                           size=sizes[MODULATION], **stored,
+                           datatype=m.Datatype.FLOAT16 if self.codec == "fp16" else m.Datatype.UINT8,
+                           multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM))}
+            if SCALE in sizes:
+                vectors[SCALE] = m.VectorParams(size=sizes[SCALE], **stored, datatype=m.Datatype.FLOAT16)
             self.client.create_collection(collection, vectors_config=vectors,
                                           shard_number=self.layout.shards, replication_factor=self.layout.replicas,
                                           write_consistency_factor=self.layout.write_consistency)
@@ -94,10 +146,11 @@ class QdrantStore(Store):
                                     ("tenant", tenant), ("published_ts", m.PayloadSchemaType.FLOAT),
                                     ("chunk", m.PayloadSchemaType.INTEGER)):
                     self.client.create_payload_index(collection, field, kind)
-        self._known.add(collection)
+            self._layout[collection] = layout = self.codec
+        return layout
 
     def _exists(self, collection: str) -> bool:
-        return collection in self._known or self.client.collection_exists(collection)
+        return self._layout_of(collection) is not None
 
     def _doc_filter(self, doc_id: str, min_chunk: int | None = None):
         m = self._m
@@ -120,30 +173,38 @@ class QdrantStore(Store):
         return m.Filter(must=must) if must else None
 
     @staticmethod
-    def _chunk(point) -> EncodedChunk:
-        p = point.payload
-        tokens = Modulation.decode_tokens(p["tokens"], p["num_tokens"])
+    def _chunk(point, layout: str) -> EncodedChunk:
+        p, v = point.payload, point.vector
+        if layout == LEGACY:
+            tokens, vector = Modulation.decode_tokens(p["tokens"], p["num_tokens"]), v
+        else:
+            tokens, vector = from_store_vectors(v, layout), v.get(RETRIEVAL)
         mod = Modulation(p["doc_id"], p["chunk"], p["n_chunks"], tokens, p["model_id"], p["checkpoint"])
-        return EncodedChunk(mod, np.asarray(point.vector, np.float32) if point.vector is not None else None)
+        return EncodedChunk(mod, np.asarray(vector, np.float32) if vector is not None else None)
 
-    def _hit(self, point) -> Hit:
-        return Hit(self._chunk(point), Document.model_validate(point.payload["document"]), float(point.score))
+    def _hit(self, point, layout: str) -> Hit:
+        return Hit(self._chunk(point, layout), Document.model_validate(point.payload["document"]), float(point.score))
 
     # ---- interface -----------------------------------------------------------------------------------------------
     def upsert(self, collection: str, doc: Document, content_hash: str, chunks: list[EncodedChunk]) -> None:
         version = self.check_chunks(doc, chunks)
-        self._ensure(collection, int(chunks[0].vector.shape[0]))
+        layout = self._ensure(collection, int(chunks[0].vector.shape[0]), int(chunks[0].modulation.tokens.shape[1]))
         m = self._m
         meta = doc.model_dump(mode="json", exclude_none=True)
         flat = {"doc_id": doc.id, "content_hash": content_hash, "source": doc.source, "tenant": doc.tenant,
                 "published_ts": _utc(doc.published_at).timestamp() if doc.published_at else None}
-        points = [m.PointStruct(
-            id=point_id(version, doc.id, c.modulation.chunk),
-            vector=np.asarray(c.vector, np.float32).tolist(),
-            payload=flat | {"chunk": c.modulation.chunk, "n_chunks": c.modulation.n_chunks,
-                            "num_tokens": int(c.modulation.tokens.shape[0]), "tokens": c.modulation.tokens_b64(),
-                            "model_id": c.modulation.model_id, "checkpoint": c.modulation.checkpoint, "document": meta},
-        ) for c in chunks]
+
+        def vector_and_payload(c: EncodedChunk) -> tuple[dict | list, dict]:
+            vector = np.asarray(c.vector, np.float32).tolist()
+            payload = flat | {"chunk": c.modulation.chunk, "n_chunks": c.modulation.n_chunks, "document": meta,
+                              "model_id": c.modulation.model_id, "checkpoint": c.modulation.checkpoint}
+            if layout == LEGACY:
+                return vector, payload | {"num_tokens": int(c.modulation.tokens.shape[0]),
+                                          "tokens": c.modulation.tokens_b64()}
+            return {RETRIEVAL: vector, **store_vectors(c.modulation.tokens, layout)}, payload
+
+        points = [m.PointStruct(id=point_id(version, doc.id, c.modulation.chunk), vector=v, payload=p)
+                  for c in chunks for v, p in [vector_and_payload(c)]]
         self.client.upsert(collection, points=points, wait=True)
         # overwrite first, then drop the tail of a document that shrank: never a moment without the document
         tail = m.FilterSelector(filter=self._doc_filter(doc.id, len(chunks)))
@@ -167,13 +228,16 @@ class QdrantStore(Store):
         return {p.payload["doc_id"]: p.payload["content_hash"] for p in points}
 
     def search(self, collection: str, vectors: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[list[Hit]]:
-        if k <= 0 or not self._exists(collection):
+        layout = self._layout_of(collection) if k > 0 else None
+        if layout is None:
             return [[] for _ in range(len(vectors))]
         m = self._m
         qf = self._filter(flt)
-        reqs = [m.QueryRequest(query=np.asarray(v, np.float32).tolist(), limit=k, filter=qf, with_payload=True,
-                               with_vector=True) for v in vectors]
-        return [[self._hit(p) for p in r.points] for r in self.client.query_batch_points(collection, requests=reqs)]
+        using = None if layout == LEGACY else RETRIEVAL
+        reqs = [m.QueryRequest(query=np.asarray(v, np.float32).tolist(), using=using, limit=k, filter=qf,
+                               with_payload=True, with_vector=True) for v in vectors]
+        return [[self._hit(p, layout) for p in r.points]
+                for r in self.client.query_batch_points(collection, requests=reqs)]
 
     def counts(self, collection: str, tenant: str | None = None) -> dict[str, int]:
         if not self._exists(collection):
@@ -214,7 +278,8 @@ class QdrantStore(Store):
                 return sorted(ids)
 
     def documents(self, collection: str, doc_ids: list[str]) -> list[StoredDocument]:
-        if not doc_ids or not self._exists(collection):
+        layout = self._layout_of(collection) if doc_ids else None
+        if layout is None:
             return []
         version = collection.removeprefix("macstream-")
         heads = self.client.retrieve(collection, ids=[point_id(version, d, 0) for d in doc_ids],
@@ -229,7 +294,7 @@ class QdrantStore(Store):
             if mine and all(i in points for i in mine):  # a document deleted meanwhile: skipped whole
                 first = points[mine[0]].payload
                 out.append(StoredDocument(Document.model_validate(first["document"]), first["content_hash"],
-                                          [self._chunk(points[i]) for i in mine]))
+                                          [self._chunk(points[i], layout) for i in mine]))
         return out
 
     def close(self) -> None:
