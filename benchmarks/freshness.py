@@ -52,6 +52,20 @@ WARMUP_DOCS = 4
 TUNABLE = ("batch_size", "poll_timeout_ms", "max_in_flight", "workers", "encoder_threads")
 
 
+def wait_ready(base: str, within_s: float = 600) -> None:
+    """Until ``base``/ready answers 200; RuntimeError after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if requests.get(base + "/ready", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the API did not become ready within {within_s:.0f} s")
+        time.sleep(0.2)
+
+
 def pct(xs: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..1); None for no data."""
     if not xs:
@@ -429,16 +443,7 @@ def run(checkpoint: str | None = None, documents: int = 60, rate: float | None =
             scfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=store)
             start_serving(scfg)
             base = f"http://{scfg.host}:{scfg.port}"
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if requests.get(base + "/ready", timeout=10).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the API did not become ready within 600 s")
-                time.sleep(0.2)
+            wait_ready(base)
             store_proxy = connect_store(scfg.store_location())
             api = _Api(base, timeout_s, mode)
             prod = kafka_io.producer(broker.bootstrap)
@@ -569,16 +574,7 @@ def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: flo
             sup.start()
             start_serving(scfg)
             base = f"http://{scfg.host}:{scfg.port}"
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if requests.get(base + "/ready", timeout=10).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the API did not become ready within 600 s")
-                time.sleep(0.2)
+            wait_ready(base)
             watcher = _StoreWatcher(connect_store(scfg.store_location()), job.collection)
             watcher.start()
             api = _Api(base, timeout_s, mode)

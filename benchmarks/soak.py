@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import requests
 
-from benchmarks.freshness import _Api, _Supervisor, articles, pct
+from benchmarks.freshness import _Api, _Supervisor, articles, pct, wait_ready
 from benchmarks.machine import machine
 from pipeline.cluster import init_ray
 from pipeline.config import IngestConfig, ServeConfig
@@ -185,16 +184,7 @@ def run(checkpoint: str | None = None, documents: int = 20_000, rate: float = 8.
             scfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=store_dir)
             start_serving(scfg)
             base = f"http://{scfg.host}:{scfg.port}"
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if requests.get(base + "/ready", timeout=10).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the API did not become ready within 600 s")
-                time.sleep(0.2)
+            wait_ready(base)
             topic = f"soak-{tag}"
             kafka_io.ensure_topic(broker.bootstrap, topic, 4)
             cfg = IngestConfig(bootstrap_servers=broker.bootstrap, topic=topic, workers=workers,
