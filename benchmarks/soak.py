@@ -144,6 +144,7 @@ def _windows(samples: list[dict], asked: list[tuple], warm_s: float) -> list[dic
                     "anon_mb": round(s["anon_mb"], 1),
                     "store_rss_mb": round(s["by_role"].get("store", {}).get("rss_mb", 0.0), 1),
                     "store_anon_mb": round(s["by_role"].get("store", {}).get("anon_mb", 0.0), 1),
+                    "anon_mb_by_role": {r: round(v["anon_mb"], 1) for r, v in sorted(s["by_role"].items())},
                     "chunks": s["store"].get("chunks"), "documents": s["store"].get("documents"),
                     "questions": len(lat), "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99),
                     "retrieve_p99_ms": None if not ret else pct(ret, 0.99) * 1e3})

@@ -20,6 +20,7 @@ def test_each_window_holds_the_questions_asked_since_the_previous_sample_and_gro
     w = _windows(samples, asked, warm_s=10)
     assert [x["questions"] for x in w] == [0, 2, 1, 1]  # the question at 31 s came after the last sample
     assert [x["warm"] for x in w] == [False, True, True, True]
+    assert w[3]["anon_mb_by_role"] == {"store": 22.0}  # each role's heap, to find which one grows
     assert w[1]["p99_s"] == 1.5 and w[1]["retrieve_p99_ms"] == 10.0 and w[0]["p99_s"] is None
     assert round(growth(w, "rss_mb"), 4) == 0.1  # 200 → 220, the warm-up's 100 → 200 left out
     assert round(growth(w, "anon_mb"), 4) == 0.1 and growth(w[:2], "rss_mb") is None
