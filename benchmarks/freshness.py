@@ -52,13 +52,16 @@ WARMUP_DOCS = 4
 TUNABLE = ("batch_size", "poll_timeout_ms", "max_in_flight", "workers", "encoder_threads")
 
 
-def wait_ready(base: str, within_s: float = 600) -> None:
-    """Until ``base``/ready answers 200; RuntimeError after ``within_s``."""
+def serve_ready(scfg: ServeConfig, within_s: float = 600) -> str:
+    """Start the Serve app of ``scfg`` and wait until its /ready answers 200 (RuntimeError after ``within_s``);
+    returns its base URL."""
+    start_serving(scfg)
+    base = f"http://{scfg.host}:{scfg.port}"
     deadline = time.monotonic() + within_s
     while True:
         try:
             if requests.get(base + "/ready", timeout=10).status_code == 200:
-                return
+                return base
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
@@ -441,9 +444,7 @@ def run(checkpoint: str | None = None, documents: int = 60, rate: float | None =
         try:
             init_ray()
             scfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=store)
-            start_serving(scfg)
-            base = f"http://{scfg.host}:{scfg.port}"
-            wait_ready(base)
+            base = serve_ready(scfg)
             store_proxy = connect_store(scfg.store_location())
             api = _Api(base, timeout_s, mode)
             prod = kafka_io.producer(broker.bootstrap)
@@ -572,9 +573,7 @@ def run_feed(checkpoint: str | None = None, documents: int = 30, interval_s: flo
             job = IngestJob(cfg, progress=False).start()
             sup = _Supervisor(job)
             sup.start()
-            start_serving(scfg)
-            base = f"http://{scfg.host}:{scfg.port}"
-            wait_ready(base)
+            base = serve_ready(scfg)
             watcher = _StoreWatcher(connect_store(scfg.store_location()), job.collection)
             watcher.start()
             api = _Api(base, timeout_s, mode)

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from benchmarks.freshness import _Api, _Supervisor, articles, pct, wait_ready
+from benchmarks.freshness import _Api, _Supervisor, articles, pct, serve_ready
 from benchmarks.machine import machine
 from pipeline.cluster import init_ray
 from pipeline.config import IngestConfig, ServeConfig
-from serving.app import start as start_serving
 from workers import kafka_io
 from workers.broker import LocalBroker, free_port
 from workers.ingest import IngestJob
@@ -183,9 +182,7 @@ def run(checkpoint: str | None = None, documents: int = 20_000, rate: float = 8.
         try:
             init_ray()
             scfg = ServeConfig(port=free_port(), checkpoint=checkpoint, store=store_dir)
-            start_serving(scfg)
-            base = f"http://{scfg.host}:{scfg.port}"
-            wait_ready(base)
+            base = serve_ready(scfg)
             topic = f"soak-{tag}"
             kafka_io.ensure_topic(broker.bootstrap, topic, 4)
             cfg = IngestConfig(bootstrap_servers=broker.bootstrap, topic=topic, workers=workers,
