@@ -10,6 +10,7 @@ in tests/test_store.py);
 from __future__ import annotations
 
 from pipeline.store.base import (
+    DEFAULT_CODEC,
     SearchFilter,
     Store,
     StoreBusy,
@@ -50,7 +51,7 @@ def open_store(location: str, codec: str | None = None) -> Store:
     if is_remote(location) or location == ":memory:" or location.startswith(LOCAL_MODE):
         from pipeline.store.qdrant import QdrantStore  # imports qdrant-client only when used
 
-        return QdrantStore(location.removeprefix(LOCAL_MODE), **({"codec": codec} if codec else {}))
+        return QdrantStore(location.removeprefix(LOCAL_MODE), codec=codec or DEFAULT_CODEC)
     from pipeline.store.edge import EdgeStore
 
-    return EdgeStore(location, **({"codec": codec} if codec else {}))
+    return EdgeStore(location, codec=codec or DEFAULT_CODEC)

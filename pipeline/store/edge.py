@@ -150,12 +150,6 @@ class _Collection:
         self.vectors = [MODULATION] if codec == "fp16" else [MODULATION, SCALE]  # what a read fetches
         self.since_optimize = self.since_flush = 0
 
-    def encode(self, tokens: np.ndarray) -> dict:
-        return store_vectors(tokens, self.codec)
-
-    def decode(self, vectors: dict) -> np.ndarray:
-        return from_store_vectors(vectors, self.codec)
-
 
 class EdgeStore(Store):
     """Qdrant Edge in this process: ``location`` is a directory (created when absent). ``codec``: how the collections
@@ -330,7 +324,7 @@ class EdgeStore(Store):
                 "document": doc.model_dump(mode="json", exclude_none=True)}
         # one operation per shard (every chunk of the document or none), modulations before the points that use them
         c.modulations.update(q.UpdateOperation.upsert_points(
-            [q.Point(i, c.encode(ch.modulation.tokens)) for i, ch in zip(ids, chunks)]))
+            [q.Point(i, store_vectors(ch.modulation.tokens, c.codec)) for i, ch in zip(ids, chunks)]))
         c.index.update(q.UpdateOperation.upsert_points(
             [q.Point(i, {RETRIEVAL: np.asarray(ch.vector, np.float32).tolist()},
                      flat | {"chunk": ch.modulation.chunk, "n_chunks": ch.modulation.n_chunks,
@@ -379,8 +373,8 @@ class EdgeStore(Store):
     @staticmethod
     def _modulations(c: _Collection, ids: list) -> dict[str, np.ndarray]:
         """point id → its decoded modulation (T, d_LM) float16, for the ids that have one."""
-        return {str(r.id): c.decode(r.vector) for r in c.modulations.retrieve(ids, with_payload=False,
-                                                                              with_vector=c.vectors)}
+        read = c.modulations.retrieve(ids, with_payload=False, with_vector=c.vectors)
+        return {str(r.id): from_store_vectors(r.vector, c.codec) for r in read}
 
     @staticmethod
     def _chunk(point, tokens: np.ndarray) -> EncodedChunk:

@@ -3,18 +3,16 @@ re-encoding: every point's document, content hash, retrieval vector and modulati
 a native float16 multivector in the new store: codec fp16, bit for bit) are carried over, one collection per
 checkpoint version.
 
-The old store is only read; the new one must be a new or empty directory. A document whose chunks are not all there
-(0..n_chunks-1) is not written and is counted under ``incomplete``. At the end every collection's counts are compared:
-a difference beyond the incomplete documents raises. Local mode holds the whole old store in RAM while it reads it,
-as it always did.
+The old store is only read (through the store interface, ``page`` documents at a time); the new one must be a new or
+empty directory. A document whose chunks are not all there (0..n_chunks-1) is not written and is counted under
+``incomplete`` (one without its first chunk is not listed at all). At the end the documents written are counted in the
+new store: a difference raises. Local mode holds the whole old store in RAM while it reads it, as it always did.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from pipeline.schemas import Document
 from pipeline.store.base import StoreFormatError
 
 
@@ -32,31 +30,15 @@ def migrate_local(old: str, new: str, page: int = 256) -> dict:
     report = {}
     try:
         for coll in src.collections():
-            layout = src._layout_of(coll)
-            docs: dict[str, dict] = defaultdict(dict)
-            offset = None
-            while True:
-                points, offset = src.client.scroll(coll, limit=page, offset=offset, with_payload=True,
-                                                   with_vectors=True)
-                for p in points:
-                    docs[p.payload["doc_id"]][p.payload["chunk"]] = p
-                if offset is None:
-                    break
-            written = incomplete = 0
-            for by_chunk in docs.values():
-                n = next(iter(by_chunk.values())).payload["n_chunks"]
-                if sorted(by_chunk) != list(range(n)):
-                    incomplete += 1
-                    continue
-                first = by_chunk[0].payload
-                chunks = [src._chunk(p, layout) for _, p in sorted(by_chunk.items())]
-                dst.upsert(coll, Document.model_validate(first["document"]), first["content_hash"], chunks)
+            written = 0
+            for doc, content_hash, chunks in src.iter_documents(coll, batch=page):  # complete documents only
+                dst.upsert(coll, doc, content_hash, chunks)
                 written += 1
             dst.optimize(coll)
-            counts = dst.counts(coll)
-            expected = src.counts(coll)
-            if counts["documents"] != expected["documents"] - incomplete:
-                raise RuntimeError(f"{coll}: {expected} in {old}, {counts} written to {new} ({incomplete} incomplete)")
+            counts, expected = dst.counts(coll), src.counts(coll)
+            incomplete = expected["documents"] - written
+            if counts["documents"] != written:
+                raise RuntimeError(f"{coll}: {expected} in {old}, {written} read, {counts} written to {new}")
             report[coll] = counts | {"incomplete": incomplete}
     finally:
         src.close()

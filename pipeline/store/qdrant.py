@@ -194,17 +194,17 @@ class QdrantStore(Store):
         flat = {"doc_id": doc.id, "content_hash": content_hash, "source": doc.source, "tenant": doc.tenant,
                 "published_ts": _utc(doc.published_at).timestamp() if doc.published_at else None}
 
-        def vector_and_payload(c: EncodedChunk) -> tuple[dict | list, dict]:
+        points = []
+        for c in chunks:
             vector = np.asarray(c.vector, np.float32).tolist()
             payload = flat | {"chunk": c.modulation.chunk, "n_chunks": c.modulation.n_chunks, "document": meta,
                               "model_id": c.modulation.model_id, "checkpoint": c.modulation.checkpoint}
             if layout == LEGACY:
-                return vector, payload | {"num_tokens": int(c.modulation.tokens.shape[0]),
-                                          "tokens": c.modulation.tokens_b64()}
-            return {RETRIEVAL: vector, **store_vectors(c.modulation.tokens, layout)}, payload
-
-        points = [m.PointStruct(id=point_id(version, doc.id, c.modulation.chunk), vector=v, payload=p)
-                  for c in chunks for v, p in [vector_and_payload(c)]]
+                payload |= {"num_tokens": int(c.modulation.tokens.shape[0]), "tokens": c.modulation.tokens_b64()}
+            else:
+                vector = {RETRIEVAL: vector, **store_vectors(c.modulation.tokens, layout)}
+            points.append(m.PointStruct(id=point_id(version, doc.id, c.modulation.chunk), vector=vector,
+                                        payload=payload))
         self.client.upsert(collection, points=points, wait=True)
         # overwrite first, then drop the tail of a document that shrank: never a moment without the document
         tail = m.FilterSelector(filter=self._doc_filter(doc.id, len(chunks)))
