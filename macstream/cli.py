@@ -81,14 +81,21 @@ def cmd_data(args) -> None:
 def cmd_train_readout(args) -> None:
     from pipeline.config import ReadoutTrainConfig, load_config
     from pipeline.model.mac import checkpoint_dir
-    from pipeline.train_readout import build
+    from pipeline.train_readout import build, continue_readout
 
     conf = _read_config(args.config)
     if args.steps is not None:
         conf["steps"] = args.steps
     cfg = load_config(ReadoutTrainConfig, conf, "train-readout")  # ValueError naming the bad key: exit 2 (main)
-    start = checkpoint_dir(args.selection_from) if args.selection_from else None  # FileNotFoundError: exit 2
-    version = build(cfg, Path(args.out), log=lambda m: print(m, flush=True), start_from=start)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.readout_from and args.selection_from:
+        raise ValueError("--readout-from and --selection-from each keep what the other trains: give one")
+    if args.readout_from:
+        start = checkpoint_dir(args.readout_from)  # FileNotFoundError: exit 2
+        version = continue_readout(cfg, start, Path(args.out), log=log, device=args.device)
+    else:
+        start = checkpoint_dir(args.selection_from) if args.selection_from else None  # FileNotFoundError: exit 2
+        version = build(cfg, Path(args.out), log=log, start_from=start)
     print(json.dumps({"checkpoint": args.out, "version": version}))
 
 
@@ -627,6 +634,10 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="end-to-end fine-tuning steps (overrides the config)")
     tr.add_argument("--selection-from", metavar="CHECKPOINT", help="keep this readout checkpoint's selector and "
                     "readout; train only the selection (question encoder + aggregator) again")
+    tr.add_argument("--readout-from", metavar="CHECKPOINT", help="tune this readout checkpoint's readout --steps more "
+                    "(with span recall when the config's span_share > 0); its selector, selection, answer prompt and "
+                    "pick rule are kept")
+    tr.add_argument("--device", default="cpu", help="with --readout-from: where to tune (cpu, cuda)")
     tr.set_defaults(fn=cmd_train_readout)
 
     tp = sub.add_parser("train-prompt", help="train a readout checkpoint's answer prompt, the prefix select+rag reads "

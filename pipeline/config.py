@@ -129,10 +129,19 @@ class ReadoutTrainConfig(StrictModel):
         "Share of selection steps drawn from RealTimeQA (when present)."))
     selection_validation_share: float = Field(0.15, gt=0.0, lt=1.0, description=(
         "Share of the RealTimeQA quiz dates, the last ones, held out to judge the selection."))
+    span_share: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Share of each fine-tuning batch drawn from span recall on real news (pipeline/span_recall.py): a cloze "
+        "question on a RealTimeQA window of ``span_years`` whose hidden span the LM answers from that window's memory. "
+        "0: the readout meets only the synthetic generator's questions."))
+    span_items: int = Field(2000, ge=1, description="Span-recall training items (one per window; when span_share > 0).")
+    span_years: list[int] = Field([2022, 2023], description=(
+        "RealTimeQA years whose news trains span recall: the training weeks' evidence texts and the stored 2022 "
+        "search-result articles; the selection's held-out weeks only judge it. 2024 and later are test years: "
+        "refused."))
     seed: int = Field(0, description="Seed for data, sampling and initialisation.")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default).")
 
-    @field_validator("selection_realtimeqa_years")
+    @field_validator("selection_realtimeqa_years", "span_years")
     @classmethod
     def _training_years_only(cls, years: list[int]) -> list[int]:
         if any(y >= 2024 for y in years):

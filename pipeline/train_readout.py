@@ -35,6 +35,7 @@ from pipeline.model.mac import MACModel
 from pipeline.model.readout import TokenSelector, article_states, kv_targets, rms
 from pipeline.prompts import answer_continuation, document_text, prompt_for
 from pipeline.schemas import Document, Question
+from pipeline.span_recall import SpanItem, span_items
 
 
 def readout_model_config(cfg: ReadoutTrainConfig) -> ModelConfig:
@@ -110,7 +111,7 @@ def modulations(model: MACModel, docs: list[Document]) -> dict[str, torch.Tensor
     out = {}
     for s in range(0, len(docs), 16):
         part = docs[s: s + 16]
-        mods, _ = model.amortize([model.windows(document_text(d))[0] for d in part])
+        mods, _ = model.modulate([model.windows(document_text(d))[0] for d in part])
         out.update({d.id: m for d, m in zip(part, mods)})
     return out
 
@@ -122,10 +123,26 @@ def _mac_prompt(model: MACModel, q: Question, doc: Document | None) -> list[int]
 
 
 @torch.no_grad()
+def greedy_f1(model: MACModel, questions: list[str], answers: list[list[str]], memories: list[torch.Tensor],
+              batch: int = 16) -> dict:
+    """Greedy ``mac`` answers, each question with its own memory (T, D) as the only one: EM and F1 (%)."""
+    tok, rows = model.lm.tokenizer, []
+    for s in range(0, len(questions), batch):
+        prompts = [tok(prompt_for("mac", q))["input_ids"] for q in questions[s: s + batch]]
+        prefix = model.expander(torch.stack(memories[s: s + batch]).float().to(model.lm.device))
+        outs = model.lm.generate(prompts, prefix, 16)
+        rows += [score_answer(tok.decode(o).strip(), a) for o, a in zip(outs, answers[s: s + batch])]
+    return {"em": round(100 * sum(r["em"] for r in rows) / max(1, len(rows)), 1),
+            "f1": round(100 * sum(r["f1"] for r in rows) / max(1, len(rows)), 1), "n": len(rows)}
+
+
+@torch.no_grad()
 def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[Document],
-          mods: dict[str, torch.Tensor]) -> dict:
+          mods: dict[str, torch.Tensor], extra: dict[str, tuple[list[str], list[list[str]], list]] | None = None
+          ) -> dict:
     """Information gain on names (NLL per answer token with a same-type other article's memory − with the article's
-    own), overall, and gold-only greedy F1 in the ``mac`` prompt."""
+    own), overall, and gold-only greedy F1 in the ``mac`` prompt; plus, per ``extra`` set (name → questions, answers,
+    memories), gold-only greedy EM/F1 (``<name>_em``, ``<name>_f1``)."""
     tok = model.lm.tokenizer
     prompts = [_mac_prompt(model, q, None) for q, _ in items]
     targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q, _ in items]
@@ -137,16 +154,25 @@ def judge(model: MACModel, items: list[tuple[Question, Document]], others: list[
     gain_names = sum(nll["other"][i] - nll["own"][i] for i in names) / max(1, len(names))
     outs = model.lm.generate(prompts, model.expander(torch.stack([mods[d.id] for _, d in items])), 16)
     f1 = [score_answer(tok.decode(o).strip(), q.answers)["f1"] for (q, _), o in zip(items, outs)]
-    return {"nll_own": round(sum(nll["own"]) / len(items), 3), "nll_other": round(sum(nll["other"]) / len(items), 3),
-            "info_gain": round(sum(o - w for o, w in zip(nll["other"], nll["own"])) / len(items), 3),
-            "info_gain_names": round(gain_names, 3), "f1": round(100 * sum(f1) / len(f1), 1), "n": len(items)}
+    row = {"nll_own": round(sum(nll["own"]) / len(items), 3), "nll_other": round(sum(nll["other"]) / len(items), 3),
+           "info_gain": round(sum(o - w for o, w in zip(nll["other"], nll["own"])) / len(items), 3),
+           "info_gain_names": round(gain_names, 3), "f1": round(100 * sum(f1) / len(f1), 1), "n": len(items)}
+    for name, (questions, answers, memories) in (extra or {}).items():
+        scored = greedy_f1(model, questions, answers, memories)
+        row |= {f"{name}_em": scored["em"], f"{name}_f1": scored["f1"], f"{name}_n": scored["n"]}
+    return row
 
 
 def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list[Document], list[Question]],
                      val: tuple[list[Document], list[Question]], mods: dict[str, torch.Tensor], out: Path,
-                     log=print) -> list[dict]:
-    """Stage 3 (see the module docstring); ``mods``: every train and validation document's modulation. Resumes from
-    ``out/last.pt``; returns the judged rows."""
+                     log=print, spans: tuple[list[SpanItem], dict[str, torch.Tensor]] | None = None,
+                     extra: dict[str, tuple] | None = None) -> list[dict]:
+    """Stage 3 (see the module docstring); ``mods``: every train and validation document's modulation. ``spans``:
+    span-recall items and their memories; ``round(span_share · batch)`` of each batch are drawn from them (the rest
+    are synthetic questions). ``extra``: more sets judged with :func:`judge`. Resumes from ``out/last.pt``; returns
+    the judged rows."""
+    n_span = round(cfg.span_share * cfg.batch) if spans else 0
+    dev = model.lm.device
     docs, qs = train
     by_id = {d.id: d for d in docs}
     pool = [q for q in qs if q.doc_ids and q.doc_ids[0] in by_id]
@@ -159,7 +185,7 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     start, rows = 0, []
     last = out / "last.pt"
     if last.exists():
-        saved = torch.load(last)
+        saved = torch.load(last, map_location=dev)
         model.expander.load_state_dict(saved["readout"])
         opt.load_state_dict(saved["opt"])
         start, rows = saved["step"], saved["rows"]
@@ -167,16 +193,22 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     rng = random.Random(f"{cfg.seed}:{start}")
     tok = model.lm.tokenizer
     if start == 0:
-        rows.append({"step": 0} | judge(model, items, others, mods))
+        rows.append({"step": 0} | judge(model, items, others, mods, extra))
         log(f"readout step 0: {rows[-1]}")
     t0 = time.time()
     for step in range(start + 1, cfg.steps + 1):
-        batch = rng.sample(pool, cfg.batch)
+        batch = rng.sample(pool, cfg.batch - n_span)
         with_doc = [rng.random() < cfg.rag_share for _ in batch]
         prompts = [_mac_prompt(model, q, by_id[q.doc_ids[0]] if w else None) for q, w in zip(batch, with_doc)]
-        targets = [tok(answer_continuation(q.answers[0]), add_special_tokens=False)["input_ids"] for q in batch]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            prefix = model.expander(torch.stack([mods[q.doc_ids[0]] for q in batch]))  # (B, L, H, 1+T, D)
+        answers = [q.answers[0] for q in batch]
+        memory = [mods[q.doc_ids[0]] for q in batch]
+        for item in rng.sample(spans[0], n_span) if n_span else []:  # cloze questions on real news windows
+            prompts.append(tok(prompt_for("mac", item.question))["input_ids"])
+            answers.append(item.answer)
+            memory.append(spans[1][item.doc_id])
+        targets = [tok(answer_continuation(a), add_special_tokens=False)["input_ids"] for a in answers]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            prefix = model.expander(torch.stack(memory).float().to(dev))  # (B, L, H, 1+T, D)
             s, n = model.lm.continuation_logprobs(prompts, targets, prefix)
             loss = -s.sum() / n.sum()
         opt.zero_grad()
@@ -187,7 +219,8 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
             log(f"readout step {step}/{cfg.steps} loss {float(loss):.3f} {rate:.2f} steps/s "
                 f"ETA {(cfg.steps - step) / rate / 60:.1f} min")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            rows.append({"step": step, "loss": round(float(loss.detach()), 3)} | judge(model, items, others, mods))
+            rows.append({"step": step, "loss": round(float(loss.detach()), 3)}
+                        | judge(model, items, others, mods, extra))
             log(f"readout step {step}: {rows[-1]}")
             torch.save({"readout": model.expander.state_dict(), "opt": opt.state_dict(), "step": step, "rows": rows},
                        last)
@@ -301,6 +334,79 @@ def selection_pools(model: MACModel, cfg: ReadoutTrainConfig, train: tuple, val:
         log(f"selection: RealTimeQA {cfg.selection_realtimeqa_years}: {len(pools['realtimeqa'][0])} train, "
             f"{len(pools['realtimeqa'][1])} held-out questions (the last weeks)")
     return pools
+
+
+def span_data(model: MACModel, cfg: ReadoutTrainConfig, log=print) -> tuple[tuple, tuple] | None:
+    """Span recall's (train, judge) pairs of (items, memories) (pipeline/span_recall.py): ``span_items`` items from
+    the training weeks' evidence texts of ``span_years`` and, for 2022, the stored search-result articles (full
+    length); ``eval_questions`` judge items from the held-out weeks' evidence texts (never trained on). None when
+    ``span_share`` is 0 or the RealTimeQA folder is absent."""
+    from pipeline.data import realtimeqa
+
+    if cfg.span_share == 0 or not realtimeqa.available():
+        return None
+    (train_docs, _), (held_docs, _) = realtimeqa_selection_data(
+        cfg.model_copy(update={"selection_realtimeqa_years": cfg.span_years}))
+    articles = ([d for d in realtimeqa.load([2022], with_search_results=True)[0] if "-gcs" in d.id]
+                if 2022 in cfg.span_years else [])
+    train_docs = list({d.id: d for d in train_docs + articles}.values())
+    held_docs = list({d.id: d for d in held_docs}.values())
+    t0 = time.time()
+    train = span_items(model, train_docs, cfg.span_items, seed=cfg.seed)
+    held = span_items(model, held_docs, cfg.eval_questions, seed=cfg.seed)
+    log(f"span recall: {len(train[0])} training items from {len(train_docs)} documents, {len(held[0])} judge items "
+        f"from {len(held_docs)} held-out documents ({time.time() - t0:.0f} s)")
+    return train, held
+
+
+def other_style_judge(model: MACModel, cfg: ReadoutTrainConfig) -> tuple[list[str], list[list[str]], list]:
+    """``eval_questions`` questions of the synthetic validation split in the style never trained on, each with its
+    own article's memory: the judged set ``other`` (does the readout spell outside its generator?)."""
+    docs, qs = synthetic.generate("validation", max(20, cfg.synthetic_entities // 5), seed=cfg.seed, style="other")
+    by_id = {d.id: d for d in docs}
+    qs = random.Random(cfg.seed).sample([q for q in qs if q.doc_ids and q.doc_ids[0] in by_id],
+                                        min(cfg.eval_questions, len(qs)))
+    mods = modulations(model, [by_id[i] for i in sorted({q.doc_ids[0] for q in qs})])
+    return [q.question for q in qs], [q.answers for q in qs], [mods[q.doc_ids[0]] for q in qs]
+
+
+def continue_readout(cfg: ReadoutTrainConfig, start: Path, out: Path, log=print, device: str = "cpu") -> str:
+    """Stage 3 again from the checkpoint in ``start``: its readout tuned ``cfg.steps`` more steps (with span recall
+    when ``span_share`` > 0); its selector, question encoder and aggregator kept, and so are its answer prompt and
+    pick rule (copied): the modulations are the LM's states at the selector's positions and none of those depends on
+    the readout. A new version (the readout's weights change). Resumes from ``out/last.pt``."""
+    import shutil
+
+    from pipeline.model.pick import PICK_FILE
+    from pipeline.model.prompt import PROMPT_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model = MACModel.load(start).to_device(device)
+    if model.cfg != readout_model_config(cfg):
+        raise ValueError(f"{start}: not a readout checkpoint of this config's shape (layer, num_tokens)")
+    metrics = json.loads((start / "metrics.json").read_text()) if (start / "metrics.json").exists() else {}
+    train = synthetic.generate("train", cfg.synthetic_entities, seed=cfg.seed)
+    val = synthetic.generate("validation", max(20, cfg.synthetic_entities // 5), seed=cfg.seed)
+    mods = modulations(model, train[0] + val[0])
+    spans = span_data(model, cfg, log)
+    extra = {"other": other_style_judge(model, cfg)}
+    if spans is not None:
+        extra["span"] = ([i.question for i in spans[1][0]], [[i.answer] for i in spans[1][0]],
+                         [spans[1][1][i.doc_id] for i in spans[1][0]])
+    rows = finetune_readout(model, cfg, train, val, mods, out, log, spans[0] if spans else None, extra)
+    metrics |= {"readout_continued_from": model.version, "readout_continued": rows,
+                "readout_continued_seconds": round(time.time() - t0, 1)}
+    before = json.loads((start / "config.json").read_text()).get("train", {})
+    version = model.to_device("cpu").save(out, train_config=before | {"continued": cfg.model_dump()}, metrics=metrics)
+    for name in (PICK_FILE, PROMPT_FILE):
+        if (start / name).exists():
+            shutil.copy(start / name, out / name)
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics.get("readout", []) + rows))
+    return version
 
 
 def build(cfg: ReadoutTrainConfig, out: Path, log=print, start_from: Path | None = None) -> str:

@@ -190,10 +190,16 @@ class MACModel(nn.Module):
     @torch.no_grad()
     def amortize(self, windows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token windows → modulations (N, T, D) and retrieval vectors (N, d_enc). One forward, no gradient."""
+        vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
+        return self.modulate(windows)[0], vecs
+
+    @torch.no_grad()
+    def modulate(self, windows: list[list[int]]) -> tuple[Tensor, list[list[int]]]:
+        """Token windows → modulations (N, T, D) and, per window, the positions their states were taken at (sorted
+        indices into the window). One forward of the LM up to layer m; no retrieval vector."""
         ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
         states = self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()  # (N, S, D)
-        vecs = self.encoder.embed(self.lm.tokenizer.batch_decode(windows))  # (N, d_enc)
-        return self._select(rms(states), [len(w) for w in windows]), vecs
+        return self._select(rms(states), [len(w) for w in windows])
 
     @torch.no_grad()
     def selected_tokens(self, windows: list[list[int]]) -> list[list[int]]:
@@ -204,21 +210,21 @@ class MACModel(nn.Module):
     @torch.no_grad()
     def selected_positions(self, windows: list[list[int]]) -> list[list[int]]:
         """The positions (indices into each window, sorted) whose states each window's modulation stores."""
-        ids, mask = pad_batch(windows, self.lm.pad_id, self.lm.device)
-        logits = self.amortizer(rms(self.lm.hidden_states_at(ids, mask, self.cfg.lm_state_layer).float()))
-        T = self.cfg.num_tokens
-        return [self.amortizer.positions(logits[i], len(w), T) for i, w in enumerate(windows)]
+        return self.modulate(windows)[1]
 
-    def _select(self, states: Tensor, lengths: list[int]) -> Tensor:
-        """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order. A
-        window of at most T real tokens keeps all of them but the sink; the missing slots stay zero."""
+    def _select(self, states: Tensor, lengths: list[int]) -> tuple[Tensor, list[list[int]]]:
+        """RMS-normalised states (N, S, d) → the selector's T states per window (N, T, d), in document order, and
+        their positions. A window of at most T real tokens keeps all of them but the sink; the missing slots stay
+        zero."""
         logits = self.amortizer(states)  # (N, S)
         T = self.cfg.num_tokens
         out = states.new_zeros(states.shape[0], T, states.shape[2])
+        kept = []
         for i, n in enumerate(lengths):
             pos = self.amortizer.positions(logits[i], n, T)
             out[i, : len(pos)] = states[i, pos]
-        return out
+            kept.append(pos)
+        return out, kept
 
     @torch.no_grad()
     def encode_documents(self, docs: list[Document], batch_size: int = 32) -> list[EncodedChunk]:
