@@ -340,11 +340,11 @@ def selection_pools(model: MACModel, cfg: ReadoutTrainConfig, train: tuple, val:
 def span_data(model: MACModel, cfg: ReadoutTrainConfig, log=print) -> tuple[tuple, tuple] | None:
     """Span recall's (train, judge) pairs of (items, memories) (pipeline/span_recall.py): ``span_items`` items from
     the training weeks' evidence texts of ``span_years`` and, for 2022, the stored search-result articles (full
-    length); ``eval_questions`` judge items from the held-out weeks' evidence texts (never trained on). None when
-    ``span_share`` is 0 or the RealTimeQA folder is absent."""
+    length), none when ``span_share`` is 0; ``eval_questions`` judge items from the held-out weeks' evidence texts
+    (never trained on). None when the RealTimeQA folder is absent."""
     from pipeline.data import realtimeqa
 
-    if cfg.span_share == 0 or not realtimeqa.available():
+    if not realtimeqa.available():
         return None
     (train_docs, _), (held_docs, _) = realtimeqa_selection_data(
         cfg.model_copy(update={"selection_realtimeqa_years": cfg.span_years}))
@@ -353,7 +353,7 @@ def span_data(model: MACModel, cfg: ReadoutTrainConfig, log=print) -> tuple[tupl
     train_docs = list({d.id: d for d in train_docs + articles}.values())
     held_docs = list({d.id: d for d in held_docs}.values())
     t0 = time.time()
-    train = span_items(model, train_docs, cfg.span_items, seed=cfg.seed)
+    train = span_items(model, train_docs, cfg.span_items, seed=cfg.seed) if cfg.span_share > 0 else ([], {})
     held = span_items(model, held_docs, cfg.eval_questions, seed=cfg.seed)
     log(f"span recall: {len(train[0])} training items from {len(train_docs)} documents, {len(held[0])} judge items "
         f"from {len(held_docs)} held-out documents ({time.time() - t0:.0f} s)")
