@@ -88,7 +88,8 @@ def candidate_spans(pieces: list[str], kept: set[int]) -> list[tuple[int, int]]:
 
 def cloze(pieces: list[str], a: int, b: int) -> tuple[str, str] | None:
     """(question, answer) hiding tokens [a, b) of a window, with up to ``CUE_TOKENS`` tokens of cue on each side (cut
-    at line breaks); None when less than two words of cue precede the blank."""
+    at line breaks; the cue may begin inside a word: the shipped readout was tuned so); None when less than two words
+    of cue precede the blank."""
     left = "".join(pieces[max(0, a - CUE_TOKENS[0]):a]).split("\n")[-1].strip()
     right = "".join(pieces[b:b + CUE_TOKENS[1]]).split("\n")[0].rstrip()
     answer = "".join(pieces[a:b]).strip()

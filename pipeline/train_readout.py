@@ -172,7 +172,7 @@ def finetune_readout(model: MACModel, cfg: ReadoutTrainConfig, train: tuple[list
     span-recall items and their memories; ``round(span_share · batch)`` of each batch are drawn from them (the rest
     are synthetic questions). ``extra``: more sets judged with :func:`judge`. Resumes from ``out/last.pt``; returns
     the judged rows."""
-    n_span = round(cfg.span_share * cfg.batch) if spans else 0
+    n_span = round(cfg.span_share * cfg.batch) if spans and spans[0] else 0  # no items found: synthetic only
     dev = model.lm.device
     docs, qs = train
     by_id = {d.id: d for d in docs}
@@ -401,8 +401,13 @@ def continue_readout(cfg: ReadoutTrainConfig, start: Path, out: Path, log=print,
     rows = finetune_readout(model, cfg, train, val, mods, out, log, spans[0] if spans else None, extra)
     metrics |= {"readout_continued_from": model.version, "readout_continued": rows,
                 "readout_continued_seconds": round(time.time() - t0, 1)}
-    before = json.loads((start / "config.json").read_text()).get("train", {})
-    version = model.to_device("cpu").save(out, train_config=before | {"continued": cfg.model_dump()}, metrics=metrics)
+    meta = json.loads((start / "config.json").read_text())
+    where = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    version = model.to_device("cpu").save(out, train_config=meta.get("train", {}), metrics=metrics)
+    # the base recipe stays the ``train`` record; each continuation is recorded after it, in order
+    meta = json.loads((out / "config.json").read_text()) | {"continued": meta.get("continued", []) + [
+        {"from": metrics["readout_continued_from"], "train": cfg.model_dump(), "device": where}]}
+    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     for name in (PICK_FILE, PROMPT_FILE):
         if (start / name).exists():
             shutil.copy(start / name, out / name)

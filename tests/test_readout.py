@@ -190,8 +190,8 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
     """`macstream train-readout` at toy scale on the real SmolLM2 + MiniLM: every stage runs (the selection on
     synthetic and a small RealTimeQA folder), the checkpoint loads as a MACModel whose modulations are T x 576 and
     whose prefix has 1 + T positions; a second call resumes the fine-tuning from last.pt instead of starting again;
-    ``--selection-from`` trains the selection again and keeps the selector and readout. (What the full-scale build
-    measures is in its metrics.)"""
+    ``--selection-from`` trains the selection again and keeps the selector and readout; ``--readout-from`` tunes the
+    readout again and keeps the rest. (What the full-scale build measures is in its metrics.)"""
     from macstream.cli import main
     from pipeline.model.mac import MACModel
     from pipeline.schemas import Document
@@ -230,6 +230,24 @@ def test_train_readout_builds_a_checkpoint_the_product_loads_and_resumes(tmp_pat
         for (name, a), (_, b) in zip(getattr(first, part).state_dict().items(),
                                      getattr(again, part).state_dict().items()):
             assert torch.equal(a, b), name
+
+    # --readout-from: only the readout is tuned further (here with span recall on the RealTimeQA folder's news); the
+    # selector, the selection, the base recipe and the answer prompt stay, and the continuation is recorded
+    conf2 = tmp_path / "c2.json"
+    conf2.write_text(json.dumps(json.loads(conf.read_text()) | {"span_share": 0.5, "span_items": 4}))
+    main(["train-readout", "--out", str(tmp_path / "cont"), "--config", str(conf2), "--readout-from", str(out)])
+    tuned = MACModel.load(tmp_path / "cont")
+    meta = json.loads((tmp_path / "cont" / "config.json").read_text())
+    assert meta["continued"][0]["from"] == first.version and meta["continued"][0]["train"]["span_share"] == 0.5
+    assert meta["train"] == json.loads((out / "config.json").read_text())["train"]
+    rows = json.loads((tmp_path / "cont" / "metrics.json").read_text())["readout_continued"]
+    assert [r["step"] for r in rows] == [0, 1, 2] and {"other_f1", "span_f1"} <= set(rows[0])
+    assert tuned.version != first.version
+    for part in ("amortizer", "question_encoder", "aggregator"):
+        for (name, a), (_, b) in zip(getattr(first, part).state_dict().items(),
+                                     getattr(tuned, part).state_dict().items()):
+            assert torch.equal(a, b), name
+    assert not torch.equal(first.expander.proj.weight, tuned.expander.proj.weight)
 
 
 def test_diagnose_of_a_readout_memory_adds_its_own_tokens_as_text(tiny_llama, minilm):
