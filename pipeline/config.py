@@ -133,7 +133,8 @@ class ReadoutTrainConfig(StrictModel):
         "Share of each fine-tuning batch drawn from span recall on real news (pipeline/span_recall.py): a cloze "
         "question on a RealTimeQA window of ``span_years`` whose hidden span the LM answers from that window's memory. "
         "0: the readout meets only the synthetic generator's questions."))
-    span_items: int = Field(2000, ge=1, description="Span-recall training items (one per window; when span_share > 0).")
+    span_items: int = Field(10000, ge=1, description=(
+        "Span-recall training items (one per window; when span_share > 0). 4,000 were learnt by heart in 1,600 steps."))
     span_years: list[int] = Field([2022, 2023], description=(
         "RealTimeQA years whose news trains span recall: the training weeks' evidence texts and the stored 2022 "
         "search-result articles; the selection's held-out weeks only judge it. 2024 and later are test years: "

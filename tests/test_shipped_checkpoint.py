@@ -34,7 +34,7 @@ def test_checkpoint_is_small_and_versioned():
 
 
 def test_one_recipe_the_defaults_build_the_shipped_checkpoint():
-    """The shipped checkpoint's recipe (its config.json) is what `macstream train-readout` builds by default:
+    """The shipped checkpoint's base recipe (its config.json) is what `macstream train-readout` builds by default:
     ReadoutTrainConfig's defaults equal its ``train`` record (``threads``, how many cores it ran on, aside), and the
     model they build, ModelConfig's defaults, is its ``model`` record."""
     from pipeline.config import ModelConfig, ReadoutTrainConfig
@@ -45,6 +45,11 @@ def test_one_recipe_the_defaults_build_the_shipped_checkpoint():
     recipe = ReadoutTrainConfig.model_validate(meta["train"])
     assert recipe.model_dump(exclude={"threads"}) == ReadoutTrainConfig().model_dump(exclude={"threads"})
     assert model_config(meta["model"]) == ModelConfig() == readout_model_config(ReadoutTrainConfig())
+    # then its readout was tuned further (`train-readout --readout-from`) with span recall on real news: each
+    # continuation's recipe is a valid config of the same shape, recorded after the base recipe
+    for step in meta.get("continued", []):
+        assert readout_model_config(ReadoutTrainConfig.model_validate(step["train"])) == ModelConfig()
+    assert meta["continued"][-1]["train"]["span_share"] > 0
 
 
 def test_checkpoint_answers_with_citation_weights():
