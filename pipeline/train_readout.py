@@ -12,10 +12,15 @@ stays frozen and nothing here runs at ingest or query time:
    the selector's positions, in the product's ``mac`` prompt (and a share in the ``mac+rag`` prompt, so the prefix
    learns not to disturb a document in the context); judged every ``eval_every`` steps on unseen validation
    questions by the information gain on names (NLL with a same-type other article's memory − NLL with its own) and
-   gold-only greedy F1; resumable from ``OUT/last.pt``;
+   gold-only greedy F1; resumable from ``OUT/last.pt``. With ``span_share`` > 0 that share of each batch is span
+   recall on real news (pipeline/span_recall.py: a cloze question on a RealTimeQA window, answered from its memory),
+   and the judge adds the synthetic style never trained on and held-out-week spans;
 4. train the question encoder and the aggregator to pick the gold document's memory among the retriever's top-K
    (selection loss −log mass(gold)), on synthetic questions and RealTimeQA 2022–23 (real news; its last weeks held
    out to judge the pick); the LM is not involved, so this is cheap. ``--selection-from`` reruns only this stage.
+
+``--readout-from`` (:func:`continue_readout`) reruns only stage 3 from a checkpoint: the shipped readout was tuned so,
+with span recall, from the checkpoint the defaults build (its config.json records each continuation).
 """
 
 from __future__ import annotations
