@@ -143,3 +143,48 @@ def test_int4_packs_two_codes_a_byte_within_half_a_scale() -> None:
     scale = parts["scale"].astype(np.float32)
     assert (err <= scale / 2 + np.abs(x.astype(np.float32)) * 2.0 ** -10 + 1e-7).all()
     assert codec("int4").name == "int4" and codec("tokens24-int4").bytes_per_window(T, D) == 24 * D // 2 + 2 * D + 4
+
+
+def _uncentred(seed: int) -> np.ndarray:
+    """States whose channels are not centred: some all positive, some all negative, one constant, one zero, and
+    zero-padding rows at the end (a short window)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, D)) * rng.uniform(0.01, 40, D) + rng.uniform(-3, 3, D)
+    x[:, :50], x[:, 50:100] = np.abs(x[:, :50]), -np.abs(x[:, 50:100])
+    x[:, 100], x[:, 101], x[40:] = 2.5, 0.0, 0.0
+    return x.astype(np.float16)
+
+
+def test_int4z_spans_each_channel_within_half_a_scale_and_costs_15268_bytes() -> None:
+    from pipeline.modulation_codec import Int4, Int4Z
+
+    x = _uncentred(4)
+    c = Int4Z()
+    parts = c.encode(x)
+    assert nbytes(parts) == c.bytes_per_window(T, D) == T * D // 2 + 2 * D + D // 2 + 4 == 15_268
+    y = c.decode(parts)
+    x32, err = x.astype(np.float32), np.abs(y.astype(np.float32) - x.astype(np.float32))
+    scale = parts["scale"].astype(np.float32)
+    assert (err <= scale / 2 + np.abs(x32) * 2.0 ** -10 + 1e-7).all()
+    assert (y[40:] == 0).all() and (y[:, 101] == 0).all()  # 0.0 is a level of every channel: padding stays zero
+    assert np.abs(y[:40, 100].astype(np.float32) - 2.5).max() <= scale[100] / 2 + 1e-3
+    # a channel's levels span its own range, not ±absmax: less error than symmetric int4 on uncentred states
+    symmetric = np.linalg.norm(Int4().round_trip(x).astype(np.float32) - x32)
+    assert np.linalg.norm(y.astype(np.float32) - x32) < 0.8 * symmetric
+    assert codec("int4z").name == "int4z"
+    assert codec("tokens24-int4z").bytes_per_window(T, D) == 24 * D // 2 + 2 * D + D // 2 + 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_int4z_codes_its_own_output_to_the_same_bits(seed) -> None:
+    """Export → import re-codes decoded states: their grid may span fewer than 16 levels (the zero point's rounding)
+    and float16 rounding moves them, yet coding them again reproduces them bit for bit."""
+    from pipeline.modulation_codec import Int4Z, from_store_vectors, store_vectors
+
+    x = _uncentred(seed) if seed % 2 else modulation(seed)
+    y = Int4Z().round_trip(x)
+    np.testing.assert_array_equal(Int4Z().round_trip(y).view(np.uint16), y.view(np.uint16))
+    stored = from_store_vectors(store_vectors(x, "int4z"), "int4z")  # what a Qdrant store keeps, read back
+    np.testing.assert_array_equal(stored.view(np.uint16), y.view(np.uint16))
+    np.testing.assert_array_equal(from_store_vectors(store_vectors(stored, "int4z"), "int4z").view(np.uint16),
+                                  y.view(np.uint16))

@@ -5,7 +5,7 @@ each and assert equal results:
 
 - :class:`~pipeline.store.inmemory.InMemoryStore`: exact numpy search (evaluation, unit tests);
 - :class:`~pipeline.store.edge.EdgeStore`: the embedded default, Qdrant's engine in-process (Qdrant Edge) on a local
-  directory, modulations stored natively as int8 (or int4, float16) multivectors; **one process per directory**: in
+  directory, modulations stored natively as int8 (or 4-bit, float16) multivectors; **one process per directory**: in
   a Ray job one actor owns it, see :mod:`pipeline.store.actor`;
 - :class:`~pipeline.store.qdrant.QdrantStore`: ``qdrant-client`` against a server URL (production), ``":memory:"``, or
   ``local:DIR`` (qdrant-client's pure-Python local mode, the embedded engine before Qdrant Edge; kept to read stores

@@ -21,8 +21,10 @@ Layout of a store directory::
   - ``int8`` (the default): uint8 rows of d_LM (the int8 codes + 128) and ``scale``, a float16 vector of d_LM (one
     per-channel scale): T·d_LM + 2·d_LM bytes (28,800 at T=48, d_LM=576); every state within half its channel's
     scale of the encoder's, which costs at most 1 F1 in every mode measured (docs/results.md);
-  - ``int4``: 4-bit codes packed two per byte (uint8 rows of d_LM/2) and the same ``scale``: 14,976 bytes; about
-    1.4 F1 lost in synthetic ``mac`` (one standard error), nothing elsewhere;
+  - ``int4z``: 4-bit codes 0..15 packed two per byte (uint8 rows of d_LM/2), ``scale``, and ``zero``, the channels'
+    4-bit zero points two a byte (uint8 of d_LM/2): 15,264 bytes, within half a scale too; about 1 F1 lost where
+    the LM reads the memory on synthetic news, none on real news;
+  - ``int4``: symmetric 4-bit codes packed two per byte and ``scale``: 14,976 bytes (a quarter more error than int4z);
   - ``fp16``: float16 rows of d_LM, bit-exact (55,296 bytes; every collection of a format-1 store).
 
   Read back only for the k hits of a search. It has a shard of its own so that building and merging the index never
@@ -55,7 +57,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.modulation import Modulation
-from pipeline.modulation_codec import MODULATION, SCALE, from_store_vectors, store_vector_sizes, store_vectors
+from pipeline.modulation_codec import (
+    MODULATION,
+    SCALE,
+    from_store_vectors,
+    store_vector_names,
+    store_vector_sizes,
+    store_vectors,
+)
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store.base import (
     CODECS,
@@ -147,7 +156,7 @@ class _Collection:
 
     def __init__(self, index, modulations, codec: str):
         self.index, self.modulations, self.codec = index, modulations, codec
-        self.vectors = [MODULATION] if codec == "fp16" else [MODULATION, SCALE]  # what a read fetches
+        self.vectors = store_vector_names(codec)  # what a read fetches
         self.since_optimize = self.since_flush = 0
 
 
@@ -230,10 +239,10 @@ class EdgeStore(Store):
                 multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim), hnsw_config=no_graph,
                 memory=q.Memory.Cold)
             vectors = {MODULATION: rows}
-            if codec != "fp16":
-                vectors[SCALE] = q.EdgeVectorParams(size=sizes[SCALE], distance=q.Distance.Dot,
-                                                    datatype=q.VectorStorageDatatype.Float16, hnsw_config=no_graph,
-                                                    memory=q.Memory.Cold)
+            for name in set(sizes) - {MODULATION}:  # the scale (float16), int4z's zero points (uint8)
+                vectors[name] = q.EdgeVectorParams(
+                    size=sizes[name], distance=q.Distance.Dot, hnsw_config=no_graph, memory=q.Memory.Cold,
+                    datatype=q.VectorStorageDatatype.Float16 if name == SCALE else q.VectorStorageDatatype.Uint8)
             modulations = q.EdgeShard.create(str(path / MODULATIONS), q.EdgeConfig(vectors=vectors,
                                                                                  payload_memory=q.Memory.Cold))
         index = q.EdgeShard.create(str(path / INDEX), q.EdgeConfig(

@@ -14,7 +14,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.modulation import Modulation
-from pipeline.modulation_codec import MODULATION, SCALE, from_store_vectors, store_vector_sizes, store_vectors
+from pipeline.modulation_codec import (
+    MODULATION,
+    SCALE,
+    ZERO,
+    from_store_vectors,
+    store_vector_sizes,
+    store_vectors,
+)
 from pipeline.schemas import Document, EncodedChunk, Hit
 from pipeline.store.base import (
     DEFAULT_CODEC,
@@ -69,12 +76,13 @@ class QdrantStore(Store):
     :class:`ServerLayout`), a local directory (local mode), or ":memory:".
 
     A collection it creates holds one point per window with named vectors: ``retrieval`` (d_enc, cosine, the one the
-    HNSW index is built on) and the modulation stored natively, coded by ``codec`` (``int8`` by default, ``int4``,
-    ``fp16``; :func:`pipeline.modulation_codec.store_vectors`): ``modulation`` (a uint8 or float16 multivector) and
-    ``scale`` (float16, not for fp16), both without an index and on disk, read back only for the hits of a search.
-    The codec is read from the collection's vector layout, so a collection keeps the one it was created with. The
-    payload (JSON) holds the document's fields and the filterable keys ``doc_id``, ``chunk``, ``published_ts`` (epoch
-    seconds), ``source``, ``tenant``; on a server these get payload indexes.
+    HNSW index is built on) and the modulation stored natively, coded by ``codec`` (``int8`` by default, ``int4z``,
+    ``int4``, ``fp16``; :func:`pipeline.modulation_codec.store_vectors`): ``modulation`` (a uint8 or float16
+    multivector), ``scale`` (float16, not for fp16) and, for int4z, ``zero`` (uint8), all without an index and on
+    disk, read back only for the hits of a search. The codec is read from the collection's vector layout, so a
+    collection keeps the one it was created with. The payload (JSON) holds the document's fields and the filterable
+    keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant``; on a server these get
+    payload indexes.
 
     A collection written before native modulations (one unnamed vector, the modulation as base64 float16 in the
     payload) is read and written in that layout, as it was.
@@ -114,6 +122,8 @@ class QdrantStore(Store):
             rows = vectors[MODULATION]
             if SCALE not in vectors:
                 layout = "fp16"
+            elif ZERO in vectors:
+                layout = "int4z"
             else:
                 layout = "int4" if rows.size * 2 == vectors[SCALE].size else "int8"
         else:
@@ -135,8 +145,9 @@ class QdrantStore(Store):
                            size=sizes[MODULATION], **stored,
                            datatype=m.Datatype.FLOAT16 if self.codec == "fp16" else m.Datatype.UINT8,
                            multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM))}
-            if SCALE in sizes:
-                vectors[SCALE] = m.VectorParams(size=sizes[SCALE], **stored, datatype=m.Datatype.FLOAT16)
+            for name in set(sizes) - {MODULATION}:  # the scale (float16), int4z's zero points (uint8)
+                vectors[name] = m.VectorParams(size=sizes[name], **stored,
+                                               datatype=m.Datatype.FLOAT16 if name == SCALE else m.Datatype.UINT8)
             self.client.create_collection(collection, vectors_config=vectors,
                                           shard_number=self.layout.shards, replication_factor=self.layout.replicas,
                                           write_consistency_factor=self.layout.write_consistency)
