@@ -38,11 +38,16 @@ def _keep_own_signal_handlers():
             signal.signal(s, h)
 
 
+TASK_EVENTS_KEPT = 10_000  # task records the local GCS keeps (Ray's default: 100,000, about 100 MB)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS), else start a local one sized to this machine.
 
     Local: no dashboard, a 512 MiB object store (modulations are ~14 KB each; nothing large travels), workers inherit
-    this process's environment (MACSTREAM_HOME, HF_HUB_OFFLINE). Idempotent.
+    this process's environment (MACSTREAM_HOME, HF_HUB_OFFLINE); the GCS keeps the records of the last
+    ``TASK_EVENTS_KEPT`` tasks, not Ray's 100,000 (an always-on ingest runs a few tasks per document, and those records
+    were the GCS's memory growth in a soak). Idempotent.
     """
     global _started_gcs
     import ray
@@ -55,5 +60,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             ray.init(address=address, log_to_driver=False)
             return
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False,
+                 _system_config={"task_events_max_num_task_in_gcs": TASK_EVENTS_KEPT})
     _started_gcs = ray.get_runtime_context().gcs_address
