@@ -1,9 +1,9 @@
 """``macstream``: one command line for the whole system.
 
 Subcommands: data, train-readout, train-prompt, eval, encode, ask, diagnose, calibrate-pick (the engine); broker,
-produce, feeds, ingest, stats, migrate-store, replay (streaming); serve (HTTP API); up (ingest + serve, always on);
-backfill, export, import (archives in, memory snapshots out); bench TARGET (one subcommand per benchmark, and the
-report); demo.
+produce, feeds, ingest, stats, migrate-store, carry, replay (streaming); serve (HTTP API); up (ingest + serve, always
+on); backfill, export, import (archives in, memory snapshots out); bench TARGET (one subcommand per benchmark, and
+the report); demo.
 
 Every subcommand validates its arguments at the edge and exits with status 2 and a one-line reason on bad input. The
 ingest, serve, feeds and backfill flags are generated from their pydantic configs (:mod:`macstream.flags`), each
@@ -315,6 +315,25 @@ def cmd_migrate_store(args) -> None:
 
     print(json.dumps({"from": store_location(args.source), "to": args.to,
                       "collections": migrate_local(store_location(args.source), args.to)}, indent=2))
+
+
+def cmd_carry(args) -> None:
+    from pipeline.config import store_location
+    from pipeline.model.mac import MACModel, checkpoint_dir
+    from pipeline.store import collection_name, open_store
+    from pipeline.store.carry import carry_over
+
+    location = store_location(args.store)
+    store = open_store(location)
+    codec = store.codec_of(collection_name(getattr(args, "from")))
+    store.close()
+    model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
+    store = open_store(location, codec)  # the new collection codes as the old one did: a copy bit for bit
+    try:
+        print(json.dumps({"store": location, **carry_over(store, getattr(args, "from"), model, args.sample)},
+                         indent=2))
+    finally:
+        store.close()
 
 
 def cmd_replay(args) -> None:
@@ -742,6 +761,16 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--from", dest="source", default="embedded", help="the old store ('embedded' or a directory)")
     mg.add_argument("--to", required=True, help="a new or empty directory")
     mg.set_defaults(fn=cmd_migrate_store)
+
+    ca = sub.add_parser("carry", help="fill the checkpoint's collection from an older checkpoint's collection without "
+                        "re-encoding, when the two write the same memory (a readout-only continuation); verified on "
+                        "sampled documents first")
+    ca.add_argument("--from", required=True, metavar="VERSION", help="the checkpoint version whose collection is "
+                    "copied (see `macstream stats`)")
+    ca.add_argument("--store", default="embedded")
+    ca.add_argument("--checkpoint", help="MAC checkpoint directory; default: the shipped one")
+    ca.add_argument("--sample", type=int, default=4, help="documents encoded again to verify the write path")
+    ca.set_defaults(fn=cmd_carry)
 
     bf = sub.add_parser("backfill", help="encode an archive (Parquet or JSONL) into the store with Ray Data and the "
                         "ingest encoders; resumable, bad rows to a dead-letter Parquet file",

@@ -170,6 +170,11 @@ class Store(ABC):
     def stats(self) -> dict:
         return {c: self.counts(c) for c in self.collections()}
 
+    def codec_of(self, collection: str) -> str | None:
+        """How ``collection`` codes its modulations (``CODECS``); None where the store keeps float16 as written (the
+        in-memory store) or the collection does not exist."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook: a store holding nothing open has nothing to close
         """Release what the store holds open (files, clients); idempotent. The default holds nothing."""
 

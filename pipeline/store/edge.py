@@ -437,6 +437,10 @@ class EdgeStore(Store):
         docs = c.index.count(q.CountRequest(exact=True, filter=self._filter(scope, first)))
         return {"documents": docs, "chunks": chunks}
 
+    def codec_of(self, collection: str) -> str | None:
+        c = self._get(collection)
+        return c.codec if c is not None else None
+
     def collections(self) -> list[str]:
         base = self.root / COLLECTIONS
         names = [p.name for p in base.iterdir() if _NAME.match(p.name)] if base.is_dir() else []

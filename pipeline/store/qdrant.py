@@ -261,6 +261,10 @@ class QdrantStore(Store):
                                  exact=True).count
         return {"documents": docs, "chunks": chunks}
 
+    def codec_of(self, collection: str) -> str | None:
+        layout = self._layout_of(collection)
+        return "fp16" if layout == LEGACY else layout  # the old layout holds float16 too
+
     def collections(self) -> list[str]:
         names = [c.name for c in self.client.get_collections().collections if c.name.startswith("macstream-")]
         return sorted(n for n in names if self.counts(n)["chunks"])
