@@ -325,8 +325,11 @@ def cmd_carry(args) -> None:
 
     location = store_location(args.store)
     store = open_store(location)
-    codec = store.codec_of(collection_name(getattr(args, "from")))
+    source = collection_name(getattr(args, "from"))
+    codec, have = store.codec_of(source), store.collections()
     store.close()
+    if source not in have:  # before loading a model: one line, at once
+        raise ValueError(f"no collection {source} in this store (collections: {', '.join(have) or 'none'})")
     model = MACModel.load(checkpoint_dir(args.checkpoint)).eval()
     store = open_store(location, codec)  # the new collection codes as the old one did: a copy bit for bit
     try:
