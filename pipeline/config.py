@@ -216,7 +216,7 @@ def load_config(cls: type[StrictModel], data: dict[str, Any] | None, where: str 
         raise ValueError("\n".join(lines)) from None
 
 
-ModulationCodec = Literal["int8", "int4z", "int4", "fp16"]  # the first is the Qdrant stores' default
+ModulationCodec = Literal["int8", "int4zw", "int4z", "int4", "fp16"]  # the first is the Qdrant stores' default
 CODEC_HELP = (
     "How a Qdrant store (the embedded one or a server) codes the modulations of a collection it creates (an existing "
     "collection keeps its codec): int8 (28.8 KB a window, within 1 F1 of float16 in every mode measured), int4z (15.3 "

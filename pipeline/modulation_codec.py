@@ -9,6 +9,10 @@ arrays (the bytes a store would keep per window) and decode back to float16 stat
   channel's 16 levels span its own [min, max] (with 0 inside) instead of a symmetric ±absmax: stored states are not
   centred (a channel's mean is about a tenth of its absmax), and this cuts the state error by about a quarter at
   T·D/2 + 2·D + D/2 + 4 bytes (15,268 at T=48, D=576);
+- ``int4zw``: ``int4z`` with each window's 28 widest channels (of those a 4-bit grid does not already hold exactly) in
+  8 bits: the int8 code's high nibble sits in the channel's 4-bit slot, its low nibble and the channel's index are
+  stored beside. The widest channels carry most of int4z's error (error ∝ a channel's range), so this cuts the state
+  error by a fifth again for T·K/2 + 2·K bytes more (15,996 at T=48, D=576, K=28);
 - ``pca{r}-int8``: the states projected on r principal directions (a :class:`PcaBasis` fitted once per checkpoint on
   modulations of *training* documents, stored beside the checkpoint, not per window), the r coefficients then int8
   per channel: T·r + 2·r bytes. The readout is linear in a state, so what a projection loses is exactly the part of
@@ -159,6 +163,53 @@ def quantize_uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes, scale, zero
 
 
+WIDE = 28  # int4zw: channels per window in 8 bits, the most that keeps a window (T=48, D=576) within 16,000 bytes
+
+
+def quantize_int4zw(x: np.ndarray, wide: int = WIDE) -> tuple[np.ndarray, ...]:
+    """(T, C) floats → ``int4z`` with up to ``wide`` channels in 8 bits: codes (T, C) uint8 0..15, float16 scales
+    (C,), zero points (C,) uint8 0..15, low nibbles (T, wide) uint8 0..15 and channels (wide,) uint16 (C: unused).
+
+    The 8-bit channels are the widest (by the range int4z would cut in 15 steps) among those whose values a 4-bit grid
+    does not already reproduce exactly; each is coded by :func:`quantize_int8`, its code + 128 split in a high nibble
+    (in the channel's 4-bit slot of ``codes``) and a low one, its zero point 0. Decoded states are within half a
+    scale, as for int4z and int8.
+
+    Idempotent on its own output: in decoded states the 4-bit channels are exact on their grids (int4z's property), so
+    only the 8-bit channels remain candidates, and int8 codes its own output to the same bits; a freshly encoded window
+    has no channel on an exact 4-bit grid except degenerate ones (constant, or a window of a token or two), which cost
+    nothing in 4 bits."""
+    t, c = x.shape
+    codes, scale, zero = quantize_uint4z(x)
+    x32 = x.astype(np.float32)
+    exact = np.zeros(c, bool)
+    if x.dtype == np.float16:
+        exact = (dequantize_uint4z(codes, scale, zero).astype(np.float16) == x).all(0)
+    width = (np.maximum(x32.max(0), 0) - np.minimum(x32.min(0), 0)) if t else np.zeros(c, np.float32)
+    candidates = np.flatnonzero(~exact & (width > 0))
+    chosen = np.sort(candidates[np.argsort(-width[candidates], kind="stable")[:wide]])  # (k ≤ wide,)
+    channels = np.full(wide, c, np.uint16)
+    channels[: len(chosen)] = chosen
+    low = np.zeros((t, wide), np.uint8)
+    if len(chosen):
+        q8, s8 = quantize_int8(x[:, chosen])  # (T, k) int8, (k,) float16
+        u = (q8.astype(np.int16) + 128).astype(np.uint8)
+        codes[:, chosen], low[:, : len(chosen)] = u >> 4, u & 0xF
+        scale[chosen], zero[chosen] = s8, 0
+    return codes, scale, zero, low, channels
+
+
+def dequantize_int4zw(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, low: np.ndarray,
+                      channels: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`quantize_int4zw`, float32 (T, C)."""
+    y = dequantize_uint4z(codes, scale, zero)
+    chosen = channels[channels < codes.shape[1]].astype(np.int64)
+    if len(chosen):
+        u = (codes[:, chosen].astype(np.int16) << 4) | low[:, : len(chosen)]  # (T, k) the int8 codes + 128
+        y[:, chosen] = (u - 128).astype(np.float32) * scale[chosen].astype(np.float32)
+    return y
+
+
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """The inverse of :func:`quantize_int8`, float32."""
     return codes.astype(np.float32) * scale.astype(np.float32)
@@ -253,30 +304,60 @@ class Int4Z(Codec):
         return (num_tokens * dim + 1) // 2 + 2 * dim + (dim + 1) // 2 + 4
 
 
-MODULATION, SCALE, ZERO = "modulation", "scale", "zero"  # the named vectors a Qdrant store keeps a window's φ in
-_PACKED = ("int4", "int4z")  # codecs whose codes go two to a byte
+class Int4ZW(Codec):
+    """``int4z`` with a window's :data:`WIDE` widest channels in 8 bits (:func:`quantize_int4zw`): T·D/2 + 2·D + D/2
+    + T·K/2 + 2·K + 4 bytes."""
+
+    name = "int4zw"
+
+    def encode(self, tokens: np.ndarray) -> Parts:
+        codes, scale, zero, low, channels = quantize_int4zw(_check(tokens))
+        return {"codes": pack_int4(codes), "scale": scale, "zero": pack_int4(zero), "low": pack_int4(low),
+                "channels": channels, "shape": np.array(codes.shape, np.uint16)}
+
+    def decode(self, parts: Parts) -> np.ndarray:
+        t, d = (int(v) for v in parts["shape"])
+        k = len(parts["channels"])
+        return dequantize_int4zw(unpack_int4(parts["codes"], (t, d), signed=False), parts["scale"],
+                                 unpack_int4(parts["zero"], (d,), signed=False),
+                                 unpack_int4(parts["low"], (t, k), signed=False), parts["channels"]).astype(np.float16)
+
+    def bytes_per_window(self, num_tokens: int, dim: int) -> int:
+        return (Int4Z().bytes_per_window(num_tokens, dim) + (num_tokens * WIDE + 1) // 2 + 2 * WIDE)
+
+
+MODULATION, SCALE, ZERO, WIDE_CHANNELS = "modulation", "scale", "zero", "wide"  # the named vectors of a window's φ
+_PACKED = ("int4", "int4z", "int4zw")  # codecs whose codes go two to a byte
 
 
 def store_vectors(tokens: np.ndarray, codec: str) -> dict[str, list]:
     """(T, d_LM) float16 → the named vectors a store writes for one window under ``codec`` (``fp16``, ``int8``,
-    ``int4``, ``int4z``; as lists: Qdrant's bindings convert a list about twice as fast as an array):
+    ``int4``, ``int4z``, ``int4zw``; as lists: Qdrant's bindings convert a list about twice as fast as an array):
 
     - ``fp16``: ``modulation``, T float16 rows of d_LM;
     - ``int8``: ``modulation``, T uint8 rows of d_LM (the int8 codes + 128), and ``scale``, d_LM float16;
     - ``int4``: ``modulation``, T uint8 rows of d_LM/2 (two 4-bit codes a byte), and ``scale``;
     - ``int4z``: ``modulation``, T uint8 rows of d_LM/2 (two codes 0..15 a byte), ``scale``, and ``zero``, uint8 of
-      d_LM/2 (two zero points a byte).
+      d_LM/2 (two zero points a byte);
+    - ``int4zw``: as ``int4z``, each row followed by the 8-bit channels' low nibbles (d_LM/2 + K/2 bytes), and
+      ``wide``, uint8 of 2·K: the K channel indices, little-endian uint16 (d_LM: unused).
     """
     if codec == "fp16":
         return {MODULATION: tokens.astype(np.float32).tolist()}
     out: dict[str, np.ndarray] = {}
-    if codec == "int4z":
+    low = None
+    if codec == "int4zw":
+        codes, scale, zero, low, channels = quantize_int4zw(_check(tokens))  # ..., (T, K) uint8, (K,) uint16
+        out[ZERO], out[WIDE_CHANNELS] = pack_int4(zero), channels.astype("<u2").view(np.uint8)  # (d/2,), (2K,)
+    elif codec == "int4z":
         codes, scale, zero = quantize_uint4z(_check(tokens))  # (T, d) uint8, (d,) float16, (d,) uint8
         out[ZERO] = pack_int4(zero)  # (d_LM / 2,) uint8
     else:
         codes, scale = quantize_int8(_check(tokens), _INT8_MAX if codec == "int8" else _INT4_MAX)  # (T, d) int8, (d,)
     if codec in _PACKED:
         rows = pack_int4(codes).reshape(len(tokens), -1)  # (T, d_LM / 2) uint8, row by row
+        if low is not None:
+            rows = np.concatenate([rows, pack_int4(low).reshape(len(tokens), -1)], 1)  # (T, (d_LM + K) / 2)
     else:
         rows = (codes.astype(np.int16) + 128).astype(np.uint8)  # (T, d_LM) uint8
     out |= {MODULATION: rows, SCALE: scale}
@@ -290,13 +371,18 @@ def from_store_vectors(vectors: dict, codec: str) -> np.ndarray:
     if codec == "fp16":
         return rows.astype(np.float16)
     scale = np.asarray(vectors[SCALE], dtype=np.float32).astype(np.float16)
-    shape = (len(rows), len(scale))
-    if codec == "int4z":
-        codes = unpack_int4(rows.astype(np.uint8).reshape(-1), shape, signed=False)
-        zero = unpack_int4(np.asarray(vectors[ZERO], dtype=np.float32).astype(np.uint8), (len(scale),), signed=False)
-        return dequantize_uint4z(codes, scale, zero).astype(np.float16)
+    t, d = len(rows), len(scale)
+    if codec in ("int4z", "int4zw"):
+        packed = rows.astype(np.uint8)  # (T, d/2 [+ K/2])
+        codes = unpack_int4(packed[:, : d // 2].reshape(-1), (t, d), signed=False)
+        zero = unpack_int4(np.asarray(vectors[ZERO], dtype=np.float32).astype(np.uint8), (d,), signed=False)
+        if codec == "int4z":
+            return dequantize_uint4z(codes, scale, zero).astype(np.float16)
+        channels = np.asarray(vectors[WIDE_CHANNELS], dtype=np.float32).astype(np.uint8).view("<u2")  # (K,)
+        low = unpack_int4(packed[:, d // 2:].reshape(-1), (t, len(channels)), signed=False)
+        return dequantize_int4zw(codes, scale, zero, low, channels).astype(np.float16)
     if codec == "int4":
-        codes = unpack_int4(rows.astype(np.uint8).reshape(-1), shape)
+        codes = unpack_int4(rows.astype(np.uint8).reshape(-1), (t, d))
     else:
         codes = (rows.astype(np.int16) - 128).astype(np.int8)
     return dequantize_int8(codes, scale).astype(np.float16)
@@ -304,20 +390,23 @@ def from_store_vectors(vectors: dict, codec: str) -> np.ndarray:
 
 def store_vector_sizes(codec: str, d_lm: int) -> dict[str, int]:
     """Row length of each named vector :func:`store_vectors` writes (the packed codecs refuse an odd d_LM).
-    ``modulation`` and ``zero`` hold uint8 (float16 for ``fp16``), ``scale`` float16."""
+    ``modulation``, ``zero`` and ``wide`` hold uint8 (``modulation`` float16 for ``fp16``), ``scale`` float16."""
     if codec in _PACKED and d_lm % 2:
         raise ValueError(f"codec {codec} packs two states a byte: d_LM={d_lm} is odd (use int8)")
     rows = {MODULATION: d_lm // 2 if codec in _PACKED else d_lm}
     if codec != "fp16":
         rows[SCALE] = d_lm
-    if codec == "int4z":
+    if codec in ("int4z", "int4zw"):
         rows[ZERO] = d_lm // 2
+    if codec == "int4zw":
+        rows[MODULATION] += WIDE // 2
+        rows[WIDE_CHANNELS] = 2 * WIDE
     return rows
 
 
 def store_vector_names(codec: str) -> list[str]:
     """The named vectors a read of one window under ``codec`` fetches."""
-    return {"fp16": [MODULATION], "int4z": [MODULATION, SCALE, ZERO]}.get(codec, [MODULATION, SCALE])
+    return list(store_vector_sizes(codec, 2))
 
 
 @dataclass(frozen=True)
@@ -458,7 +547,7 @@ class Tokens(Codec):
         return self.inner.bytes_per_window(min(self.t, num_tokens), dim)
 
 
-_SPEC = re.compile(r"^(?:tokens(?P<t>\d+)[-+])?(?:(?P<plain>fp16|int8|int4z|int4)|pca(?P<r>\d+)(?P<q>-int8)?)$")
+_SPEC = re.compile(r"^(?:tokens(?P<t>\d+)[-+])?(?:(?P<plain>fp16|int8|int4zw|int4z|int4)|pca(?P<r>\d+)(?P<q>-int8)?)$")
 
 
 def codec(spec: str, basis: PcaBasis | None = None, selector: tuple[np.ndarray, float] | None = None) -> Codec:
@@ -467,15 +556,15 @@ def codec(spec: str, basis: PcaBasis | None = None, selector: tuple[np.ndarray, 
     fp16). A ValueError names the accepted forms."""
     m = _SPEC.match(spec) or re.match(r"^tokens(?P<t>\d+)$", spec)
     if not m:
-        raise ValueError(f"codec {spec!r}: expected fp16, int8, pca<r>, pca<r>-int8, each optionally behind "
-                         "tokens<t>- (e.g. tokens24-int8), or tokens<t> alone")
+        raise ValueError(f"codec {spec!r}: expected fp16, int8, int4, int4z, int4zw, pca<r>, pca<r>-int8, each "
+                         "optionally behind tokens<t>- (e.g. tokens24-int8), or tokens<t> alone")
     g = m.groupdict()
     if g.get("r"):
         if basis is None:
             raise ValueError(f"codec {spec!r} needs a fitted PCA basis")
         inner: Codec = PcaInt8(basis.truncate(int(g["r"])), quantize=bool(g["q"]))
     else:
-        inner = {"int8": Int8(), "int4": Int4(), "int4z": Int4Z()}.get(g.get("plain") or "", Fp16())
+        inner = {"int8": Int8(), "int4": Int4(), "int4z": Int4Z(), "int4zw": Int4ZW()}.get(g.get("plain") or "", Fp16())
     if g.get("t"):
         w, b = selector if selector is not None else (None, 0.0)
         return Tokens(int(g["t"]), inner, w, b)

@@ -353,9 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
             "probes": probed,
             "how": {"date": started, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                     "machine": machine(),
-                    "threads": f"at most {args.threads}; 1 while another process kept a core busy",
-                    "command": "HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python -m research.compact_modulations "
-                               + " ".join(sys.argv[1:] if argv is None else argv),
+                    "threads": f"at most {args.threads}",
+                    "command": f"HF_HUB_OFFLINE=1 nice -n {os.nice(0)} .venv/bin/python -m "  # the niceness it ran at
+                               "research.compact_modulations " + " ".join(sys.argv[1:] if argv is None else argv),
                     "checkpoint": model.version, "answer_prompt": model.prompt_version, "T": T, "D": D,
                     "top_k": args.top_k, "synthetic_entities": args.entities,
                     "realtimeqa_questions": args.rtqa_questions, "pca_fit": fit,

@@ -175,16 +175,45 @@ def test_int4z_spans_each_channel_within_half_a_scale_and_costs_15268_bytes() ->
     assert codec("tokens24-int4z").bytes_per_window(T, D) == 24 * D // 2 + 2 * D + D // 2 + 4
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_int4z_codes_its_own_output_to_the_same_bits(seed) -> None:
-    """Export → import re-codes decoded states: their grid may span fewer than 16 levels (the zero point's rounding)
-    and float16 rounding moves them, yet coding them again reproduces them bit for bit."""
-    from pipeline.modulation_codec import Int4Z, from_store_vectors, store_vectors
+def test_int4zw_codes_the_widest_channels_in_8_bits_within_16000_bytes() -> None:
+    from pipeline.modulation_codec import WIDE, Int4Z, Int4ZW, quantize_int4zw
 
+    x = _uncentred(5)
+    c = Int4ZW()
+    parts = c.encode(x)
+    assert nbytes(parts) == c.bytes_per_window(T, D) == 15_268 + T * WIDE // 2 + 2 * WIDE == 15_996
+    y = c.decode(parts).astype(np.float32)
+    x32 = x.astype(np.float32)
+    width = np.maximum(x32.max(0), 0) - np.minimum(x32.min(0), 0)
+    chosen = parts["channels"]
+    assert len(chosen) == WIDE and list(chosen) == sorted(chosen)
+    assert set(chosen) == set(np.argsort(-width)[:WIDE])  # the widest: where int4z's step is largest
+    scale = parts["scale"].astype(np.float32)
+    assert (np.abs(y - x32) <= scale / 2 + np.abs(x32) * 2.0 ** -10 + 1e-7).all()
+    assert (scale[chosen] <= np.abs(x32[:, chosen]).max(0) / 127 * 1.01).all()  # 8-bit steps on those
+    assert np.linalg.norm(y - x32) < 0.95 * np.linalg.norm(Int4Z().round_trip(x).astype(np.float32) - x32)
+    # a window of one token: every channel sits on a 4-bit grid exactly, so none needs 8 bits and none is spent
+    one = np.zeros((T, D), np.float16)
+    one[0] = x[0]
+    *_, channels = quantize_int4zw(one)
+    assert (channels == D).all()
+    np.testing.assert_array_equal(c.round_trip(one).view(np.uint16), one.view(np.uint16))
+    assert codec("int4zw").name == "int4zw"
+
+
+@pytest.mark.parametrize("name", ["int4z", "int4zw"])
+@pytest.mark.parametrize("seed", range(6))
+def test_4_bit_codecs_code_their_own_output_to_the_same_bits(seed, name) -> None:
+    """Export → import re-codes decoded states: their grid may span fewer than 16 levels (the zero point's rounding)
+    and float16 rounding moves them, yet coding them again reproduces them bit for bit (int4zw: the same channels are
+    found again in 8 bits, since the others now sit exactly on their 4-bit grids)."""
+    from pipeline.modulation_codec import from_store_vectors, store_vectors
+
+    c = codec(name)
     x = _uncentred(seed) if seed % 2 else modulation(seed)
-    y = Int4Z().round_trip(x)
-    np.testing.assert_array_equal(Int4Z().round_trip(y).view(np.uint16), y.view(np.uint16))
-    stored = from_store_vectors(store_vectors(x, "int4z"), "int4z")  # what a Qdrant store keeps, read back
+    y = c.round_trip(x)
+    np.testing.assert_array_equal(c.round_trip(y).view(np.uint16), y.view(np.uint16))
+    stored = from_store_vectors(store_vectors(x, name), name)  # what a Qdrant store keeps, read back
     np.testing.assert_array_equal(stored.view(np.uint16), y.view(np.uint16))
-    np.testing.assert_array_equal(from_store_vectors(store_vectors(stored, "int4z"), "int4z").view(np.uint16),
+    np.testing.assert_array_equal(from_store_vectors(store_vectors(stored, name), name).view(np.uint16),
                                   y.view(np.uint16))

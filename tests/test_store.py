@@ -51,15 +51,17 @@ BACKENDS = {"memory": lambda tmp: InMemoryStore(),
             "edge": lambda tmp: EdgeStore(str(tmp / "edge"), codec="fp16"),
             # the optimizers (index building, segment merging) after every write
             "edge-optimized": lambda tmp: EdgeStore(str(tmp / "edge-opt"), codec="fp16", optimize_every=1),
-            # compact modulations (int8, int4, int4z): equal to the others once the reference's
+            # compact modulations (int8, int4, int4z, int4zw): equal to the others once the reference's
             # modulations are coded the same way (see _coded)
             "edge-int8": lambda tmp: EdgeStore(str(tmp / "edge-int8"), codec="int8"),
             "edge-int4": lambda tmp: EdgeStore(str(tmp / "edge-int4"), codec="int4"),
             "edge-int4z": lambda tmp: EdgeStore(str(tmp / "edge-int4z"), codec="int4z"),
+            "edge-int4zw": lambda tmp: EdgeStore(str(tmp / "edge-int4zw"), codec="int4zw"),
             "qdrant-memory": lambda tmp: QdrantStore(":memory:", codec="fp16"),
             "qdrant-path-int8": lambda tmp: QdrantStore(str(tmp / "q")),  # the default codec
             "qdrant-memory-int4": lambda tmp: QdrantStore(":memory:", codec="int4"),
             "qdrant-memory-int4z": lambda tmp: QdrantStore(":memory:", codec="int4z"),
+            "qdrant-memory-int4zw": lambda tmp: QdrantStore(":memory:", codec="int4zw"),
             # a collection of the layout before native modulations (base64 in the payload): read and written as it was
             "qdrant-legacy": lambda tmp: _legacy(QdrantStore(":memory:"))}
 
@@ -144,7 +146,7 @@ def test_backends_are_congruent(tmp_path) -> None:
                              datetime(2024, 1, 10, tzinfo=UTC), None, {"documents": 0, "chunks": 0})
     for name, r in results.items():
         codec = name.rsplit("-", 1)[-1]
-        assert r == (_coded(ref, codec) if codec in ("int8", "int4", "int4z") else ref), name
+        assert r == (_coded(ref, codec) if codec in ("int8", "int4", "int4z", "int4zw") else ref), name
     assert results["edge-int8"]["payload"][1] != ref["payload"][1]  # the compact stores did code them
 
 
@@ -288,10 +290,11 @@ def test_modulations_are_stored_natively_and_read_back_bit_exact(tmp_path) -> No
         s.close()
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "int4z"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "int4z", "int4zw"])
 def test_compact_modulations_are_native_uint8_within_half_a_scale_and_stable(tmp_path, codec) -> None:
-    """A compact collection stores uint8 codes as a multivector (d_LM columns for int8, d_LM/2 for int4 and int4z)
-    and one float16 scale per channel (int4z: and d_LM/2 bytes of zero points), nothing in the payload; every state
+    """A compact collection stores uint8 codes as a multivector (d_LM columns for int8, d_LM/2 for int4 and int4z,
+    d_LM/2 + 14 for int4zw) and one float16 scale per channel (int4z and int4zw: and d_LM/2 bytes of zero points;
+    int4zw: and the 28 wide channels' indices, 56 bytes), nothing in the payload; every state
     comes back within half its channel's scale, short windows keep their length, and storing what was read back reads
     back the same bits (export → import is exact)."""
     rng = np.random.default_rng(3)
@@ -308,8 +311,10 @@ def test_compact_modulations_are_native_uint8_within_half_a_scale_and_stable(tmp
         assert got.dtype == np.float16 and got.shape == (48, 576)
         stored = s._get(COLL).modulations.retrieve([point_id("v1", "d0", 0)], with_payload=True, with_vector=True)[0]
         rows, scale = np.array(stored.vector["modulation"]), np.array(stored.vector["scale"], np.float32)
-        assert rows.shape == (48, 576 if codec == "int8" else 288) and scale.shape == (576,) and not stored.payload
-        assert set(stored.vector) == {"modulation", "scale", *(["zero"] if codec == "int4z" else [])}
+        width = {"int8": 576, "int4zw": 288 + 14}.get(codec, 288)
+        assert rows.shape == (48, width) and scale.shape == (576,) and not stored.payload
+        assert set(stored.vector) == {"modulation", "scale", *(["zero"] if codec.startswith("int4z") else []),
+                                      *(["wide"] if codec == "int4zw" else [])}
         assert rows.min() >= 0 and rows.max() <= 255 and np.array_equal(rows, np.rint(rows))
         err = np.abs(got.astype(np.float32) - tokens.astype(np.float32))
         assert (err <= scale / 2 + np.abs(tokens.astype(np.float32)) * 2**-10 + 1e-7).all()  # + float16 rounding
@@ -353,7 +358,7 @@ def test_a_format_1_store_reads_as_before_and_each_collection_keeps_its_codec(tm
                               _chunks("d30", [30])[0].modulation.tokens)
     finally:
         s.close()
-    with pytest.raises(ValueError, match="expected one of int8, int4z, int4, fp16"):
+    with pytest.raises(ValueError, match="expected one of int8, int4zw, int4z, int4, fp16"):
         EdgeStore(str(tmp_path / "other"), codec="int3")
 
 
@@ -501,7 +506,7 @@ def test_export_streams_document_batches_and_refuses_a_collection_that_changed_m
     store.close()
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "int4z", "fp16"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "int4z", "int4zw", "fp16"])
 def test_a_qdrant_collection_keeps_modulations_as_native_vectors_and_its_codec(tmp_path, codec) -> None:
     """Through qdrant-client (the server path; local mode here): a new collection stores the modulation as named
     vectors (uint8 rows + a float16 scale, or float16 rows), nothing of it in the payload; reopened with another
@@ -514,7 +519,8 @@ def test_a_qdrant_collection_keeps_modulations_as_native_vectors_and_its_codec(t
         _fill(s)
         point = s.client.retrieve(COLL, [point_id("v1", "d1", 0)], with_payload=True, with_vectors=True)[0]
         assert "tokens" not in point.payload and set(point.vector) == {"retrieval", *store_vector_sizes(codec, 4)}
-        assert np.array(point.vector["modulation"]).shape == (3, 2 if codec.startswith("int4") else 4)
+        assert np.array(point.vector["modulation"]).shape == (3, {"int4zw": 2 + 14}.get(
+            codec, 2 if codec.startswith("int4") else 4))
         before = s.documents(COLL, ["d1"])[0].chunks[0].modulation.tokens
         assert np.array_equal(before, codec_for(codec).round_trip(_chunks("d1", [1])[0].modulation.tokens))
     finally:

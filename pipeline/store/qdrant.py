@@ -17,6 +17,7 @@ from pipeline.modulation import Modulation
 from pipeline.modulation_codec import (
     MODULATION,
     SCALE,
+    WIDE_CHANNELS,
     ZERO,
     from_store_vectors,
     store_vector_sizes,
@@ -77,12 +78,12 @@ class QdrantStore(Store):
 
     A collection it creates holds one point per window with named vectors: ``retrieval`` (d_enc, cosine, the one the
     HNSW index is built on) and the modulation stored natively, coded by ``codec`` (``int8`` by default, ``int4z``,
-    ``int4``, ``fp16``; :func:`pipeline.modulation_codec.store_vectors`): ``modulation`` (a uint8 or float16
-    multivector), ``scale`` (float16, not for fp16) and, for int4z, ``zero`` (uint8), all without an index and on
-    disk, read back only for the hits of a search. The codec is read from the collection's vector layout, so a
-    collection keeps the one it was created with. The payload (JSON) holds the document's fields and the filterable
-    keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``, ``tenant``; on a server these get
-    payload indexes.
+    ``int4zw``, ``int4``, ``fp16``; :func:`pipeline.modulation_codec.store_vectors`): ``modulation`` (a uint8 or
+    float16 multivector), ``scale`` (float16, not for fp16), for int4z and int4zw ``zero`` (uint8), and for int4zw
+    ``wide`` (uint8), all without an index and on disk, read back only for the hits of a search. The codec is read
+    from the collection's vector layout, so a collection keeps the one it was created with. The payload (JSON) holds
+    the document's fields and the filterable keys ``doc_id``, ``chunk``, ``published_ts`` (epoch seconds), ``source``,
+    ``tenant``; on a server these get payload indexes.
 
     A collection written before native modulations (one unnamed vector, the modulation as base64 float16 in the
     payload) is read and written in that layout, as it was.
@@ -122,6 +123,8 @@ class QdrantStore(Store):
             rows = vectors[MODULATION]
             if SCALE not in vectors:
                 layout = "fp16"
+            elif WIDE_CHANNELS in vectors:
+                layout = "int4zw"
             elif ZERO in vectors:
                 layout = "int4z"
             else:
@@ -145,7 +148,7 @@ class QdrantStore(Store):
                            size=sizes[MODULATION], **stored,
                            datatype=m.Datatype.FLOAT16 if self.codec == "fp16" else m.Datatype.UINT8,
                            multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM))}
-            for name in set(sizes) - {MODULATION}:  # the scale (float16), int4z's zero points (uint8)
+            for name in set(sizes) - {MODULATION}:  # the scale (float16); zero points, wide channels (uint8)
                 vectors[name] = m.VectorParams(size=sizes[name], **stored,
                                                datatype=m.Datatype.FLOAT16 if name == SCALE else m.Datatype.UINT8)
             self.client.create_collection(collection, vectors_config=vectors,
