@@ -202,8 +202,8 @@ class StoreBench(StrictModel):
                          ge=1, le=1000)
     workdir: str | None = setting(None, "Where the stores are built; default $TMPDIR.", aliases=("--store-workdir",))
     append: bool = setting(False, "Add the rows to an existing --out (a row run again).")
-    codec: ModulationCodec = setting("int8", "How the store codes the modulations (int8, the store's default; "
-                                             "int4z, int4, fp16).")
+    codec: ModulationCodec = setting(typing.get_args(ModulationCodec)[0], "How the store codes the modulations "
+                                     "(int4zw, the store's default; int8, int4z, int4, fp16).")
 
     @field_validator("points", mode="before")
     @classmethod

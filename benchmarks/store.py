@@ -93,13 +93,14 @@ def _location(engine: str, path: Path) -> str:
 
 
 def measure(engine: str, points: int, path: Path, *, dim: int = 384, tokens: int = 48, d_lm: int = 576, k: int = 4,
-            queries: int = 200, text_chars: int = 1000, seed: int = 0, codec: str = "int8") -> dict:
+            queries: int = 200, text_chars: int = 1000, seed: int = 0, codec: str | None = None) -> dict:
     """One row: load ``points`` windows into a fresh store at ``path`` with ``engine`` ("edge" or "local"), reopen it,
     time searches. Runs in the calling process (``run`` gives each row its own). ``codec``: how the store codes the
-    modulations (both engines store them as named vectors)."""
+    modulations (both engines store them as named vectors; None: the store's default)."""
     from pipeline.modulation_codec import codec as codec_for
-    from pipeline.store import SearchFilter, collection_name, open_store
+    from pipeline.store import DEFAULT_CODEC, SearchFilter, collection_name, open_store
 
+    codec = codec or DEFAULT_CODEC
     if path.exists():
         shutil.rmtree(path)
     rng = np.random.default_rng(seed)

@@ -83,15 +83,18 @@ def quantize_int8(x: np.ndarray, qmax: int = _INT8_MAX) -> tuple[np.ndarray, np.
 
     codes = codes_for(x32, scale)
     if x.dtype == np.float16 and len(x):
-        exact = np.zeros(x.shape[1], bool)
-        for step in (0, -1, 1, -2, 2):  # the scale, then its float16 neighbours (positive: bit patterns are monotone)
-            near = scale.view(np.uint16).astype(np.int32) + step
-            cand = np.where((scale > 0) & (near > 0) & (near < 0x7C00), near, scale.view(np.uint16)).astype(
-                np.uint16).view(np.float16)
-            cols = np.flatnonzero(~exact)
-            cols = cols[reproduces(slice(0, 4), cols, cand[cols])]  # a cheap screen: fresh states fail it
+        bits = scale.view(np.uint16).astype(np.int32)
+        near = bits + np.array([0, -1, 1, -2, 2])[:, None]  # (5, C): the scale, then its float16 neighbours
+        cands = np.where((scale > 0) & (near > 0) & (near < 0x7C00), near, bits).astype(np.uint16).view(np.float16)
+        head = np.stack([dequantize_int8(codes_for(x32[:4], c), c) for c in cands]).astype(np.float16)  # (5, ≤4, C)
+        todo = (head == x[None, :4]).all(1).any(0)  # (C,) a cheap screen, all candidates at once: fresh states fail
+        for cand in cands:  # in order: the first candidate that reproduces a channel is its scale
+            if not todo.any():
+                break
+            cols = np.flatnonzero(todo)
+            cols = cols[reproduces(slice(0, 4), cols, cand[cols])]
             cols = cols[reproduces(slice(None), cols, cand[cols])] if len(cols) else cols
-            scale[cols], exact[cols] = cand[cols], True
+            scale[cols], todo[cols] = cand[cols], False
             codes[:, cols] = codes_for(x32[:, cols], cand[cols])
     return codes, scale
 
@@ -129,6 +132,12 @@ def quantize_uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Idempotent on its own output, as :func:`quantize_int8` is: a channel of decoded float16 states (at most 16
     distinct values) is coded again with the scale and zero point that reproduce it bit for bit (its grid may span
     fewer than 16 levels, so the scale is searched as its range / k, k = 15..1, and float16 neighbours)."""
+    return _uint4z(x)[:3]
+
+
+def _uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`quantize_uint4z`, and which channels (C,) bool its codes reproduce bit for bit (float16 channels of at
+    most 16 values on a grid the search found; a channel of more values never is)."""
     x32 = x.astype(np.float32)
     c = x32.shape[1]
     lo = np.minimum(x32.min(0), 0) if len(x32) else np.zeros(c, np.float32)
@@ -143,7 +152,8 @@ def quantize_uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     every = np.arange(c)
     scale = _fp16_scale(hi - lo, _UINT4_MAX)
     codes, zero = fit(scale, every)
-    if x.dtype == np.float16 and len(x) > 1:
+    exact = np.zeros(c, bool)
+    if x.dtype == np.float16 and len(x):
         srt = np.sort(x, 0)
         grid = np.flatnonzero(((srt[1:] != srt[:-1]).sum(0) + 1 <= _UINT4_MAX + 1) & (hi > lo))  # ≤ 16 values
         for k in range(_UINT4_MAX, 0, -1):
@@ -158,9 +168,9 @@ def quantize_uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                     np.uint16).view(np.float16)
                 q, z = fit(cand, grid)
                 ok = (dequantize_uint4z(q, cand, z).astype(np.float16) == x[:, grid]).all(0)
-                scale[grid[ok]], codes[:, grid[ok]], zero[grid[ok]] = cand[ok], q[:, ok], z[ok]
+                scale[grid[ok]], codes[:, grid[ok]], zero[grid[ok]], exact[grid[ok]] = cand[ok], q[:, ok], z[ok], True
                 grid, base = grid[~ok], base[~ok]
-    return codes, scale, zero
+    return codes, scale, zero, exact
 
 
 WIDE = 28  # int4zw: channels per window in 8 bits, the most that keeps a window (T=48, D=576) within 16,000 bytes
@@ -180,11 +190,8 @@ def quantize_int4zw(x: np.ndarray, wide: int = WIDE) -> tuple[np.ndarray, ...]:
     has no channel on an exact 4-bit grid except degenerate ones (constant, or a window of a token or two), which cost
     nothing in 4 bits."""
     t, c = x.shape
-    codes, scale, zero = quantize_uint4z(x)
+    codes, scale, zero, exact = _uint4z(x)
     x32 = x.astype(np.float32)
-    exact = np.zeros(c, bool)
-    if x.dtype == np.float16:
-        exact = (dequantize_uint4z(codes, scale, zero).astype(np.float16) == x).all(0)
     width = (np.maximum(x32.max(0), 0) - np.minimum(x32.min(0), 0)) if t else np.zeros(c, np.float32)
     candidates = np.flatnonzero(~exact & (width > 0))
     chosen = np.sort(candidates[np.argsort(-width[candidates], kind="stable")[:wide]])  # (k ≤ wide,)

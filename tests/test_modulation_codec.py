@@ -198,6 +198,7 @@ def test_int4zw_codes_the_widest_channels_in_8_bits_within_16000_bytes() -> None
     *_, channels = quantize_int4zw(one)
     assert (channels == D).all()
     np.testing.assert_array_equal(c.round_trip(one).view(np.uint16), one.view(np.uint16))
+    np.testing.assert_array_equal(c.round_trip(x[:1]).view(np.uint16), x[:1].view(np.uint16))  # a one-row window
     assert codec("int4zw").name == "int4zw"
 
 

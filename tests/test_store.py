@@ -58,7 +58,8 @@ BACKENDS = {"memory": lambda tmp: InMemoryStore(),
             "edge-int4z": lambda tmp: EdgeStore(str(tmp / "edge-int4z"), codec="int4z"),
             "edge-int4zw": lambda tmp: EdgeStore(str(tmp / "edge-int4zw"), codec="int4zw"),
             "qdrant-memory": lambda tmp: QdrantStore(":memory:", codec="fp16"),
-            "qdrant-path-int8": lambda tmp: QdrantStore(str(tmp / "q")),  # the default codec
+            "qdrant-path-int4zw": lambda tmp: QdrantStore(str(tmp / "q")),  # the default codec
+            "qdrant-memory-int8": lambda tmp: QdrantStore(":memory:", codec="int8"),
             "qdrant-memory-int4": lambda tmp: QdrantStore(":memory:", codec="int4"),
             "qdrant-memory-int4z": lambda tmp: QdrantStore(":memory:", codec="int4z"),
             "qdrant-memory-int4zw": lambda tmp: QdrantStore(":memory:", codec="int4zw"),
@@ -358,7 +359,7 @@ def test_a_format_1_store_reads_as_before_and_each_collection_keeps_its_codec(tm
                               _chunks("d30", [30])[0].modulation.tokens)
     finally:
         s.close()
-    with pytest.raises(ValueError, match="expected one of int8, int4zw, int4z, int4, fp16"):
+    with pytest.raises(ValueError, match="expected one of int4zw, int8, int4z, int4, fp16"):
         EdgeStore(str(tmp_path / "other"), codec="int3")
 
 

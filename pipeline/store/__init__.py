@@ -34,8 +34,8 @@ def is_remote(location: str) -> bool:
 
 def open_store(location: str, codec: str | None = None) -> Store:
     """Open the store at ``location`` in this process. ``codec``: how a Qdrant store (embedded or server) codes the
-    modulations of the collections it creates (``int8``, ``int4z``, ``int4``, ``fp16``; None: the default,
-    int8); the in-memory store keeps float16.
+    modulations of the collections it creates (``int4zw``, ``int8``, ``int4z``, ``int4``, ``fp16``; None: the
+    default, int4zw); the in-memory store keeps float16.
 
     - "memory" → :class:`~pipeline.store.inmemory.InMemoryStore` (numpy, lost on exit);
     - a Qdrant server URL (http://host:6333) or ":memory:" → :class:`~pipeline.store.qdrant.QdrantStore`;

@@ -5,7 +5,7 @@ Layout of a store directory::
 
     <dir>/macstream-store.json                    {"engine": "qdrant-edge", "format": 2}
     <dir>/macstream.lock                          held (flock) by the one process that has the store open
-    <dir>/collections/<collection>/codec.json     {"codec": "int8"}: how this collection's modulations are coded
+    <dir>/collections/<collection>/codec.json     {"codec": "int4zw"}: how this collection's modulations are coded
     <dir>/collections/<collection>/index/         Edge shard: retrieval vectors + payload (one point per window)
     <dir>/collections/<collection>/modulations/   Edge shard: the windows' modulations, under the same point ids
 
@@ -18,14 +18,15 @@ Layout of a store directory::
   engine never normalises it; no index; on disk, memory-mapped), coded by the collection's codec
   (:mod:`pipeline.modulation_codec`), chosen when the collection is created and kept for its life:
 
-  - ``int8`` (the default): uint8 rows of d_LM (the int8 codes + 128) and ``scale``, a float16 vector of d_LM (one
-    per-channel scale): T·d_LM + 2·d_LM bytes (28,800 at T=48, d_LM=576); every state within half its channel's
-    scale of the encoder's, which costs at most 1 F1 in every mode measured (docs/results.md);
+  - ``int4zw`` (the default): int4z (below) with each window's 28 widest channels in 8 bits (their low nibbles after
+    each row's codes: d_LM/2 + 14 bytes a row) and ``wide``, their indices (uint8 of 56): 15,992 bytes at T=48,
+    d_LM=576; every state within half its channel's scale, within 1 F1 of float16 in every mode measured
+    (docs/results.md);
+  - ``int8``: uint8 rows of d_LM (the int8 codes + 128) and ``scale``, a float16 vector of d_LM (one per-channel
+    scale): T·d_LM + 2·d_LM bytes (28,800), the least error of the compact codecs;
   - ``int4z``: 4-bit codes 0..15 packed two per byte (uint8 rows of d_LM/2), ``scale``, and ``zero``, the channels'
     4-bit zero points two a byte (uint8 of d_LM/2): 15,264 bytes, within half a scale too; about 1 F1 lost where
     the LM reads the memory on synthetic news, none on real news;
-  - ``int4zw``: int4z with each window's 28 widest channels in 8 bits (the low nibbles after each row's codes, d_LM/2
-    + 14 bytes a row) and ``wide``, their indices (uint8 of 56): 15,992 bytes, a fifth less error than int4z;
   - ``int4``: symmetric 4-bit codes packed two per byte and ``scale``: 14,976 bytes (a quarter more error than int4z);
   - ``fp16``: float16 rows of d_LM, bit-exact (55,296 bytes; every collection of a format-1 store).
 
