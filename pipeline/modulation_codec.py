@@ -330,7 +330,7 @@ class Int4ZW(Codec):
                                  unpack_int4(parts["low"], (t, k), signed=False), parts["channels"]).astype(np.float16)
 
     def bytes_per_window(self, num_tokens: int, dim: int) -> int:
-        return (Int4Z().bytes_per_window(num_tokens, dim) + (num_tokens * WIDE + 1) // 2 + 2 * WIDE)
+        return Int4Z().bytes_per_window(num_tokens, dim) + (num_tokens * WIDE + 1) // 2 + 2 * WIDE
 
 
 MODULATION, SCALE, ZERO, WIDE_CHANNELS = "modulation", "scale", "zero", "wide"  # the named vectors of a window's φ
@@ -413,7 +413,7 @@ def store_vector_sizes(codec: str, d_lm: int) -> dict[str, int]:
 
 def store_vector_names(codec: str) -> list[str]:
     """The named vectors a read of one window under ``codec`` fetches."""
-    return list(store_vector_sizes(codec, 2))
+    return list(store_vector_sizes(codec, 2))  # the names do not depend on d_LM (any even width)
 
 
 @dataclass(frozen=True)
