@@ -135,9 +135,10 @@ def quantize_uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _uint4z(x)[:3]
 
 
-def _uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`quantize_uint4z`, and which channels (C,) bool its codes reproduce bit for bit (float16 channels of at
-    most 16 values on a grid the search found; a channel of more values never is)."""
+def _uint4z(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`quantize_uint4z`, then which channels (C,) bool its codes reproduce bit for bit (float16 channels of at
+    most 16 values on a grid the search found; a channel of more values never is) and each channel's range (C,)
+    float32, max(x, 0) - min(x, 0)."""
     x32 = x.astype(np.float32)
     c = x32.shape[1]
     lo = np.minimum(x32.min(0), 0) if len(x32) else np.zeros(c, np.float32)
@@ -170,7 +171,7 @@ def _uint4z(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
                 ok = (dequantize_uint4z(q, cand, z).astype(np.float16) == x[:, grid]).all(0)
                 scale[grid[ok]], codes[:, grid[ok]], zero[grid[ok]], exact[grid[ok]] = cand[ok], q[:, ok], z[ok], True
                 grid, base = grid[~ok], base[~ok]
-    return codes, scale, zero, exact
+    return codes, scale, zero, exact, hi - lo
 
 
 WIDE = 28  # int4zw: channels per window in 8 bits, the most that keeps a window (T=48, D=576) within 16,000 bytes
@@ -190,9 +191,7 @@ def quantize_int4zw(x: np.ndarray, wide: int = WIDE) -> tuple[np.ndarray, ...]:
     has no channel on an exact 4-bit grid except degenerate ones (constant, or a window of a token or two), which cost
     nothing in 4 bits."""
     t, c = x.shape
-    codes, scale, zero, exact = _uint4z(x)
-    x32 = x.astype(np.float32)
-    width = (np.maximum(x32.max(0), 0) - np.minimum(x32.min(0), 0)) if t else np.zeros(c, np.float32)
+    codes, scale, zero, exact, width = _uint4z(x)
     candidates = np.flatnonzero(~exact & (width > 0))
     chosen = np.sort(candidates[np.argsort(-width[candidates], kind="stable")[:wide]])  # (k ≤ wide,)
     channels = np.full(wide, c, np.uint16)
